@@ -1,0 +1,343 @@
+"""The DebiasPL core: class prior, debiased pseudo-labels, adaptive margin, losses.
+
+Pure tensor code with no I/O and no knowledge of the training loop, so any loop
+(ours, timm's, Lightning's) can call it. The order of operations follows the
+authors' reference implementation as stated in METHOD.md:
+
+1. pseudo-labels from the weak logits debiased with the prior *before* its update;
+2. prior (qhat) update from the softmax of the raw weak logits;
+3. adaptive margin on the strong logits with the prior *after* the update.
+
+All log/softmax work is done in float32 so the module is safe under autocast.
+With ``tau = 0`` every adjustment is skipped, so the result is FixMatch exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+Views = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+CLD_TEMPERATURE = 0.07
+
+
+def _check_range(name: str, value: float, low: float, high: float, high_inclusive: bool = True) -> None:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = numeric and (low <= value <= high if high_inclusive else low <= value < high)
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+
+
+def _check_logits(name: str, logits: torch.Tensor, num_classes: Optional[int] = None) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"{name} must be a 2-D tensor (batch, classes), got {shape}")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(
+            f"{name} has {logits.shape[1]} classes but the class prior has {num_classes}; "
+            f"build the prior with num_classes={logits.shape[1]} or fix the model head")
+
+
+def _as_views(name: str, views: Views) -> list[torch.Tensor]:
+    out = [views] if isinstance(views, torch.Tensor) else list(views)
+    if not out:
+        raise ValueError(f"{name} must hold at least one view")
+    for i, v in enumerate(out):
+        _check_logits(f"{name}[{i}]", v)
+    if any(v.shape != out[0].shape for v in out):
+        raise ValueError(f"{name}: all views must have the same shape, got {[tuple(v.shape) for v in out]}")
+    return out
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ClassPrior(nn.Module):
+    """Running estimate ``qhat`` (1 x C) of the classifier's mean predicted distribution.
+
+    Kept as a buffer so it travels in ``state_dict`` and checkpoints. Under
+    ``torch.distributed`` the batch statistics are summed over processes before
+    the update (``sync=True``), so every rank holds the same prior and it equals
+    the single-process update on the concatenated batch.
+    """
+
+    qhat: torch.Tensor
+
+    def __init__(self, num_classes: int, momentum: float = 0.999, masked: bool = False, sync: bool = True):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        _check_range("momentum", momentum, 0.0, 1.0, high_inclusive=False)
+        self.num_classes = num_classes
+        self.momentum = float(momentum)
+        self.masked = masked
+        self.sync = sync
+        self.register_buffer("qhat", torch.full((1, num_classes), 1.0 / num_classes, dtype=torch.float32))
+
+    def log_prior(self) -> torch.Tensor:
+        return torch.log(self.qhat)
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """EMA step towards the batch mean of ``probs`` (N x C), over the batch dimension only.
+
+        With ``masked`` the mean runs over rows whose ``mask`` is set; a batch with no
+        such row (on every process) leaves the prior unchanged.
+        """
+        _check_logits("probs", probs, self.num_classes)
+        probs = probs.detach().float()
+        if self.masked:
+            if mask is None:
+                raise ValueError("mask is required when the prior is masked (masked_qhat=True)")
+            if mask.shape != probs.shape[:1]:
+                raise ValueError(f"mask must have shape ({probs.shape[0]},), got {tuple(mask.shape)}")
+            weights = mask.detach().float().unsqueeze(1)
+        else:
+            weights = torch.ones_like(probs[:, :1])
+        # One vector [sum of probs..., count] so a single all-reduce serves both.
+        stats = torch.cat([(probs * weights).sum(0), weights.sum(0)])
+        if self.sync and _distributed():
+            dist.all_reduce(stats)
+        count = stats[-1]
+        if count.item() > 0:
+            batch_mean = (stats[:-1] / count).unsqueeze(0).to(self.qhat)
+            self.qhat.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
+        return self.qhat
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, momentum={self.momentum}, masked={self.masked}"
+
+
+def debiased_pseudo_labels(
+        weak_logits: torch.Tensor, log_prior: torch.Tensor, tau: float, threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Counterfactual pseudo-labels: ``p = softmax(lw - tau * log qhat)``.
+
+    Returns ``(probs, targets, mask)``; ``mask`` is float (1 where ``max p >= threshold``).
+    Gradients never flow back to the weak logits.
+    """
+    _check_range("tau", tau, 0.0, math.inf)
+    _check_range("threshold", threshold, 0.0, 1.0)
+    logits = weak_logits.detach().float()
+    if tau != 0:
+        logits = logits - tau * log_prior
+    probs = torch.softmax(logits, dim=-1)
+    max_probs, targets = probs.max(dim=-1)
+    mask = max_probs.ge(threshold).float()
+    return probs, targets, mask
+
+
+def adaptive_margin(strong_logits: torch.Tensor, log_prior: torch.Tensor, tau: float) -> torch.Tensor:
+    """Logit-adjusted strong logits ``ls + tau * log qhat``: over-predicted classes get a larger margin."""
+    _check_range("tau", tau, 0.0, math.inf)
+    logits = strong_logits.float()
+    if tau != 0:
+        logits = logits + tau * log_prior
+    return logits
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over *all* samples of ``CE * mask``: masked samples count as zeros, as in FixMatch."""
+    return (F.cross_entropy(logits, targets, reduction="none") * mask).mean()
+
+
+def cld_loss(strong_logits: torch.Tensor, weak_logits: torch.Tensor, temperature: float = CLD_TEMPERATURE) -> torch.Tensor:
+    """Cross-level instance-group discrimination in probability space.
+
+    Groups come from the weak view; the reference implementation takes the *argmin*
+    over classes as the group id. That looks unusual but it is what the published
+    results used, so it is reproduced here. Empty groups get a count of 1 (a zero
+    centroid) so the division is safe.
+    """
+    _check_logits("strong_logits", strong_logits)
+    _check_logits("weak_logits", weak_logits, strong_logits.shape[1])
+    ps = torch.softmax(strong_logits.float(), dim=-1)
+    pw = torch.softmax(weak_logits.detach().float(), dim=-1)
+    groups = pw.argmin(dim=-1)
+    onehot = F.one_hot(groups, pw.shape[1]).float()
+    counts = onehot.sum(0).clamp(min=1.0)
+    centroids = (onehot.t() @ pw) / counts.unsqueeze(1)
+    affinity = ps @ centroids.t() / temperature
+    return F.cross_entropy(affinity, groups)
+
+
+def clip_assisted_loss(
+        strong_logits: torch.Tensor, mask: torch.Tensor, clip_targets: torch.Tensor,
+        clip_confidence: torch.Tensor, clip_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE against zero-shot teacher labels for samples the student's own mask rejected.
+
+    Returns ``(loss, clip_mask)``; the loss is a mean over all unlabeled samples.
+    """
+    _check_range("clip_threshold", clip_threshold, 0.0, 1.0)
+    n = strong_logits.shape[0]
+    if clip_targets.shape != (n,) or clip_confidence.shape != (n,):
+        raise ValueError(
+            f"clip_targets and clip_confidence must have shape ({n},), got "
+            f"{tuple(clip_targets.shape)} and {tuple(clip_confidence.shape)}")
+    clip_mask = (1.0 - mask) * clip_confidence.float().ge(clip_threshold).float()
+    return masked_cross_entropy(strong_logits, clip_targets.long(), clip_mask), clip_mask
+
+
+@dataclass
+class DebiasPLOutput:
+    """Everything one step computed, for the optimiser and for logging."""
+    loss: torch.Tensor
+    loss_x: torch.Tensor
+    loss_u: torch.Tensor
+    loss_cld: torch.Tensor
+    loss_clip: torch.Tensor
+    targets: torch.Tensor          # pseudo-labels of the (averaged) weak view, N
+    mask: torch.Tensor             # float, N: 1 where the pseudo-label was accepted
+    mask_rate: torch.Tensor
+    histogram: torch.Tensor        # class counts of accepted pseudo-labels, C
+    qhat: torch.Tensor             # prior after this step's update, 1 x C
+    clip_mask: Optional[torch.Tensor] = None
+
+    def scalars(self) -> dict[str, float]:
+        """Loss terms and mask rate as Python floats, for metric logs."""
+        return {k: float(getattr(self, k)) for k in ("loss", "loss_x", "loss_u", "loss_cld", "loss_clip", "mask_rate")}
+
+
+class DebiasPLLoss(nn.Module):
+    """The whole DebiasPL objective for one step, single view or multiviews.
+
+    ``loss = loss_x + lambda_u * loss_u + lambda_cld * loss_cld``. Pass one weak and
+    one strong view, or two of each (multiviews: three target sets, from the mean
+    of the weak views and from each view alone, times two strong views). The two
+    components can be switched off or given their own temperature for ablations:
+    ``debias=False`` or ``tau_pl=0`` removes the counterfactual pseudo-labels,
+    ``margin=False`` or ``tau_margin=0`` the adaptive margin. ``tau=0`` is FixMatch.
+    """
+
+    def __init__(
+            self,
+            num_classes: int,
+            tau: float = 0.4,
+            threshold: float = 0.95,
+            qhat_momentum: float = 0.999,
+            lambda_u: float = 1.0,
+            lambda_cld: float = 0.0,
+            masked_qhat: bool = False,
+            tau_pl: Optional[float] = None,
+            tau_margin: Optional[float] = None,
+            debias: bool = True,
+            margin: bool = True,
+            clip_threshold: float = 0.4,
+            sync_qhat: bool = True,
+    ):
+        super().__init__()
+        _check_range("tau", tau, 0.0, math.inf)
+        for name, value in (("tau_pl", tau_pl), ("tau_margin", tau_margin)):
+            if value is not None:
+                _check_range(name, value, 0.0, math.inf)
+        _check_range("threshold", threshold, 0.0, 1.0)
+        _check_range("clip_threshold", clip_threshold, 0.0, 1.0)
+        _check_range("lambda_u", lambda_u, 0.0, math.inf)
+        _check_range("lambda_cld", lambda_cld, 0.0, math.inf)
+        self.prior = ClassPrior(num_classes, momentum=qhat_momentum, masked=masked_qhat, sync=sync_qhat)
+        self.tau_pl = (tau if tau_pl is None else tau_pl) if debias else 0.0
+        self.tau_margin = (tau if tau_margin is None else tau_margin) if margin else 0.0
+        self.threshold = threshold
+        self.lambda_u = lambda_u
+        self.lambda_cld = lambda_cld
+        self.clip_threshold = clip_threshold
+
+    @property
+    def num_classes(self) -> int:
+        return self.prior.num_classes
+
+    def forward(
+            self,
+            weak_logits: Views,
+            strong_logits: Views,
+            labeled_logits: Optional[torch.Tensor] = None,
+            labels: Optional[torch.Tensor] = None,
+            clip_targets: Optional[torch.Tensor] = None,
+            clip_confidence: Optional[torch.Tensor] = None,
+    ) -> DebiasPLOutput:
+        weak = _as_views("weak_logits", weak_logits)
+        strong = _as_views("strong_logits", strong_logits)
+        if len(weak) != len(strong) or len(weak) not in (1, 2):
+            raise ValueError(
+                f"pass one weak and one strong view, or two of each (multiviews); "
+                f"got {len(weak)} weak and {len(strong)} strong")
+        if weak[0].shape != strong[0].shape:
+            raise ValueError(
+                f"weak_logits and strong_logits must have the same shape, "
+                f"got {tuple(weak[0].shape)} and {tuple(strong[0].shape)}")
+        _check_logits("weak_logits", weak[0], self.num_classes)
+        if (labeled_logits is None) != (labels is None):
+            raise ValueError("labeled_logits and labels go together: pass both or neither")
+        if (clip_targets is None) != (clip_confidence is None):
+            raise ValueError("clip_targets and clip_confidence go together: pass both or neither")
+
+        weak = [w.detach().float() for w in weak]
+        multiview = len(weak) == 2
+        weak_mean = (weak[0] + weak[1]) / 2 if multiview else weak[0]
+
+        # 1. pseudo-labels with the prior from before this step's update
+        log_prior = self.prior.log_prior()
+        _, targets, mask = debiased_pseudo_labels(weak_mean, log_prior, self.tau_pl, self.threshold)
+        target_sets = [(targets, mask)]
+        if multiview:
+            for w in weak:
+                _, t, m = debiased_pseudo_labels(w, log_prior, self.tau_pl, self.threshold)
+                target_sets.append((t, m))
+
+        # 2. prior update from the raw (not debiased) weak distribution
+        self.prior.update(torch.softmax(weak_mean, dim=-1), mask)
+
+        # 3. adaptive margin with the updated prior
+        log_prior = self.prior.log_prior()
+        strong_adj = [adaptive_margin(s, log_prior, self.tau_margin) for s in strong]
+        loss_u = torch.stack([
+            masked_cross_entropy(s, t, m) for t, m in target_sets for s in strong_adj
+        ]).mean()
+
+        zero = strong_adj[0].new_zeros(())
+        loss_clip, clip_mask = zero, None
+        if clip_targets is not None:
+            terms = [clip_assisted_loss(s, mask, clip_targets, clip_confidence, self.clip_threshold)
+                     for s in strong_adj]
+            loss_clip = torch.stack([t[0] for t in terms]).mean()
+            clip_mask = terms[0][1]
+            loss_u = (loss_u + loss_clip) / 2
+
+        loss_cld = zero
+        if self.lambda_cld > 0:
+            if multiview:
+                # reference: both views averaged, strong logits *without* the margin
+                loss_cld = cld_loss((strong[0].float() + strong[1].float()) / 2, weak_mean)
+            else:
+                # reference: single-view mode passes the margin-adjusted strong logits
+                loss_cld = cld_loss(strong_adj[0], weak_mean)
+
+        loss_x = zero
+        if labeled_logits is not None:
+            _check_logits("labeled_logits", labeled_logits, self.num_classes)
+            if labels.shape != labeled_logits.shape[:1]:
+                raise ValueError(
+                    f"labels must have shape ({labeled_logits.shape[0]},), got {tuple(labels.shape)}")
+            loss_x = F.cross_entropy(labeled_logits.float(), labels)
+
+        loss = loss_x + self.lambda_u * loss_u + self.lambda_cld * loss_cld
+        accepted = targets[mask.bool()]
+        return DebiasPLOutput(
+            loss=loss, loss_x=loss_x.detach(), loss_u=loss_u.detach(), loss_cld=loss_cld.detach(),
+            loss_clip=loss_clip.detach(), targets=targets, mask=mask, mask_rate=mask.mean(),
+            histogram=torch.bincount(accepted, minlength=self.num_classes),
+            qhat=self.prior.qhat.detach().clone(), clip_mask=clip_mask,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"tau_pl={self.tau_pl}, tau_margin={self.tau_margin}, threshold={self.threshold}, "
+                f"lambda_u={self.lambda_u}, lambda_cld={self.lambda_cld}")
