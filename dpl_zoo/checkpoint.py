@@ -1,0 +1,92 @@
+"""Atomic checkpoints, resume, and export of the final weights as a timm folder.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk and
+renamed over the old one, so a crash or a full disk mid-write leaves the previous
+checkpoint intact. Everything in it loads with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run; the message says why."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | Path) -> dict:
+    """Load a checkpoint of this project (tensors and plain Python only: no pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with what to do
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); "
+                              f"it is truncated, corrupt or not a dpl-zoo checkpoint") from e
+
+
+def rng_state() -> dict:
+    """Every RNG the loop draws from, in a form ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached": cached},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(obj):
+    return tuple(_tuplify(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def export_timm(model: torch.nn.Module, out_dir: str | Path, label_names: Optional[list[str]] = None,
+                data_config: Optional[dict] = None) -> Path:
+    """``model.safetensors`` + timm ``config.json`` (pretrained_cfg, label names): loadable with
+    ``timm.create_model("local-dir:...")`` and ready to publish."""
+    from timm.models import save_for_hf
+    out_dir = Path(out_dir)
+    model_config = {"label_names": list(label_names)} if label_names else None
+    data_cfg = {k: v for k, v in (data_config or {}).items() if k in ("input_size", "mean", "std", "crop_pct",
+                                                                        "interpolation", "crop_mode")}
+    save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True, data_config=data_cfg or None)
+    return out_dir

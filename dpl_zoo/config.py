@@ -1,0 +1,262 @@
+"""Typed recipe config: YAML + ``--set`` overrides -> one validated ``TrainConfig``.
+
+Top-level keys use timm train.py's names where one exists (model, lr, opt, sched,
+epochs, ...); the method lives under ``dpl`` and the data under ``data``. A key
+that is not a field is an error naming the closest valid key, so a typo never
+silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+METHODS = ("debiaspl", "fixmatch", "supervised")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message says what to change."""
+
+
+@dataclass
+class DPLConfig:
+    """The method: DebiasPL on FixMatch (METHOD.md names)."""
+    method: str = "debiaspl"           # debiaspl | fixmatch (tau = 0) | supervised (labeled data only)
+    tau: float = 0.4
+    tau_pl: Optional[float] = None     # counterfactual pseudo-labels; defaults to tau
+    tau_margin: Optional[float] = None  # adaptive margin; defaults to tau
+    debias: bool = True                # ablation switch for the counterfactual pseudo-labels
+    margin: bool = True                # ablation switch for the adaptive margin
+    threshold: float = 0.95
+    mu: int = 5                        # unlabeled batch = mu x labeled batch
+    lambda_u: float = 1.0
+    qhat_momentum: float = 0.999
+    masked_qhat: bool = False
+    multiviews: bool = False
+    lambda_cld: float = 0.0
+    ema_teacher: bool = True           # EMAN: the EMA model makes the pseudo-labels
+    clip_threshold: float = 0.4
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split and augmented."""
+    dataset: str = "mnist"             # mnist (embedded) | folder | any timm create_dataset name
+    root: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "validation"
+    val_root: Optional[str] = None     # folder datasets: a separate evaluation folder
+    labels_per_class: Optional[int] = None
+    label_fraction: Optional[float] = None
+    split_seed: int = 0
+    labeled_csv: Optional[str] = None  # authors' split format: a column `Index`
+    val_fraction: float = 0.2          # embedded MNIST: held-out test share
+    scale: tuple = (0.08, 1.0)         # weak view: RandomResizedCrop scale
+    ratio: tuple = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    strong_aa: str = "rand-m10-n2"     # timm auto_augment spec of the strong view
+    verify_images: bool = True         # scan folder images at start, skip unreadable ones
+    strict: bool = False               # an unreadable image is an error instead of skipped
+    eval_unlabeled_max: int = 10000    # cap on the unlabeled subset used for pseudo-label diagnostics
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved resolved next to its outputs."""
+    model: str = "test_resnet"
+    pretrained: bool = False
+    initial_checkpoint: Optional[str] = None
+    num_classes: Optional[int] = None  # default: from the data
+    img_size: Optional[int] = None     # default: the model's pretrained_cfg
+    model_kwargs: dict = field(default_factory=dict)
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+    batch_size: int = 64               # labeled images per step (global)
+    lr: float = 0.03
+    opt: str = "momentum"
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    sched: str = "cosine"
+    epochs: int = 10
+    steps_per_epoch: Optional[int] = None  # default: one pass over the unlabeled set
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    model_ema_decay: float = 0.999
+    clip_grad: Optional[float] = None
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    workers: int = 2
+    pin_memory: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    eval_interval: int = 1             # epochs between evaluations
+    log_interval: int = 20             # steps between metric rows
+    output: str = "runs"
+    experiment: Optional[str] = None
+    device: Optional[str] = None
+    dpl: DPLConfig = field(default_factory=DPLConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(path: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field type; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(path, value, args[0])
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if hint in (bool, int, str, dict) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{path} must be {getattr(hint, '__name__', hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown recipe key {prefix + str(key)!r}{_closest(str(key), names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(prefix + key, value, hint)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p!r} is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``dpl.tau=0.5`` -> ``("dpl.tau", 0.5)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. dpl.tau=0.5")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Cross-field checks that types alone cannot express."""
+    d = cfg.dpl
+    if d.method not in METHODS:
+        raise ConfigError(f"dpl.method must be one of {', '.join(METHODS)}, got {d.method!r}{_closest(d.method, list(METHODS))}")
+    checks = [
+        ("dpl.tau", d.tau >= 0), ("dpl.threshold", 0 <= d.threshold <= 1), ("dpl.mu", d.mu >= 1),
+        ("dpl.qhat_momentum", 0 <= d.qhat_momentum < 1), ("dpl.lambda_u", d.lambda_u >= 0),
+        ("dpl.lambda_cld", d.lambda_cld >= 0), ("dpl.clip_threshold", 0 <= d.clip_threshold <= 1),
+        ("batch_size", cfg.batch_size >= 1), ("epochs", cfg.epochs >= 1), ("lr", cfg.lr > 0),
+        ("model_ema_decay", 0 <= cfg.model_ema_decay < 1), ("workers", cfg.workers >= 0),
+        ("eval_interval", cfg.eval_interval >= 1), ("log_interval", cfg.log_interval >= 1),
+        ("warmup_epochs", 0 <= cfg.warmup_epochs < cfg.epochs or cfg.warmup_epochs == 0),
+        ("data.val_fraction", 0 < cfg.data.val_fraction < 1),
+    ]
+    for name, ok in checks:
+        if not ok:
+            raise ConfigError(f"{name} is out of range ({_lookup(cfg, name)!r}); see the comments in dpl_zoo/config.py")
+    for name in ("tau_pl", "tau_margin"):
+        value = getattr(d, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"dpl.{name} must be >= 0, got {value}")
+    if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
+        raise ConfigError(f"steps_per_epoch must be >= 1, got {cfg.steps_per_epoch}")
+    data = cfg.data
+    budgets = [data.labels_per_class is not None, data.label_fraction is not None, data.labeled_csv is not None]
+    if sum(budgets) > 1:
+        raise ConfigError("give one of data.labels_per_class, data.label_fraction, data.labeled_csv, not several")
+    if data.label_fraction is not None and not 0 < data.label_fraction <= 1:
+        raise ConfigError(f"data.label_fraction must be in (0, 1], got {data.label_fraction}")
+    if data.labels_per_class is not None and data.labels_per_class < 1:
+        raise ConfigError(f"data.labels_per_class must be >= 1, got {data.labels_per_class}")
+    if cfg.dpl.method == "fixmatch" and (d.tau, d.tau_pl, d.tau_margin) != (0.0, None, None):
+        # FixMatch is DebiasPL at tau = 0: one code path, so baselines are fair by construction
+        cfg.dpl.tau, cfg.dpl.tau_pl, cfg.dpl.tau_margin = 0.0, None, None
+    return cfg
+
+
+def _lookup(cfg: TrainConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def recipe_dir() -> Path:
+    """The shipped recipes (the top-level ``recipes/`` folder, installed as ``dpl_zoo.recipes``)."""
+    from . import recipes
+    return Path(recipes.__path__[0])
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = recipe_dir() / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+    raise ConfigError(f"no recipe file {name_or_path!r} and no shipped recipe of that name{_closest(path.stem, names)} "
+                      f"(shipped: {', '.join(names)})")
+
+
+def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Recipe file or shipped recipe name (None: the built-in defaults) plus ``key=value`` overrides."""
+    tree: dict = {}
+    if recipe is not None:
+        path = resolve_recipe_path(recipe)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of recipe keys, got {type(tree).__name__}")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    return validate(_build(TrainConfig, tree))
+
+
+def config_from_dict(tree: dict) -> TrainConfig:
+    """A config saved with a run (``config.yaml`` or a checkpoint's ``config``), validated again."""
+    return validate(_build(TrainConfig, tree))
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

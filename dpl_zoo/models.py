@@ -1,0 +1,42 @@
+"""Models from a config: a timm architecture, its initial weights and its data config."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from .config import ConfigError, TrainConfig
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """A timm model; ``img_size`` is passed to architectures with a fixed input size (ViTs)."""
+    import timm
+    from timm.models import get_pretrained_cfg
+    from timm.models import split_model_name_tag
+    arch = split_model_name_tag(cfg.model)[0]
+    if ":" not in cfg.model and not timm.is_model(arch):
+        import difflib
+        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.6)
+        raise ConfigError(f"unknown timm model {cfg.model!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                                "; see timm.list_models()"))
+    kwargs = dict(cfg.model_kwargs)
+    pcfg = get_pretrained_cfg(cfg.model)
+    if cfg.img_size and pcfg is not None and pcfg.fixed_input_size:
+        kwargs.setdefault("img_size", cfg.img_size)
+    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
+    if cfg.initial_checkpoint:
+        from .convert import load_initial_weights
+        load_initial_weights(model, cfg.initial_checkpoint)
+    return model
+
+
+def resolve_data_config(cfg: TrainConfig, model: nn.Module) -> dict:
+    from timm.data import resolve_data_config as timm_resolve
+    args: dict[str, Any] = {}
+    if cfg.img_size:
+        args["input_size"] = (3, cfg.img_size, cfg.img_size)
+    if cfg.mean:
+        args["mean"] = tuple(cfg.mean)
+    if cfg.std:
+        args["std"] = tuple(cfg.std)
+    return timm_resolve(args=args, model=model)

@@ -1,0 +1,96 @@
+"""What a person sees: a rich progress bar per epoch, eval lines, and a summary table.
+
+``quiet`` replaces the bar with plain log lines (for batch jobs and CI logs).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+_logger = logging.getLogger("dpl_zoo")
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+class Reporter:
+    def __init__(self, quiet: bool = False, console: Optional[Console] = None):
+        self.quiet = quiet
+        self.console = console or Console(stderr=False)
+        self._progress: Optional[Progress] = None
+        self._task = None
+        self._epoch = 0
+        self._last: dict = {}
+        # a bar only on a terminal; elsewhere (CI logs, files) one line per epoch
+        self.live = not quiet and self.console.is_terminal
+
+    def header(self, cfg, run) -> None:
+        text = (f"{cfg.dpl.method} | {cfg.model} | {cfg.data.dataset}: {len(run.split.labeled)} labeled, "
+                f"{len(run.split.unlabeled)} unlabeled, {len(run.classes)} classes | {cfg.epochs} epochs x "
+                f"{run.steps_per_epoch} steps | output {run.out_dir}")
+        self._say(text)
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        self._epoch = epoch
+        self._last = {}
+        if not self.live:
+            return
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch + 1}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=steps, stats="")
+
+    def advance(self, live: dict) -> None:
+        self._last = live
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, stats=self._stats(live))
+
+    def end_epoch(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._last:
+            self._say(f"epoch {self._epoch + 1} done: {self._stats(self._last)}")
+
+    @staticmethod
+    def _stats(live: dict) -> str:
+        return (f"loss {live['loss']:.3f}  mask {live['mask']:.2f}  pl-acc {live['pl_acc']:.2f}  "
+                f"{live['img_s']:.0f} img/s")
+
+    def eval_line(self, epoch: int, report: dict) -> None:
+        parts = [f"epoch {epoch + 1}: top-1 {report['student']['top1']:.2f}"]
+        if "teacher" in report:
+            parts.append(f"teacher {report['teacher']['top1']:.2f}")
+        pl = report.get("pseudo_labels")
+        if pl:
+            parts.append(f"pseudo-labels: acc {_fmt(pl['pl_acc'])} mask {pl['mask_rate']:.2f} "
+                         f"KL(uniform) {_fmt(pl['pl_kl_uniform'], '.3f')}")
+        self._say(" | ".join(parts))
+
+    def _say(self, text: str) -> None:
+        if self.quiet:
+            _logger.info(text)
+        else:
+            self.console.print(text)
+
+
+def summary_table(summaries: Sequence[dict], title: str = "dpl-zoo summary") -> Table:
+    models = sorted({f"{s['model']} on {s['dataset']}, {s['labeled']} labels, {s['steps']} steps" for s in summaries})
+    table = Table(title=title, caption="; ".join(models))
+    for col in ("method", "top-1", "teacher", "PL acc", "mask", "PL KL", "max/min", "time s"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for s in summaries:
+        table.add_row(s["method"], _fmt(s["top1"]), _fmt(s.get("teacher_top1")), _fmt(s.get("pl_acc")),
+                      _fmt(s.get("mask_rate")), _fmt(s.get("pl_kl_uniform"), ".3f"),
+                      _fmt(s.get("pl_max_min_ratio"), ".1f"), _fmt(s["seconds"], ".0f"))
+    return table

@@ -1,0 +1,90 @@
+"""DebiasPL as a timm ``TrainingTask``: student, EMAN teacher and the method core in one module.
+
+The task owns the forward passes of one semi-supervised step (METHOD.md step 1),
+hands the logits to :class:`~dpl_zoo.method.DebiasPLLoss`, and keeps ``qhat`` as
+task state so timm-style checkpoints carry it (``get_task_state``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.task import TrainingTask
+from timm.utils.model import unwrap_model
+
+from .method import DebiasPLLoss, DebiasPLOutput
+
+
+class DebiasPLTask(TrainingTask):
+    """One step of DebiasPL / FixMatch / supervised training.
+
+    ``method="supervised"`` uses only the labeled batch; ``fixmatch`` is the same
+    code with ``tau = 0`` in the criterion. With ``ema_decay`` set, an EMAN teacher
+    (timm ``ModelEmaV3``: parameters and BatchNorm statistics averaged) makes the
+    pseudo-labels and stays in eval mode; otherwise the student's own weak-view
+    logits, detached, do.
+    """
+
+    def __init__(self, model: nn.Module, criterion: DebiasPLLoss, method: str = "debiaspl",
+                 ema_decay: Optional[float] = 0.999, multiviews: bool = False,
+                 device: Optional[torch.device] = None):
+        super().__init__(device=device, verbose=False)
+        self.trainable_module = model
+        self.criterion = criterion
+        self.method = method
+        self.weak_views = 2 if multiviews else 1
+        if ema_decay is not None:
+            self.setup_ema(decay=ema_decay)
+
+    def train(self, mode: bool = True) -> "DebiasPLTask":
+        super().train(mode)
+        if self.has_ema():
+            self.get_trainable_module(ema=True).module.eval()  # the teacher always runs in eval mode
+        return self
+
+    def teacher(self) -> nn.Module:
+        """The model that makes pseudo-labels: the EMA teacher, else the student."""
+        return self.get_trainable_module(ema=True).module if self.has_ema() else unwrap_model(self.trainable_module)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, unlabeled: Sequence[torch.Tensor] = (),
+                clip_targets: Optional[torch.Tensor] = None,
+                clip_confidence: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+        student = self.trainable_module
+        if self.method == "supervised":
+            logits_x = student(x)
+            loss = F.cross_entropy(logits_x.float(), y)
+            return {"loss": loss, "output": logits_x, "result": None}
+        if len(unlabeled) != 2 * self.weak_views:
+            raise ValueError(f"expected {self.weak_views} weak and {self.weak_views} strong views, got {len(unlabeled)} tensors")
+        weak, strong = list(unlabeled[:self.weak_views]), list(unlabeled[self.weak_views:])
+        n, nu = x.shape[0], weak[0].shape[0]
+        if self.has_ema():
+            logits = student(torch.cat([x, *strong]))
+            with torch.no_grad():
+                weak_logits = self.teacher()(torch.cat(weak)).split(nu)
+        else:
+            # one forward over everything, as FixMatch does, so BatchNorm sees the whole batch
+            logits = student(torch.cat([x, *weak, *strong]))
+            weak_logits = logits[n:n + nu * self.weak_views].detach().split(nu)
+            logits = torch.cat([logits[:n], logits[n + nu * self.weak_views:]])
+        logits_x, strong_logits = logits[:n], logits[n:].split(nu)
+        result: DebiasPLOutput = self.criterion(list(weak_logits), list(strong_logits), logits_x, y,
+                                                clip_targets=clip_targets, clip_confidence=clip_confidence)
+        return {"loss": result.loss, "output": logits_x, "result": result}
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        return {"qhat": self.criterion.prior.qhat.detach().cpu().clone()}
+
+    def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
+                        module: Optional[nn.Module] = None, ema: bool = False) -> None:
+        if not state:
+            if strict:
+                raise ValueError("checkpoint has no DebiasPL task state (qhat)")
+            return
+        qhat = state["qhat"]
+        if qhat.shape != self.criterion.prior.qhat.shape:
+            raise ValueError(f"checkpoint qhat has shape {tuple(qhat.shape)}, this run needs "
+                             f"{tuple(self.criterion.prior.qhat.shape)}: the checkpoint is for another class count")
+        self.criterion.prior.qhat.copy_(qhat)

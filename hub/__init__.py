@@ -1,0 +1,1 @@
+"""Model-card templates; installed as ``dpl_zoo.hub``."""

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from dpl_zoo.config import load_config
+
+
+def make_image_folder(root, classes=("cat", "dog", "emu"), per_class=10, size=16, seed=0):
+    """Class-coloured noise images in root/<class>/<n>.png: learnable, tiny, deterministic."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+            img[..., c % 3] += 150
+            Image.fromarray(img).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_data(tmp_path):
+    make_image_folder(tmp_path / "data" / "train", per_class=10)
+    make_image_folder(tmp_path / "data" / "val", per_class=4, seed=1)
+    return tmp_path / "data"
+
+
+def tiny_overrides(data_root, out, **extra):
+    """A few CPU-seconds run: test_resnet at 32 px, 2 steps per epoch, no workers."""
+    base = {
+        "model": "test_resnet", "img_size": 32, "batch_size": 3, "epochs": 2, "steps_per_epoch": 2, "workers": 0,
+        "lr": 0.01, "output": str(out), "experiment": "run", "log_interval": 1,
+        "dpl.mu": 2, "dpl.threshold": 0.5, "dpl.qhat_momentum": 0.9, "dpl.ema_teacher": True,
+        "model_ema_decay": 0.9, "data.dataset": "folder", "data.root": str(data_root / "train"),
+        "data.labels_per_class": 2, "data.hflip": 0.0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def tiny_config(image_data, tmp_path):
+    def make(**extra):
+        return load_config(None, tiny_overrides(image_data, tmp_path / "runs", **extra))
+    return make

@@ -1,0 +1,66 @@
+"""Recipes -> one typed, validated config."""
+import pytest
+import yaml
+
+from dpl_zoo.config import ConfigError, TrainConfig, config_from_dict, load_config, recipe_dir, save_config
+
+SHIPPED = sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+
+
+def test_shipped_recipes_exist():
+    assert {"mnist_demo", "resnet50_dpl_0.2pct", "resnet50_dpl_1pct", "vit_small_dpl_1pct",
+            "vit_base_dpl_1pct"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_resolves(name, tmp_path):
+    cfg = load_config(name)
+    assert isinstance(cfg, TrainConfig)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text())) == cfg
+
+
+def test_reference_settings_of_the_imagenet_recipes():
+    one = load_config("resnet50_dpl_1pct")
+    assert (one.dpl.threshold, one.dpl.tau, one.dpl.qhat_momentum, one.dpl.lambda_cld) == (0.8, 0.4, 0.999, 0.3)
+    assert (one.lr, one.weight_decay, one.epochs, one.warmup_epochs, one.dpl.lambda_u) == (0.003, 1e-4, 50, 5, 10.0)
+    assert one.dpl.multiviews and one.dpl.ema_teacher and one.model_ema_decay == 0.999 and one.amp
+    low = load_config("resnet50_dpl_0.2pct")
+    assert (low.dpl.qhat_momentum, low.dpl.lambda_cld, low.data.label_fraction) == (0.99, 0.1, 0.002)
+
+
+def test_overrides_are_typed_yaml():
+    cfg = load_config("mnist_demo", ["dpl.tau=0.25", "epochs=3", "data.scale=[0.5, 1.0]", "dpl.masked_qhat=true"])
+    assert cfg.dpl.tau == 0.25 and cfg.epochs == 3 and cfg.data.scale == (0.5, 1.0) and cfg.dpl.masked_qhat is True
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dpl.tua=0.5", "did you mean 'tau'"),
+    ("learning_rate=0.1", "unknown recipe key 'learning_rate'"),
+    ("dpl.tau=high", "dpl.tau must be float"),
+    ("epochs=2.5", "epochs must be int"),
+    ("dpl.multiviews=3", "dpl.multiviews must be bool"),
+    ("dpl.method=fixmatc", "did you mean 'fixmatch'"),
+    ("dpl.threshold=1.5", "dpl.threshold is out of range"),
+    ("dpl.qhat_momentum=1.0", "dpl.qhat_momentum is out of range"),
+    ("data.label_fraction=0.5", "not several"),
+    ("dpl=3", "dpl must be a mapping"),
+    ("tau", "key=value"),
+])
+def test_bad_recipe_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("mnist_demo", [override])
+
+
+def test_unknown_recipe_name_suggests(tmp_path):
+    with pytest.raises(ConfigError, match="mnist_demo"):
+        load_config("mnist_dem")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_fixmatch_is_tau_zero():
+    cfg = load_config("mnist_demo", ["dpl.method=fixmatch"])
+    assert cfg.dpl.tau == 0.0

@@ -1,0 +1,58 @@
+"""The timm TrainingTask: teacher handling and task state."""
+import pytest
+import timm
+import torch
+
+from dpl_zoo.method import DebiasPLLoss
+from dpl_zoo.task import DebiasPLTask
+
+
+def _task(ema=0.9, **kw):
+    model = timm.create_model("test_resnet", num_classes=3)
+    return DebiasPLTask(model, DebiasPLLoss(3, tau=0.4, threshold=0.0), ema_decay=ema, **kw)
+
+
+def test_eman_teacher_stays_in_eval_mode_and_gets_no_gradient():
+    task = _task().train()
+    teacher = task.teacher()
+    assert not teacher.training and task.trainable_module.training
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    out = task(x, y, [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)])
+    out["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for p in task.trainable_module.parameters())
+
+
+def test_ema_update_averages_batchnorm_statistics():
+    task = _task(ema=0.5).train()
+    task.update_ema(step=0)  # timm: first update copies
+    task(torch.randn(2, 3, 32, 32) * 5 + 3, torch.tensor([0, 1]),
+         [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)])["loss"].backward()
+    before = task.teacher().state_dict()["bn1.running_mean"].clone()
+    task.update_ema(step=5)
+    student = task.trainable_module.state_dict()["bn1.running_mean"]
+    assert torch.allclose(task.teacher().state_dict()["bn1.running_mean"], 0.5 * before + 0.5 * student)
+
+
+def test_without_eman_the_student_makes_pseudo_labels():
+    task = _task(ema=None).train()
+    assert not task.has_ema() and task.teacher() is task.trainable_module
+    out = task(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), [torch.randn(4, 3, 32, 32)] * 2)
+    assert out["result"].targets.shape == (4,)
+
+
+def test_task_state_holds_qhat_and_checks_class_count():
+    task = _task()
+    task.criterion.prior.qhat.copy_(torch.tensor([[0.5, 0.3, 0.2]]))
+    state = task.get_task_state()
+    fresh = _task()
+    fresh.load_task_state(state)
+    assert torch.equal(fresh.criterion.prior.qhat, state["qhat"])
+    other = DebiasPLTask(timm.create_model("test_resnet", num_classes=4), DebiasPLLoss(4), ema_decay=None)
+    with pytest.raises(ValueError, match="another class count"):
+        other.load_task_state(state)
+
+
+def test_wrong_number_of_views():
+    with pytest.raises(ValueError, match="1 weak and 1 strong"):
+        _task()(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), [torch.randn(4, 3, 32, 32)])

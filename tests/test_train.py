@@ -1,0 +1,140 @@
+"""End-to-end runs of the loop on a tiny generated ImageFolder (CPU, seconds each)."""
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from dpl_zoo.checkpoint import CheckpointError
+from dpl_zoo.cli import main
+from dpl_zoo.config import load_config, recipe_dir
+from dpl_zoo.data import DataError
+from dpl_zoo.progress import Reporter
+from dpl_zoo.train import TrainingDiverged, dry_run, fit
+
+
+@pytest.mark.parametrize("method", ["debiaspl", "fixmatch", "supervised"])
+def test_resnet_run_writes_everything(tiny_config, method, tmp_path):
+    cfg = tiny_config(**{"dpl.method": method})
+    summary = fit(cfg, quiet=True)
+    out = tmp_path / "runs" / "run"
+    for name in ("config.yaml", "labeled.csv", "metrics.jsonl", "summary.json", "last.pth.tar", "best.pth.tar",
+                 "export/model.safetensors", "export/config.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert sum(r["kind"] == "epoch" for r in rows) == 2
+    assert summary["method"] == method and 0 <= summary["top1"] <= 100
+    if method != "supervised":
+        assert summary["pl_kl_uniform"] is not None and len(summary["qhat"]) == 3
+    # the export loads with plain timm and reproduces the run's student
+    model = timm.create_model(f"local-dir:{out / 'export'}").eval()
+    assert model.pretrained_cfg["label_names"] == ["cat", "dog", "emu"]
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
+    state = torch.load(out / "last.pth.tar", weights_only=True)
+    assert all(torch.equal(v, state["state_dict"][k]) for k, v in load_file(out / "export/model.safetensors").items())
+
+
+def test_vit_run(tiny_config):
+    cfg = tiny_config(model="test_vit", epochs=1, **{"model_kwargs": "{patch_size: 8}"})
+    summary = fit(cfg, quiet=True)
+    assert summary["model"] == "test_vit" and summary["steps"] == 2
+
+
+def test_multiviews_and_cld_run(tiny_config):
+    summary = fit(tiny_config(**{"dpl.multiviews": True, "dpl.lambda_cld": 0.3, "dpl.masked_qhat": True,
+                                 "epochs": 1}), quiet=True)
+    assert summary["steps"] == 2
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_config, tmp_path):
+    straight = fit(tiny_config(experiment="straight", epochs=3), quiet=True)
+
+    class Interrupt(Reporter):
+        def start_epoch(self, epoch, steps):
+            if epoch == 2:
+                raise KeyboardInterrupt
+            super().start_epoch(epoch, steps)
+
+    cfg = tiny_config(experiment="broken", epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, reporter=Interrupt(quiet=True))
+    resumed = fit(cfg, resume=str(tmp_path / "runs" / "broken" / "last.pth.tar"), quiet=True)
+    a = torch.load(tmp_path / "runs" / "straight" / "last.pth.tar", weights_only=True)
+    b = torch.load(tmp_path / "runs" / "broken" / "last.pth.tar", weights_only=True)
+    for key in ("state_dict", "state_dict_ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert torch.equal(a["task_state"]["qhat"], b["task_state"]["qhat"])
+    assert resumed["top1"] == straight["top1"] and resumed["resumed"]
+
+
+def test_resume_with_another_recipe_is_refused(tiny_config, tmp_path):
+    fit(tiny_config(epochs=1), quiet=True)
+    other = tiny_config(epochs=1, **{"dpl.tau": 0.9})
+    with pytest.raises(CheckpointError, match="different recipe.*dpl"):
+        fit(other, resume=str(tmp_path / "runs" / "run" / "last.pth.tar"))
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config(epochs=3)
+    import dpl_zoo.task as task_mod
+    original = task_mod.DebiasPLTask.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:  # first step of the second epoch
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(task_mod.DebiasPLTask, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="at step 3 .*last good checkpoint"):
+        fit(cfg, quiet=True)
+    state = torch.load(tmp_path / "runs" / "run" / "last.pth.tar", weights_only=True)
+    assert state["epoch"] == 0  # epoch 0 intact, nothing half-written
+    assert not (tmp_path / "runs" / "run" / "summary.json").exists()
+
+
+def test_num_classes_mismatch_and_budget_errors(tiny_config):
+    with pytest.raises(DataError, match="num_classes is 5 but the data has 3"):
+        fit(tiny_config(num_classes=5), quiet=True)
+    with pytest.raises(DataError, match="fewer than the 20 labels"):
+        fit(tiny_config(**{"data.labels_per_class": 20}), quiet=True)
+
+
+def test_finished_run_is_not_overwritten(tiny_config):
+    fit(tiny_config(epochs=1), quiet=True)
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        fit(tiny_config(epochs=1), quiet=True)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in recipe_dir().glob("*.yaml")))
+def test_dry_run_every_shipped_recipe(name):
+    result = dry_run(load_config(name))
+    assert result["params"] > 0 and result["loss"] == result["loss"]
+
+
+def test_cli_train_compare_and_eval(image_data, tmp_path, capsys):
+    from conftest import tiny_overrides
+    sets = [a for o in tiny_overrides(image_data, tmp_path / "runs", epochs=1) for a in ("--set", o)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: test_resnet\n")
+    assert main(["train", str(recipe), *sets, "--methods", "debiaspl,fixmatch", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "same data, model and budget" in text and "fixmatch" in text
+    comparison = json.loads((tmp_path / "runs" / "run-comparison.json").read_text())
+    assert [s["method"] for s in comparison] == ["debiaspl", "fixmatch"]
+    for ref in (tmp_path / "runs" / "run-debiaspl" / "last.pth.tar", tmp_path / "runs" / "run-debiaspl" / "export"):
+        out = tmp_path / "eval.json"
+        assert main(["eval", str(ref), "--data", str(image_data / "val"), "--out", str(out), "--workers", "0"]) == 0
+        result = json.loads(out.read_text())
+        assert result["images"] == 12 and len(result["per_class_top1"]) == 3
+    assert main(["train", str(recipe), "--set", "dpl.tua=1"]) == 2
+    assert "did you mean 'tau'" in capsys.readouterr().out
+
+
+def test_cli_dry_run(capsys):
+    assert main(["train", "resnet50_dpl_1pct", "--dry-run"]) == 0
+    assert "dry run ok" in capsys.readouterr().out
