@@ -42,6 +42,26 @@ def _add_eval(sub) -> None:
     p.add_argument("--workers", type=int, default=2)
 
 
+def _add_zoo(sub) -> None:
+    p = sub.add_parser("list", help="zoo models (optionally matching a pattern)")
+    p.add_argument("pattern", nargs="?", default="*")
+    p = sub.add_parser("info", help="everything the registry knows about a zoo model")
+    p.add_argument("name")
+    p = sub.add_parser("convert", help="an authors' DebiasPL .pth.tar to a timm folder (safetensors + config.json)")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--teacher", action="store_true", help="take the EMA teacher instead of the student")
+    p.add_argument("--arch", help="timm architecture (default: the checkpoint's arch, else resnet50)")
+    p = sub.add_parser("publish", help="stage a run or exported folder with a model card and upload it to the Hub")
+    p.add_argument("source", help="a run folder, its export/ folder, or a converted folder")
+    p.add_argument("--repo", required=True, help="Hub repo id, ORG/NAME")
+    p.add_argument("--zoo-name", help="write the card from this zoo entry's registry metadata")
+    p.add_argument("--baseline", help="the baseline run folder (e.g. FixMatch) for the card's gain")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="stage and show the folder, upload nothing")
+    p.add_argument("--stage-dir", help="where to stage (default: SOURCE/hub-staging)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="dpl-zoo", description="DebiasPL on timm: train, evaluate, share.")
@@ -49,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
+    _add_zoo(sub)
     return parser
 
 
@@ -99,22 +120,79 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_list(args) -> int:
+    from rich.table import Table
+    from .zoo import list_models, model_info
+    table = Table(title="dpl-zoo models")
+    table.add_column("name", no_wrap=True)
+    for col in ("labels", "top-1", "baseline", "gain", "numbers", "weights"):
+        table.add_column(col)
+    for name in list_models(args.pattern):
+        e = model_info(name)
+        table.add_row(name, e.label_budget, _num(e.metrics.top1 if e.metrics else None),
+                      _num(e.baseline.top1 if e.baseline else None), _num(e.gain, "+.1f"),
+                      e.metrics.provenance if e.metrics else "-", "published" if e.published else "unpublished")
+    console.print(table)
+    return 0
+
+
+def _num(value, spec=".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def cmd_info(args) -> int:
+    from rich.table import Table
+    from .zoo import model_info
+    entry = model_info(args.name)
+    table = Table(title=args.name, show_header=False)
+    for key, value in entry.to_dict().items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value))
+    console.print(table)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+    out = convert_checkpoint(args.checkpoint, args.out, teacher=args.teacher, arch=args.arch)
+    console.print(f"converted {'teacher' if args.teacher else 'student'} of {args.checkpoint} to {out} "
+                  f"(load with dpl_zoo.load({str(out)!r}) or timm.create_model('local-dir:{out}', pretrained=True))")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from .hub import card_from_entry, card_from_run, publish, stage
+    from .zoo import model_info
+    source = Path(args.source)
+    info = card_from_entry(model_info(args.zoo_name)) if args.zoo_name else \
+        card_from_run(source, args.repo, Path(args.baseline) if args.baseline else None)
+    info.repo_id = args.repo
+    staged = stage(source, Path(args.stage_dir) if args.stage_dir else source / "hub-staging", info)
+    for path in sorted(staged.iterdir()):
+        console.print(f"  {path.name:<20} {path.stat().st_size:>12,d} bytes")
+    if args.dry_run:
+        console.print(f"dry run: staged in {staged}, nothing uploaded")
+        return 0
+    url = publish(staged, args.repo, private=args.private)
+    console.print(f"published to {args.repo}: {url}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .convert import ConversionError
     from .data import DataError
     from .train import TrainingDiverged
+    from .zoo import ZooError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_info, "convert": cmd_convert,
+                "publish": cmd_publish}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ConversionError, TrainingDiverged, FileExistsError) as e:
-        console.print(f"[bold red]error:[/] {e}")
-        return 2
-    except ValueError as e:  # bad values raised where they enter (model names, method arguments)
+    except (ConfigError, DataError, CheckpointError, ConversionError, ZooError, TrainingDiverged,
+            FileExistsError) as e:
         console.print(f"[bold red]error:[/] {e}")
         return 2
 

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DPLConfig:
-    """The method: DebiasPL on FixMatch (METHOD.md names)."""
+    """The method: DebiasPL on FixMatch, with the names of the paper and its reference code."""
     method: str = "debiaspl"           # debiaspl | fixmatch (tau = 0) | supervised (labeled data only)
     tau: float = 0.4
     tau_pl: Optional[float] = None     # counterfactual pseudo-labels; defaults to tau

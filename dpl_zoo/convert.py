@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-# prefixes of the authors' layout (METHOD.md) -> nothing (timm resnet names match after them)
+# prefixes of the authors' checkpoint layout -> nothing (timm resnet names match after them)
 STUDENT_PREFIXES = ("module.main.backbone.", "module.main.")
 TEACHER_PREFIXES = ("module.ema.backbone.", "module.ema.")
 MOCO_PREFIXES = ("module.encoder_q.",)
@@ -107,3 +107,30 @@ def _classifier_keys(model: nn.Module) -> list[str]:
 def infer_num_classes(state: dict, classifier: str = "fc") -> Optional[int]:
     weight = state.get(f"{classifier}.weight")
     return int(weight.shape[0]) if weight is not None else None
+
+
+def convert_checkpoint(src: str | Path, out_dir: str | Path, teacher: bool = False,
+                       arch: Optional[str] = None) -> Path:
+    """An authors' DebiasPL ``.pth.tar`` (student, or ``teacher=True`` for the EMA model)
+    to a timm folder: ``model.safetensors`` + ``config.json``."""
+    import timm
+    from .checkpoint import export_timm
+    raw = read_state(src)
+    arch = arch or (raw.get("arch") if isinstance(raw.get("arch"), str) else None) or "resnet50"
+    state, layout = to_timm_state(raw, teacher=teacher)
+    if layout == "moco":
+        raise ConversionError(f"{src} is a MoCo backbone without a classifier: use it as initial_checkpoint "
+                              f"in a recipe to fine-tune, not as a zoo model")
+    num_classes = infer_num_classes(state)
+    if num_classes is None:
+        raise ConversionError(f"{src}: no classifier (fc.weight) found for the {'teacher' if teacher else 'student'}")
+    model = timm.create_model(arch, num_classes=num_classes)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConversionError(f"{src} does not match timm {arch}: {e}") from e
+    labels = None
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+        labels = ImageNetInfo().label_names()
+    return export_timm(model, out_dir, labels, {"input_size": (3, 224, 224), "crop_pct": 0.875})

@@ -2,7 +2,7 @@
 
 Pure tensor code with no I/O and no knowledge of the training loop, so any loop
 (ours, timm's, Lightning's) can call it. The order of operations follows the
-authors' reference implementation as stated in METHOD.md:
+authors' reference implementation (MIT licence):
 
 1. pseudo-labels from the weak logits debiased with the prior *before* its update;
 2. prior (qhat) update from the softmax of the raw weak logits;

@@ -1,6 +1,6 @@
 """DebiasPL as a timm ``TrainingTask``: student, EMAN teacher and the method core in one module.
 
-The task owns the forward passes of one semi-supervised step (METHOD.md step 1),
+The task owns the forward passes of one semi-supervised step (student on labeled + strong views, teacher on weak views),
 hands the logits to :class:`~dpl_zoo.method.DebiasPLLoss`, and keeps ``qhat`` as
 task state so timm-style checkpoints carry it (``get_task_state``).
 """

@@ -1,1 +1,1 @@
-"""Model-card templates; installed as ``dpl_zoo.hub``."""
+"""Model-card templates; installed as ``dpl_zoo.templates``."""

@@ -42,3 +42,26 @@ def tiny_config(image_data, tmp_path):
     def make(**extra):
         return load_config(None, tiny_overrides(image_data, tmp_path / "runs", **extra))
     return make
+
+
+TOKEN = "hf_dplzoo_secret_test_token_0123456789"
+
+
+@pytest.fixture(params=["regular", "lfs"])
+def hub(request, tmp_path, monkeypatch):
+    """A loopback Hub (tests/hub_server.py) with huggingface_hub pointed at it and an empty cache.
+
+    "regular": files go inline in the commit (the path xet-enabled clients take);
+    "lfs": xet disabled, files go through the LFS batch API and a PUT.
+    """
+    from huggingface_hub import constants
+    from hub_server import HubServer
+    with HubServer(upload_mode=request.param) as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", request.param == "lfs")
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield server
