@@ -26,7 +26,8 @@ def _add_train(sub) -> None:
                    help="override a recipe key, e.g. --set dpl.tau=0.5 (repeatable)")
     p.add_argument("--methods", help="comma-separated methods to run under the same budget "
                                      "(debiaspl, fixmatch, supervised); default: the recipe's own")
-    p.add_argument("--resume", help="continue the run of this checkpoint (its last.pth.tar)")
+    p.add_argument("--resume", help="continue the run of this checkpoint (its last.pth.tar); 'auto': the "
+                                    "experiment's last checkpoint if there is one (for torchrun --max-restarts)")
     p.add_argument("--dry-run", action="store_true", help="build everything, run one step on a tiny synthetic batch")
     p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     p.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
@@ -100,6 +101,9 @@ def cmd_train(args) -> int:
                                                     f"experiment={base}-{method}" if len(methods) > 1 else
                                                     f"experiment={base}"])
         summaries.append(fit(run_cfg, resume=args.resume, quiet=args.quiet, reporter=reporter))
+    from .distributed import is_main
+    if not is_main():
+        return 0
     console.print(summary_table(summaries, title="same data, model and budget" if len(summaries) > 1 else
                                 "dpl-zoo summary"))
     if len(summaries) > 1:

@@ -91,6 +91,7 @@ class TrainConfig:
     clip_grad: Optional[float] = None
     amp: bool = False
     channels_last: bool = False
+    sync_bn: bool = False              # SyncBatchNorm under torchrun
     compile: bool = False
     workers: int = 2
     pin_memory: bool = False

@@ -14,6 +14,7 @@ every view. Sources:
 from __future__ import annotations
 
 import csv
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -21,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
 
@@ -283,38 +284,99 @@ def build_transforms(cfg: DataConfig, data_config: dict) -> Transforms:
 
 
 class ViewDataset(Dataset):
-    """A subset of a base dataset, each item as ``(view_1, ..., view_k, target, index)``."""
+    """A subset of a base dataset, each item as ``(view_1, ..., view_k, target, index)``.
 
-    def __init__(self, base: Dataset, indices: Sequence[int], views: Sequence[Callable]):
+    Items may be asked for as ``(position, draw)``: the views are then drawn with RNGs
+    seeded from ``(seed, epoch, draw)``, so an augmented image depends on where it sits
+    in the global sample stream, not on which process or worker loads it. One process
+    or eight see the same images, and a resumed epoch replays exactly.
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int], views: Sequence[Callable], seed: int = 0):
         self.base, self.indices, self.views = base, list(indices), list(views)
+        self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        i, draw = item if isinstance(item, tuple) else (item, None)
         index = self.indices[i]
         img, target = self.base[index]
-        return (*[view(img) for view in self.views], target, index)
+        if draw is None:
+            return (*[view(img) for view in self.views], target, index)
+        with seeded_rngs(int(np.random.SeedSequence([self.seed, self.epoch, draw]).generate_state(1)[0])):
+            return (*[view(img) for view in self.views], target, index)
 
 
-def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    """A generator fixed by (seed, epoch, stream): resuming at an epoch replays its order exactly."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + stream)
+class seeded_rngs:
+    """Run a block with python, numpy and torch RNGs seeded, restoring their states after."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        py, npy, th = self.states
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)
+        return False
 
 
-def cycling_loader(ds: Dataset, batch_size: int, num_samples: int, generator: torch.Generator,
-                   workers: int, pin_memory: bool, sampler=None) -> DataLoader:
-    """Reshuffled every pass and cycled until ``num_samples`` items were drawn (small labeled sets)."""
+class StreamSampler(Sampler):
+    """One shard of a global, seeded stream of sample positions.
+
+    The stream is concatenated permutations of the dataset (a small labeled set is
+    reshuffled and cycled), cut into global batches of ``per_rank x world`` items; rank
+    ``r`` takes the ``r``-th slice of every global batch. Items are ``(position, draw)``
+    with ``draw`` the place in the global stream, for :class:`ViewDataset`'s seeding.
+    """
+
+    def __init__(self, size: int, steps: int, per_rank: int, seed: int, rank: int = 0, world: int = 1):
+        self.size, self.steps, self.per_rank, self.seed, self.rank, self.world = size, steps, per_rank, seed, rank, world
+
+    def __len__(self) -> int:
+        return self.steps * self.per_rank
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        total = self.steps * self.per_rank * self.world
+        stream = torch.cat([torch.randperm(self.size, generator=g) for _ in range(-(-total // self.size))])[:total]
+        global_batch = self.per_rank * self.world
+        for step in range(self.steps):
+            start = step * global_batch + self.rank * self.per_rank
+            for draw in range(start, start + self.per_rank):
+                yield int(stream[draw]), draw
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """A seed fixed by (seed, epoch, stream): resuming at an epoch replays its order exactly."""
+    return seed * 1_000_003 + epoch * 7919 + stream
+
+
+def stream_loader(ds: ViewDataset, per_rank: int, steps: int, seed: int, epoch: int, workers: int,
+                  pin_memory: bool, rank: int = 0, world: int = 1) -> DataLoader:
+    """``steps`` batches of ``per_rank`` items from this rank's shard of the epoch's global stream."""
     if len(ds) == 0:
         raise DataError("an empty split cannot be loaded; check the label budget and the data")
-    sampler = sampler or RandomSampler(ds, replacement=False, num_samples=num_samples, generator=generator)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=True, generator=generator, persistent_workers=False)
+    ds.epoch = epoch
+    sampler = StreamSampler(len(ds), steps, per_rank, seed, rank, world)
+    return DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      drop_last=True)
 
 
-def eval_loader(ds: Dataset, batch_size: int, workers: int, pin_memory: bool, sampler=None) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory)
+def eval_loader(ds: Dataset, batch_size: int, workers: int, pin_memory: bool, rank: int = 0,
+                world: int = 1) -> DataLoader:
+    """In order; under data parallelism rank ``r`` takes positions ``r, r + world, ...`` with no
+    padding, so summed counts give the exact global metrics."""
+    shard = torch.utils.data.Subset(ds, range(rank, len(ds), world)) if world > 1 else ds
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
 
 
 def subsample(indices: Sequence[int], cap: int, seed: int) -> list[int]:

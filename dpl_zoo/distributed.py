@@ -44,3 +44,30 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's value on every rank (e.g. a run name built from the clock)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def local_device(device_type: str) -> torch.device:
+    if device_type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(device_type)
+
+
+def check_same_across_ranks(tensor: torch.Tensor, what: str) -> None:
+    """Raise if ``tensor`` differs between ranks (e.g. qhat): divergent state must not go unnoticed."""
+    if not is_distributed():
+        return
+    t = tensor.detach().double().flatten()
+    low, high = t.clone(), t.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"{what} differs between ranks (max difference {float((high - low).max()):.3g})")

@@ -26,29 +26,56 @@ def predict(model: nn.Module, loader, device: torch.device, autocast=nullcontext
     return torch.cat(logits), torch.cat(targets)
 
 
-def accuracy_report(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict:
-    """Top-1/top-5 (percent) and per-class top-1."""
+def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[top1 correct, top5 correct, total, per-class correct..., per-class total...]``: sums
+    over shards give the exact global numbers."""
     k = min(5, num_classes)
     topk = logits.topk(k, dim=1).indices
-    top1 = (topk[:, 0] == targets)
-    top5 = (topk == targets.unsqueeze(1)).any(dim=1)
-    per_class = [float(top1[targets == c].float().mean() * 100) if (targets == c).any() else float("nan")
-                 for c in range(num_classes)]
-    return {"top1": float(top1.float().mean() * 100), "top5": float(top5.float().mean() * 100),
-            "per_class_top1": per_class}
+    top1 = (topk[:, 0] == targets).double()
+    top5 = (topk == targets.unsqueeze(1)).any(dim=1).double()
+    per_correct = torch.bincount(targets, weights=top1, minlength=num_classes)
+    per_total = torch.bincount(targets, minlength=num_classes).double()
+    return torch.cat([torch.stack([top1.sum(), top5.sum(), torch.tensor(float(len(targets)), dtype=torch.float64)]),
+                      per_correct, per_total])
+
+
+def accuracy_from_counts(counts: torch.Tensor, num_classes: int) -> dict:
+    """Top-1/top-5 (percent) and per-class top-1 from :func:`accuracy_counts`."""
+    c = counts.double().tolist()
+    total = max(c[2], 1.0)
+    correct, seen = c[3:3 + num_classes], c[3 + num_classes:]
+    return {"top1": 100 * c[0] / total, "top5": 100 * c[1] / total, "images": int(c[2]),
+            "per_class_top1": [100 * a / b if b else float("nan") for a, b in zip(correct, seen)]}
+
+
+def accuracy_report(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict:
+    return accuracy_from_counts(accuracy_counts(logits, targets, num_classes), num_classes)
+
+
+def pseudo_label_counts(logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor,
+                        tau: float, threshold: float) -> torch.Tensor:
+    """``[accepted, accepted correct, correct, total, histogram...]`` of the pseudo-labels the
+    method would make now (debiased with the current prior), summable over shards."""
+    _, pl, mask = debiased_pseudo_labels(logits, log_prior.cpu(), tau, threshold)
+    right = (pl == targets).double()
+    m = mask.double()
+    head = torch.stack([m.sum(), (right * m).sum(), right.sum(), torch.tensor(float(len(pl)), dtype=torch.float64)])
+    return torch.cat([head, torch.bincount(pl, minlength=logits.shape[1]).double()])
+
+
+def pseudo_label_from_counts(counts: torch.Tensor) -> dict:
+    """The paper's pseudo-label diagnostics: accuracy of accepted pseudo-labels, mask rate,
+    class histogram and its imbalance (max/min ratio, KL divergence from uniform)."""
+    c = counts.double().tolist()
+    accepted, accepted_right, right, total, hist = c[0], c[1], c[2], max(c[3], 1.0), [int(h) for h in c[4:]]
+    return {"pl_acc": 100 * accepted_right / accepted if accepted else float("nan"),
+            "pl_acc_all": 100 * right / total, "mask_rate": accepted / total, "pl_hist": hist,
+            **{f"pl_{k}": v for k, v in class_balance(hist).items()}}
 
 
 def pseudo_label_report(logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor,
                         tau: float, threshold: float) -> dict:
-    """The paper's pseudo-label diagnostics on unlabeled images: the pseudo-labels the
-    method would make now (debiased with the current prior), their accuracy when
-    accepted, the mask rate, and the class imbalance of the pseudo-labels."""
-    _, pl, mask = debiased_pseudo_labels(logits, log_prior.cpu(), tau, threshold)
-    mask = mask.bool()
-    hist = torch.bincount(pl, minlength=logits.shape[1])
-    return {"pl_acc": float((pl[mask] == targets[mask]).float().mean() * 100) if mask.any() else float("nan"),
-            "pl_acc_all": float((pl == targets).float().mean() * 100), "mask_rate": float(mask.float().mean()),
-            "pl_hist": hist.tolist(), **{f"pl_{k}": v for k, v in class_balance(hist.tolist()).items()}}
+    return pseudo_label_from_counts(pseudo_label_counts(logits, targets, log_prior, tau, threshold))
 
 
 def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:

@@ -107,9 +107,10 @@ class ClassPrior(nn.Module):
         if self.sync and _distributed():
             dist.all_reduce(stats)
         count = stats[-1]
-        if count.item() > 0:
-            batch_mean = (stats[:-1] / count).unsqueeze(0).to(self.qhat)
-            self.qhat.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
+        # no host sync: an empty (masked) batch keeps the old prior through torch.where
+        batch_mean = (stats[:-1] / count.clamp(min=1.0)).unsqueeze(0).to(self.qhat)
+        updated = self.qhat * self.momentum + batch_mean * (1.0 - self.momentum)
+        self.qhat.copy_(torch.where(count > 0, updated, self.qhat))
         return self.qhat
 
     def extra_repr(self) -> str:
@@ -330,11 +331,10 @@ class DebiasPLLoss(nn.Module):
             loss_x = F.cross_entropy(labeled_logits.float(), labels)
 
         loss = loss_x + self.lambda_u * loss_u + self.lambda_cld * loss_cld
-        accepted = targets[mask.bool()]
         return DebiasPLOutput(
             loss=loss, loss_x=loss_x.detach(), loss_u=loss_u.detach(), loss_cld=loss_cld.detach(),
             loss_clip=loss_clip.detach(), targets=targets, mask=mask, mask_rate=mask.mean(),
-            histogram=torch.bincount(accepted, minlength=self.num_classes),
+            histogram=torch.bincount(targets, weights=mask, minlength=self.num_classes).long(),
             qhat=self.prior.qhat.detach().clone(), clip_mask=clip_mask,
         )
 

@@ -22,8 +22,9 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 
 class Reporter:
-    def __init__(self, quiet: bool = False, console: Optional[Console] = None):
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, console: Optional[Console] = None, silent: bool = False):
+        self.quiet = quiet or silent
+        self.silent = silent  # ranks other than 0 under torchrun say nothing
         self.console = console or Console(stderr=False)
         self._progress: Optional[Progress] = None
         self._task = None
@@ -78,6 +79,8 @@ class Reporter:
         self._say(" | ".join(parts))
 
     def _say(self, text: str) -> None:
+        if self.silent:
+            return
         if self.quiet:
             _logger.info(text)
         else:

@@ -38,6 +38,12 @@ class DebiasPLTask(TrainingTask):
         if ema_decay is not None:
             self.setup_ema(decay=ema_decay)
 
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> "DebiasPLTask":
+        """Wrap the student in DistributedDataParallel; the teacher stays unwrapped (no gradients)."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
     def train(self, mode: bool = True) -> "DebiasPLTask":
         super().train(mode)
         if self.has_ema():

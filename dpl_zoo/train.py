@@ -22,12 +22,14 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .config import TrainConfig, save_config
+from .config import ConfigError, TrainConfig, save_config
 from .data import (
-    Split, Transforms, ViewDataset, build_transforms, cycling_loader, epoch_generator, eval_loader,
-    load_datasets, read_split_csv, split_from_indices, split_labeled, subsample, write_split_csv, DataError,
+    DataError, Split, Transforms, ViewDataset, build_transforms, epoch_seed, eval_loader, load_datasets,
+    read_split_csv, split_from_indices, split_labeled, stream_loader, subsample, write_split_csv,
 )
-from .evaluate import accuracy_report, predict, pseudo_label_report
+from .evaluate import (
+    accuracy_counts, accuracy_from_counts, predict, pseudo_label_counts, pseudo_label_from_counts,
+)
 from .models import build_model, resolve_data_config
 from .method import DebiasPLLoss
 from .progress import Reporter
@@ -51,9 +53,10 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device:
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The configured device, else CUDA when present; under torchrun, this process's GPU."""
+    kind = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(kind)
+    return dist_utils.local_device(device.type) if device.index is None else device
 
 
 def build_criterion(cfg: TrainConfig, num_classes: int) -> DebiasPLLoss:
@@ -140,8 +143,8 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None) -> Run:
     tf = build_transforms(cfg.data, data_config)
     d = cfg.dpl
     views = 2 if d.multiviews else 1
-    labeled = ViewDataset(train_base, split.labeled, [tf.weak])
-    unlabeled = ViewDataset(train_base, split.unlabeled, [tf.weak] * views + [tf.strong] * views) \
+    labeled = ViewDataset(train_base, split.labeled, [tf.weak], seed=cfg.seed)
+    unlabeled = ViewDataset(train_base, split.unlabeled, [tf.weak] * views + [tf.strong] * views, seed=cfg.seed + 1) \
         if d.method != "supervised" else None
     if unlabeled is not None and len(unlabeled) < d.mu * cfg.batch_size:
         raise DataError(f"the unlabeled split has {len(unlabeled)} images, fewer than one unlabeled batch "
@@ -157,6 +160,11 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None) -> Run:
                         ema_decay=cfg.model_ema_decay if (d.ema_teacher or d.method == "supervised") else None,
                         multiviews=d.multiviews, device=device)
     if dist_utils.is_distributed():
+        if cfg.batch_size % dist_utils.world_size():
+            raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must divide by the "
+                              f"{dist_utils.world_size()} processes")
+        if cfg.sync_bn:
+            task.trainable_module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(task.trainable_module)
         task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, scheduler = build_optimization(cfg, model, steps)
     scaler = None
@@ -170,15 +178,15 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None) -> Run:
 # --- one epoch ------------------------------------------------------------------------------------
 
 def _loaders(run: Run, epoch: int):
+    """This rank's labeled and unlabeled loaders for an epoch (global batch / world size each)."""
     cfg, steps = run.cfg, run.steps_per_epoch
-    b = cfg.batch_size // dist_utils.world_size()
-    lab = cycling_loader(run.labeled, b, steps * b, epoch_generator(cfg.seed, epoch, 0), cfg.workers, cfg.pin_memory)
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+    b = cfg.batch_size // world
+    common = dict(steps=steps, epoch=epoch, workers=cfg.workers, pin_memory=cfg.pin_memory, rank=rank, world=world)
+    lab = stream_loader(run.labeled, b, seed=epoch_seed(cfg.seed, epoch, 0), **common)
     if run.unlabeled is None:
         return lab, None
-    bu = cfg.dpl.mu * b
-    unl = cycling_loader(run.unlabeled, bu, steps * bu, epoch_generator(cfg.seed, epoch, 1), cfg.workers,
-                         cfg.pin_memory)
-    return lab, unl
+    return lab, stream_loader(run.unlabeled, cfg.dpl.mu * b, seed=epoch_seed(cfg.seed, epoch, 1), **common)
 
 
 def train_one_epoch(run: Run, epoch: int, reporter: Reporter, metrics_log) -> dict:
@@ -245,31 +253,46 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter, metrics_log) -> di
             metrics_log({"kind": "train", "epoch": epoch, "step": step + 1, **row,
                          "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": live["img_s"]})
     reporter.end_epoch()
-    n = run.steps_per_epoch
-    stats = {k: v / n for k, v in totals.items()}
+    elapsed = time.perf_counter() - start
+    # sums over ranks: losses and rates averaged over every process, counts and histograms global
+    keys = list(totals)
+    packed = torch.tensor([totals[k] for k in keys] + [accepted, correct, seen, *hist_all.tolist(),
+                                                       *hist_accepted.tolist()], dtype=torch.float64)
+    packed = dist_utils.all_reduce_sum(packed.to(device)).cpu()
+    world = dist_utils.world_size()
+    n = run.steps_per_epoch * world
+    stats = {k: float(packed[i]) / n for i, k in enumerate(keys)}
+    accepted, correct, seen = (int(v) for v in packed[len(keys):len(keys) + 3])
+    rest = packed[len(keys) + 3:].long()
     stats.update({"train_pl_acc": correct / accepted if accepted else float("nan"),
-                  "train_pl_accepted": accepted, "img_per_s": seen / (time.perf_counter() - start),
-                  "train_pl_hist": hist_all.tolist(), "train_pl_accepted_hist": hist_accepted.tolist()})
+                  "train_pl_accepted": accepted, "img_per_s": seen / elapsed,
+                  "train_pl_hist": rest[:num_classes].tolist(), "train_pl_accepted_hist": rest[num_classes:].tolist()})
     return stats
 
 
 # --- evaluation -------------------------------------------------------------------------------------
 
 def evaluate(run: Run) -> dict:
+    """Student and teacher accuracy and the pseudo-label diagnostics; under data parallelism
+    each rank scores its shard and the counts are summed, so the numbers are exact."""
     cfg, n = run.cfg, len(run.classes)
     bs = max(cfg.batch_size, 64)
-    loader = eval_loader(run.val, bs, cfg.workers, cfg.pin_memory)
-    logits, targets = predict(run.model, loader, run.device, run.autocast)
-    report = {"student": accuracy_report(logits, targets, n)}
+    rank, world = dist_utils.rank(), dist_utils.world_size()
+
+    def counts(model, ds, fn):
+        logits, targets = predict(model, eval_loader(ds, bs, cfg.workers, cfg.pin_memory, rank, world), run.device,
+                                  run.autocast)
+        return dist_utils.all_reduce_sum(fn(logits, targets).to(run.device)).cpu()
+
+    report = {"student": accuracy_from_counts(counts(run.model, run.val, lambda l, t: accuracy_counts(l, t, n)), n)}
     if run.task.has_ema():
-        t_logits, _ = predict(run.task.teacher(), loader, run.device, run.autocast)
-        report["teacher"] = accuracy_report(t_logits, targets, n)
+        report["teacher"] = accuracy_from_counts(
+            counts(run.task.teacher(), run.val, lambda l, t: accuracy_counts(l, t, n)), n)
     if run.diag is not None:
-        d_logits, d_targets = predict(run.task.teacher(), eval_loader(run.diag, bs, cfg.workers, cfg.pin_memory),
-                                      run.device, run.autocast)
         crit = run.task.criterion
-        report["pseudo_labels"] = pseudo_label_report(d_logits, d_targets, crit.prior.log_prior(), crit.tau_pl,
-                                                      crit.threshold)
+        report["pseudo_labels"] = pseudo_label_from_counts(counts(
+            run.task.teacher(), run.diag,
+            lambda l, t: pseudo_label_counts(l, t, crit.prior.log_prior(), crit.tau_pl, crit.threshold)))
     return report
 
 
@@ -322,19 +345,25 @@ def _restore(run: Run, state: dict) -> None:
 
 def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, reporter: Optional[Reporter] = None) -> dict:
     """Train one run to the end; returns the summary that is also written to ``summary.json``."""
+    dist_utils.init_from_env(resolve_device(cfg).type)
     main = dist_utils.is_main()
     saved = None
+    if resume == "auto":  # elastic restarts: continue this experiment's last checkpoint if it has one
+        if not cfg.experiment:
+            raise ConfigError("--resume auto needs a fixed experiment name (--set experiment=NAME)")
+        last = Path(cfg.output) / cfg.experiment / "last.pth.tar"
+        resume = str(last) if last.is_file() else None
     if resume:
         saved = ckpt.load(resume)
         _check_resume_config(saved["config"], cfg, Path(resume))
         out_dir = Path(resume).parent
     else:
-        out_dir = Path(cfg.output) / run_name(cfg)
-        if main and (out_dir / "summary.json").exists():
+        out_dir = Path(cfg.output) / dist_utils.broadcast_object(run_name(cfg))
+        if (out_dir / "summary.json").exists():
             raise FileExistsError(f"{out_dir} already holds a finished run; choose another experiment name "
                                   f"or output folder")
     run = build_run(cfg, out_dir)
-    reporter = reporter or Reporter(quiet=quiet or not main)
+    reporter = reporter if (reporter is not None and main) else Reporter(quiet=quiet, silent=not main)
     start_epoch, best = 0, {"top1": -1.0, "epoch": -1}
     if saved is not None:
         _restore(run, saved)
@@ -354,6 +383,10 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         stats = train_one_epoch(run, epoch, reporter, log)
+        if run.ssl:
+            dist_utils.check_same_across_ranks(run.task.criterion.prior.qhat, "qhat")
+        dist_utils.check_same_across_ranks(torch.nn.utils.parameters_to_vector(run.model.parameters()),
+                                           "the student's weights")
         row = {"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * run.steps_per_epoch, **stats}
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
             row["eval"] = evaluate(run)

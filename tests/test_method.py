@@ -247,7 +247,7 @@ def _dist_worker(rank, world, port, batches, masked, queue):
         prior = ClassPrior(4, momentum=0.5, masked=masked)
         probs, mask = batches[rank]
         prior.update(probs, mask)
-        queue.put((rank, prior.qhat.clone()))
+        queue.put((rank, prior.qhat.tolist()))  # plain floats: a shared tensor would die with this process
     finally:
         dist.destroy_process_group()
 
@@ -265,7 +265,7 @@ def test_all_reduced_qhat_equals_concatenated_batch(masked):
     procs = [ctx.Process(target=_dist_worker, args=(r, 2, port, batches, masked, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=60) for _ in procs)
+    results = {rank: torch.tensor(q, dtype=torch.float32) for rank, q in (queue.get(timeout=60) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
