@@ -89,7 +89,7 @@ def cmd_train(args) -> int:
     if args.methods:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     else:
-        methods = list(DEFAULT_METHODS) if args.recipe is None else [cfg.dpl.method]
+        methods = list(DEFAULT_METHODS) if args.recipe is None and not args.resume else [cfg.dpl.method]
     if args.resume and len(methods) > 1:
         raise SystemExit("--resume continues one run: pass --methods with a single method")
     reporter = Reporter(quiet=args.quiet, console=console)
@@ -197,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, ConversionError, ZooError, TrainingDiverged,
             FileExistsError) as e:
-        console.print(f"[bold red]error:[/] {e}")
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # unwrapped: paths stay copyable
         return 2
 
 

@@ -124,6 +124,12 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         return _coerce(path, value, args[0])
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-4 as a string: it needs a dot (1.0e-4). Accept the usual spelling.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     if hint in (bool, int, str, dict) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):

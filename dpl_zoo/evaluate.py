@@ -98,6 +98,9 @@ def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
     if path.is_dir():
         model = timm.create_model(f"local-dir:{path}")
         return model.eval(), model.pretrained_cfg.get("label_names")
+    if "/" in ref or ref.endswith((".tar", ".pth", ".safetensors")):
+        from .zoo import ZooError
+        raise ZooError(f"{ref} does not exist (expected a run checkpoint, an exported folder or a zoo name)")
     from .zoo import load
     model = load(ref)
     return model, model.pretrained_cfg.get("label_names")

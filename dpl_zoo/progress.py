@@ -37,6 +37,8 @@ class Reporter:
         text = (f"{cfg.dpl.method} | {cfg.model} | {cfg.data.dataset}: {len(run.split.labeled)} labeled, "
                 f"{len(run.split.unlabeled)} unlabeled, {len(run.classes)} classes | {cfg.epochs} epochs x "
                 f"{run.steps_per_epoch} steps | output {run.out_dir}")
+        if run.skipped_images:
+            text += f" | skipped {run.skipped_images} unreadable images (--strict to fail instead)"
         self._say(text)
 
     def start_epoch(self, epoch: int, steps: int) -> None:

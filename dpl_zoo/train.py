@@ -106,6 +106,7 @@ class Run:
     steps_per_epoch: int
     data_config: dict
     out_dir: Optional[Path] = None
+    skipped_images: int = 0
     autocast: Any = nullcontext
     history: list = field(default_factory=list)
 
@@ -171,8 +172,9 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None) -> Run:
     if cfg.amp and device.type == "cuda":
         from timm.utils import NativeScaler
         scaler = NativeScaler(device="cuda")
+    skipped = len(exclude) + len(getattr(val_base, "bad_indices", []))
     return Run(cfg, device, task, optimizer, scheduler, scaler, classes, split, tf, labeled, unlabeled, val, diag,
-               steps, data_config, out_dir, autocast_for(cfg, device))
+               steps, data_config, out_dir, skipped, autocast_for(cfg, device))
 
 
 # --- one epoch ------------------------------------------------------------------------------------
@@ -373,6 +375,8 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
         save_config(cfg, out_dir / "config.yaml")
         write_split_csv(out_dir / "labeled.csv", run.split.labeled)
     metrics_path = out_dir / "metrics.jsonl"
+    if main and saved is not None and metrics_path.exists():
+        _truncate_metrics(metrics_path, saved["step"])
 
     def log(row: dict) -> None:
         if main:
@@ -409,6 +413,14 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
     return summary
 
 
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop the rows an interrupted run logged after its last checkpoint: they are replayed."""
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
 def _compact(row: dict) -> dict:
     """What the checkpoint keeps of an epoch row (the full rows are in metrics.jsonl)."""
     out = {k: row[k] for k in ("epoch", "loss", "mask_rate") if k in row}
@@ -423,6 +435,7 @@ def _summary(run: Run, final: dict, best: dict, elapsed: float, resumed: bool) -
     return {
         "method": cfg.dpl.method, "model": cfg.model, "dataset": cfg.data.dataset,
         "labeled": len(run.split.labeled), "unlabeled": len(run.split.unlabeled), "classes": len(run.classes),
+        "skipped_images": run.skipped_images,
         "epochs": cfg.epochs, "steps": cfg.epochs * run.steps_per_epoch, "seed": cfg.seed,
         "top1": final["student"]["top1"], "top5": final["student"]["top5"],
         "teacher_top1": final.get("teacher", {}).get("top1"), "best_top1": best["top1"], "best_epoch": best["epoch"],

@@ -61,6 +61,10 @@ def test_unknown_recipe_name_suggests(tmp_path):
         load_config(str(bad))
 
 
+def test_exponent_floats_as_timm_recipes_write_them():
+    assert load_config("mnist_demo", ["lr=1e-4", "weight_decay=5e-5"]).lr == 1e-4
+
+
 def test_fixmatch_is_tau_zero():
     cfg = load_config("mnist_demo", ["dpl.method=fixmatch"])
     assert cfg.dpl.tau == 0.0
