@@ -63,6 +63,21 @@ def _add_zoo(sub) -> None:
     p.add_argument("--stage-dir", help="where to stage (default: SOURCE/hub-staging)")
 
 
+def _add_pseudo_label(sub) -> None:
+    p = sub.add_parser("pseudo-label", help="zero-shot teacher predictions (CLIP) for a dataset, once, before training")
+    p.add_argument("--teacher", default="clip:RN50/openai", help="clip:ARCH/PRETRAINED (open_clip names)")
+    p.add_argument("--data", required=True, help="'mnist' or a folder of class sub-folders (training images)")
+    p.add_argument("--classes", help="class names: a file with one per line, or 'imagenet' (default: folder names)")
+    p.add_argument("--templates", choices=("imagenet", "simple"), default="imagenet",
+                   help="prompt ensemble: CLIP's 80 ImageNet templates, or 'a photo of a {}.'")
+    p.add_argument("--out", required=True, help="predictions file (.safetensors)")
+    p.add_argument("--eval", action="store_true", help="also report the teacher's zero-shot accuracy")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="dpl-zoo", description="DebiasPL on timm: train, evaluate, share.")
@@ -71,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_zoo(sub)
+    _add_pseudo_label(sub)
     return parser
 
 
@@ -121,6 +137,33 @@ def cmd_eval(args) -> int:
         console.print(f"results written to {args.out}")
     console.print(f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  on {result['images']} images "
                   f"({result['data']})")
+    return 0
+
+
+def cmd_pseudo_label(args) -> int:
+    from .data import DataError, ImageFolderDataset, load_mnist
+    from .teachers import SIMPLE_TEMPLATES, imagenet_templates, predict_zero_shot, zero_shot_accuracy
+    dataset = load_mnist(0.2)[0] if args.data == "mnist" else ImageFolderDataset(args.data)
+    if args.classes == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+        names = list(IMAGENET_CLASSNAMES)
+    elif args.classes:
+        names = [line.strip() for line in Path(args.classes).read_text().splitlines() if line.strip()]
+    else:
+        names = [c.replace("_", " ") for c in dataset.classes]
+    if len(names) != len(dataset.classes):
+        raise DataError(f"{len(names)} class names for {len(dataset.classes)} classes in {args.data}")
+    templates = imagenet_templates() if args.templates == "imagenet" else list(SIMPLE_TEMPLATES)
+    preds = predict_zero_shot(args.teacher, dataset, names, args.out, templates=templates,
+                              batch_size=args.batch_size, topk=args.topk, workers=args.workers, device=args.device)
+    console.print(f"{len(preds.indices)} predictions from {args.teacher} written to {args.out}; "
+                  f"confidence >= 0.95: {int((preds.confidence >= 0.95).sum())}, >= 0.4: "
+                  f"{int((preds.confidence >= 0.4).sum())}")
+    if args.eval:
+        result = zero_shot_accuracy(preds, dataset.targets)
+        out = Path(args.out).with_suffix(".eval.json")
+        out.write_text(json.dumps(result, indent=2))
+        console.print(f"zero-shot top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f} ({out})")
     return 0
 
 
@@ -192,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_info, "convert": cmd_convert,
-                "publish": cmd_publish}
+                "publish": cmd_publish, "pseudo-label": cmd_pseudo_label}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, ConversionError, ZooError, TrainingDiverged,

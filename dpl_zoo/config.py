@@ -63,6 +63,9 @@ class DataConfig:
     verify_images: bool = True         # scan folder images at start, skip unreadable ones
     strict: bool = False               # an unreadable image is an error instead of skipped
     eval_unlabeled_max: int = 10000    # cap on the unlabeled subset used for pseudo-label diagnostics
+    teacher_predictions: Optional[str] = None  # `dpl-zoo pseudo-label` output: enables the CLIP-assisted term
+    labels_from: str = "human"         # human | teacher (zero-shot: labeled = confident teacher predictions)
+    teacher_label_threshold: float = 0.95  # zero-shot: teacher confidence that makes an image "labeled"
 
 
 @dataclass
@@ -197,7 +200,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
         raise ConfigError(f"steps_per_epoch must be >= 1, got {cfg.steps_per_epoch}")
     data = cfg.data
+    if data.labels_from not in ("human", "teacher"):
+        raise ConfigError(f"data.labels_from must be human or teacher, got {data.labels_from!r}")
+    if data.labels_from == "teacher" and not data.teacher_predictions:
+        raise ConfigError("data.labels_from: teacher needs data.teacher_predictions (see `dpl-zoo pseudo-label`)")
     budgets = [data.labels_per_class is not None, data.label_fraction is not None, data.labeled_csv is not None]
+    if data.labels_from == "teacher" and any(budgets):
+        raise ConfigError("zero-shot (data.labels_from: teacher) takes no human label budget; remove "
+                          "data.labels_per_class / label_fraction / labeled_csv")
     if sum(budgets) > 1:
         raise ConfigError("give one of data.labels_per_class, data.label_fraction, data.labeled_csv, not several")
     if data.label_fraction is not None and not 0 < data.label_fraction <= 1:

@@ -107,6 +107,7 @@ class Run:
     data_config: dict
     out_dir: Optional[Path] = None
     skipped_images: int = 0
+    teacher: Any = None                 # teacher predictions (CLIP), indexed by dataset position
     autocast: Any = nullcontext
     history: list = field(default_factory=list)
 
@@ -129,7 +130,19 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None) -> Run:
         raise DataError(f"num_classes is {num_classes} but the data has {len(classes)} classes; "
                         f"remove num_classes from the recipe or fix the data")
     exclude = getattr(train_base, "bad_indices", [])
-    if cfg.data.labeled_csv:
+    teacher = None
+    if cfg.data.teacher_predictions:
+        from .teachers import Predictions
+        teacher = Predictions.load(cfg.data.teacher_predictions)
+        teacher.check_matches(train_base, num_classes, cfg.data.teacher_predictions)
+    if cfg.data.labels_from == "teacher":
+        # zero-shot: the confident teacher predictions are the labeled set, with the teacher's labels
+        confident = (teacher.confidence >= cfg.data.teacher_label_threshold).nonzero().flatten().tolist()
+        if not confident:
+            raise DataError(f"no image has teacher confidence >= {cfg.data.teacher_label_threshold}; "
+                            f"lower data.teacher_label_threshold")
+        split = split_from_indices(confident, len(train_base), exclude)
+    elif cfg.data.labeled_csv:
         split = split_from_indices(read_split_csv(cfg.data.labeled_csv), len(train_base), exclude)
     else:
         if cfg.data.labels_per_class is None and cfg.data.label_fraction is None:
@@ -174,7 +187,7 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None) -> Run:
         scaler = NativeScaler(device="cuda")
     skipped = len(exclude) + len(getattr(val_base, "bad_indices", []))
     return Run(cfg, device, task, optimizer, scheduler, scaler, classes, split, tf, labeled, unlabeled, val, diag,
-               steps, data_config, out_dir, skipped, autocast_for(cfg, device))
+               steps, data_config, out_dir, skipped, teacher, autocast_for(cfg, device))
 
 
 # --- one epoch ------------------------------------------------------------------------------------
@@ -205,17 +218,23 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter, metrics_log) -> di
     start = time.perf_counter()
     step0 = epoch * run.steps_per_epoch
     reporter.start_epoch(epoch, run.steps_per_epoch)
-    for i, (x, y, _) in enumerate(lab_loader):
+    from_teacher = cfg.data.labels_from == "teacher"
+    for i, (x, y, x_index) in enumerate(lab_loader):
+        if from_teacher:
+            y = run.teacher.labels[x_index]
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        views, u_targets = (), None
+        views, u_targets, clip = (), None, {}
         if unl_iter is not None:
-            *views, u_targets, _ = next(unl_iter)
+            *views, u_targets, u_index = next(unl_iter)
             views = [v.to(device, non_blocking=True) for v in views]
+            if run.teacher is not None:
+                clip = {"clip_targets": run.teacher.labels[u_index].to(device),
+                        "clip_confidence": run.teacher.confidence[u_index].to(device)}
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with run.autocast():
-            out = task(x, y, views)
+            out = task(x, y, views, **clip)
         loss = out["loss"]
         step = step0 + i
         if not torch.isfinite(loss):
@@ -467,9 +486,13 @@ def dry_run(cfg: TrainConfig, img_size: int = 32, batch_size: int = 2) -> dict:
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     unlabeled = [torch.randn(d.mu * batch_size, 3, img_size, img_size, device=device) for _ in range(2 * views)] \
         if d.method != "supervised" else []
+    clip = {}
+    if cfg.data.teacher_predictions and unlabeled:
+        clip = {"clip_targets": torch.randint(0, num_classes, (d.mu * batch_size,), device=device),
+                "clip_confidence": torch.rand(d.mu * batch_size, device=device)}
     task.train()
     with autocast_for(cfg, device)():
-        out = task(x, y, unlabeled)
+        out = task(x, y, unlabeled, **clip)
     out["loss"].backward()
     optimizer.step()
     task.update_ema(step=0)

@@ -34,7 +34,7 @@ def tiny_overrides(data_root, out, **extra):
         "data.labels_per_class": 2, "data.hflip": 0.0,
     }
     base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
 
 
 @pytest.fixture
