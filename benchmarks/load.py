@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     from dpl_zoo.checkpoint import export_timm
     from dpl_zoo.zoo import WEIGHTS_NAME, ZooEntry, register, sha256_of
 
+    saved = {k: getattr(constants, k) for k in ("ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HF_HUB_CACHE")}
     work = Path(tempfile.mkdtemp(prefix="dpl-load-"))
     try:
         torch.manual_seed(0)
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
                     warm[name] = min(warm.get(name, r), r, key=lambda x: x["median_s"])
             sha_time = median_time(lambda: sha256_of(cached), repeats)["median_s"]
     finally:
+        for key, value in saved.items():  # leave huggingface_hub as it was
+            setattr(constants, key, value)
         shutil.rmtree(work, ignore_errors=True)
 
     ratio = warm["dpl_zoo.load"]["median_s"] / warm["timm + safetensors"]["median_s"]
