@@ -221,7 +221,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("speed_toy.json" if args.toy else "speed.json")
     path.write_text(json.dumps({"benchmark": "speed", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
-                                "settings": vars(args), "models": results, "pipeline": pipeline,
+                                "settings": {"models": models, "img_size": size, "batch": b, "mu": args.mu,
+                                             "rounds": rounds, "pipeline_steps": psteps, "toy": args.toy},
+                                "models": results, "pipeline": pipeline,
                                 "seconds": time.perf_counter() - t0}, indent=2))
     console.print(f"wrote {path}")
     return 0

@@ -173,6 +173,12 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None) -> Run:
     task = DebiasPLTask(model, criterion, method=d.method,
                         ema_decay=cfg.model_ema_decay if (d.ema_teacher or d.method == "supervised") else None,
                         multiviews=d.multiviews, device=device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+    if cfg.compile:
+        # compile the student before any DDP wrapping, as timm does; the EMA teacher stays eager
+        task.trainable_module = torch.compile(task.trainable_module)
     if dist_utils.is_distributed():
         if cfg.batch_size % dist_utils.world_size():
             raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must divide by the "

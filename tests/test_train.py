@@ -138,3 +138,10 @@ def test_cli_train_compare_and_eval(image_data, tmp_path, capsys):
 def test_cli_dry_run(capsys):
     assert main(["train", "resnet50_dpl_1pct", "--dry-run"]) == 0
     assert "dry run ok" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compiled_student_run(tiny_config, tmp_path):
+    summary = fit(tiny_config(epochs=1, compile=True), quiet=True)
+    state = torch.load(tmp_path / "runs" / "run" / "last.pth.tar", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in state["state_dict"]) and summary["steps"] == 2
