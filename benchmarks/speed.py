@@ -114,7 +114,13 @@ def time_interleaved(fns: dict, rounds: int, warmup: int, sync) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
 def _peak_memory_worker(kind, name, size, classes, b, mu, device_type, steps, queue):
+    import threading
     device = torch.device(device_type)
     model = build_model(name, size, classes, device)
     batch = make_batch(b, mu, size, classes, device)
@@ -123,15 +129,25 @@ def _peak_memory_worker(kind, name, size, classes, b, mu, device_type, steps, qu
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        for _ in range(steps):
+            fn()
+        queue.put(torch.cuda.max_memory_allocated() - base)
+        return
+    # CPU: the lifetime high (ru_maxrss) is set while building the model, so sample the
+    # current RSS in a thread while the steps run and report its peak above the start
+    base, peak, done = _current_rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _current_rss())
+            done.wait(0.001)
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
     for _ in range(steps):
         fn()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    queue.put(peak)
+    done.set()
+    t.join()
+    queue.put(max(peak[0], _current_rss()) - base)
 
 
 def peak_memory(kind, name, size, classes, b, mu, device, steps=3) -> int:
@@ -205,6 +221,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     results = [bench_model(m, size, 10, b, args.mu, d, rounds, warmup=2) for d in devices for m in models]
     pipeline = bench_pipeline(psteps)
+    for r in results:
+        console.print(f"{r['model']}: peak memory of the step, DebiasPL {r['peak_bytes']['debiaspl'] / 2**20:.0f} MiB, "
+                      f"hand-written {r['peak_bytes']['hand'] / 2**20:.0f} MiB")
     table = Table(title=f"step cost, batch {b} + {args.mu * b} unlabeled, {size} px (medians of {rounds} rounds)")
     for col in ("model", "device", "DebiasPL s", "FixMatch s", "hand s", "DPL/FixMatch (<=1.03)",
                 "DPL/hand (<=1.10)", "peak mem DPL/hand"):
