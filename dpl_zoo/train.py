@@ -192,8 +192,10 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None) -> Run:
         from timm.utils import NativeScaler
         scaler = NativeScaler(device="cuda")
     skipped = len(exclude) + len(getattr(val_base, "bad_indices", []))
-    return Run(cfg, device, task, optimizer, scheduler, scaler, classes, split, tf, labeled, unlabeled, val, diag,
-               steps, data_config, out_dir, skipped, teacher, autocast_for(cfg, device))
+    return Run(cfg=cfg, device=device, task=task, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+               classes=classes, split=split, transforms=tf, labeled=labeled, unlabeled=unlabeled, val=val,
+               diag=diag, steps_per_epoch=steps, data_config=data_config, out_dir=out_dir,
+               skipped_images=skipped, teacher=teacher, autocast=autocast_for(cfg, device))
 
 
 # --- one epoch ------------------------------------------------------------------------------------
