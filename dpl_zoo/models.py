@@ -25,8 +25,15 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         kwargs.setdefault("img_size", cfg.img_size)
     model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
     if cfg.initial_checkpoint:
+        from . import distributed as dist_utils
+        from .cache import download_to_cache, is_url
         from .layouts import load_start_point
-        info = load_start_point(model, cfg.initial_checkpoint)
+        source = cfg.initial_checkpoint
+        if is_url(source):  # one download, by rank 0, that the other ranks then read from the cache
+            if dist_utils.is_main():
+                download_to_cache(source)
+            dist_utils.barrier()
+        info = load_start_point(model, source)
         # a start point brings the preprocessing its weights were trained with
         model.pretrained_cfg = {**model.pretrained_cfg, **info["data_config"]}
     return model
@@ -41,4 +48,8 @@ def resolve_data_config(cfg: TrainConfig, model: nn.Module) -> dict:
         args["mean"] = tuple(cfg.mean)
     if cfg.std:
         args["std"] = tuple(cfg.std)
+    if cfg.crop_pct:
+        args["crop_pct"] = cfg.crop_pct
+    if cfg.interpolation:
+        args["interpolation"] = cfg.interpolation
     return timm_resolve(args=args, model=model)

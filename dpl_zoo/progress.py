@@ -53,10 +53,15 @@ class Reporter:
         self._progress.start()
         self._task = self._progress.add_task("train", total=steps, stats="")
 
-    def advance(self, live: dict) -> None:
-        self._last = live
+    def advance(self, live: Optional[dict] = None) -> None:
+        """One step done; ``live`` statistics come only at logging steps (reading them costs a host sync)."""
+        if live is not None:
+            self._last = live
         if self._progress is not None:
-            self._progress.update(self._task, advance=1, stats=self._stats(live))
+            if live is None:
+                self._progress.update(self._task, advance=1)
+            else:
+                self._progress.update(self._task, advance=1, stats=self._stats(live))
 
     def end_epoch(self) -> None:
         if self._progress is not None:

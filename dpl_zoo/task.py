@@ -81,7 +81,8 @@ class DebiasPLTask(TrainingTask):
         return {"loss": result.loss, "output": logits_x, "result": result}
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        return {"qhat": self.criterion.prior.qhat.detach().cpu().clone()}
+        prior = self.criterion.prior
+        return {"qhat": prior.qhat.detach().cpu().clone(), "target_prior": prior.target.detach().cpu().clone()}
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
                         module: Optional[nn.Module] = None, ema: bool = False) -> None:
@@ -94,3 +95,5 @@ class DebiasPLTask(TrainingTask):
             raise ValueError(f"checkpoint qhat has shape {tuple(qhat.shape)}, this run needs "
                              f"{tuple(self.criterion.prior.qhat.shape)}: the checkpoint is for another class count")
         self.criterion.prior.qhat.copy_(qhat)
+        if "target_prior" in state:  # checkpoints before the target prior existed debiased towards uniform
+            self.criterion.prior.set_target(state["target_prior"].flatten())

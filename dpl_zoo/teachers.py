@@ -144,15 +144,21 @@ def text_classifier(model, tokenizer, class_names: Sequence[str], templates: Seq
 
 
 class _Preprocessed(Dataset):
-    def __init__(self, base: Dataset, transform, start: int, stop: int):
-        self.base, self.transform, self.start, self.stop = base, transform, start, stop
+    """Images ``start..stop`` of a dataset through the teacher's preprocessing; an unreadable
+    image (listed in the dataset's ``bad_indices``) is never opened and yields ``valid=False``."""
+
+    def __init__(self, base: Dataset, transform, start: int, stop: int, size: int):
+        self.base, self.transform, self.start, self.stop, self.size = base, transform, start, stop, size
+        self.bad = set(getattr(base, "bad_indices", []))
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def __getitem__(self, i: int):
+        if self.start + i in self.bad:
+            return torch.zeros(3, self.size, self.size), False
         img, _ = self.base[self.start + i]
-        return self.transform(img)
+        return self.transform(img), True
 
 
 @torch.no_grad()
@@ -177,13 +183,22 @@ def predict_zero_shot(spec: str, dataset: Dataset, class_names: Sequence[str], o
     fingerprint = dataset_fingerprint(dataset)
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
-    marker = parts / "fingerprint"
+    # parts may only be reused by the same dataset, teacher, prompts, classes and top-k
+    settings = {"fingerprint": fingerprint, "teacher": spec, "topk": int(topk), "chunk": int(chunk),
+                "templates": hashlib.sha256("\n".join(templates).encode()).hexdigest(),
+                "class_names": hashlib.sha256("\n".join(class_names).encode()).hexdigest()}
+    marker = parts / "settings.json"
     if not marker.exists():
-        marker.write_text(fingerprint)
-    if marker.read_text() != fingerprint:
-        raise DataError(f"{parts} holds partial predictions of another dataset; remove it and run again")
+        marker.write_text(json.dumps(settings, sort_keys=True))
+    previous = json.loads(marker.read_text())
+    if previous != settings:
+        changed = ", ".join(k for k in settings if previous.get(k) != settings[k])
+        raise DataError(f"{parts} holds partial predictions made with other settings ({changed} differ); "
+                        f"remove that folder to start over, or run again with the same settings")
     model, preprocess, tokenizer = build_clip(spec, device)
     classifier = text_classifier(model, tokenizer, class_names, templates, device)
+    size = getattr(model.visual, "image_size", 224)
+    image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
     topk = min(topk, len(class_names))
     n = len(dataset)
     starts = list(range(0, n, chunk))
@@ -198,10 +213,12 @@ def predict_zero_shot(spec: str, dataset: Dataset, class_names: Sequence[str], o
                 progress.advance(task, stop - start)
                 continue
             idx, prob = [], []
-            loader = DataLoader(_Preprocessed(dataset, preprocess, start, stop), batch_size=batch_size,
+            loader = DataLoader(_Preprocessed(dataset, preprocess, start, stop, image_size),
+                                batch_size=batch_size,
                                 num_workers=workers)
-            for images in loader:
+            for images, valid in loader:
                 i, p = _encode_chunk(model, classifier, images.to(device), topk)
+                p[~valid] = 0.0  # unreadable: no prediction, confidence 0 (never a label, never a backup)
                 idx.append(i)
                 prob.append(p)
                 progress.advance(task, len(images))

@@ -1,17 +1,19 @@
 """The training loop: ``fit`` over a ``TrainConfig``, built from timm's parts.
 
 recipe -> config -> data -> model -> loop -> checkpoint/export. ``fit`` builds a
-:class:`Run` (everything one run needs), then alternates ``train_one_epoch`` and
-``evaluate``. Checkpoints are written at epoch ends; every RNG is re-seeded from
-``(seed, epoch)`` at the start of an epoch, so a resumed run replays exactly.
+:class:`Run` (everything one run needs, from :func:`build_run`, which ``dry_run`` shares),
+then alternates ``train_one_epoch`` and ``evaluate``. Checkpoints are written at epoch
+ends; every RNG is re-seeded from ``(seed, epoch)`` at the start of an epoch and the
+augmentations are drawn from ``(seed, epoch, draw)``, so a resumed run replays exactly.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,22 +24,25 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
+from .augment import RandAugmentSpec
 from .config import ConfigError, TrainConfig, save_config
 from .data import (
-    DataError, Split, Transforms, ViewDataset, build_transforms, epoch_seed, eval_loader, load_datasets,
-    read_split_csv, split_from_indices, split_labeled, stream_loader, subsample, write_split_csv,
+    Split, ViewDataset, ViewMaker, ViewSpec, EvalDataset, epoch_seed, eval_loader, eval_transform, read_split_csv,
+    split_from_indices, split_labeled, stream_loader, subsample, write_split_csv,
 )
-from .evaluate import (
-    accuracy_counts, accuracy_from_counts, predict, pseudo_label_counts, pseudo_label_from_counts,
-)
-from .models import build_model, resolve_data_config
+from .datasets import ArrayImages, DataError, load_datasets
+from .evaluate import accuracy_counts, accuracy_from_counts, predict, pseudo_label_counts, pseudo_label_from_counts
 from .method import DebiasPLLoss
+from .metrics import StepMetrics
+from .models import build_model, resolve_data_config
 from .progress import Reporter
 from .task import DebiasPLTask
 
-# Keys that may change between a run and its resume without changing what is trained.
+# Keys that may change between a run and its resume without changing what is trained
+# (dotted paths; a moved data folder or start checkpoint is the same data).
 RESUMABLE_CHANGES = {"epochs", "output", "experiment", "workers", "pin_memory", "log_interval", "eval_interval",
-                     "device", "compile"}
+                     "device", "compile", "initial_checkpoint", "data.root", "data.val_root", "data.verify_images",
+                     "data.teacher_predictions", "data.labeled_csv"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,19 +64,41 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return dist_utils.local_device(device.type) if device.index is None else device
 
 
-def build_criterion(cfg: TrainConfig, num_classes: int) -> DebiasPLLoss:
+def target_prior(cfg: TrainConfig, labeled_targets: list[int], num_classes: int) -> Optional[list[float]]:
+    """``dpl.target_prior`` as C numbers (None: uniform, the paper's method)."""
+    value = cfg.dpl.target_prior
+    if value == "uniform":
+        return None
+    if value == "labeled":
+        # add-one smoothing: a class without labels keeps a small, non-zero share
+        counts = np.bincount(np.asarray(labeled_targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
+        return ((counts + 1) / (counts.sum() + num_classes)).tolist()
+    if isinstance(value, str):
+        text = Path(value).read_text().replace(",", " ").split()
+        try:
+            value = [float(v) for v in text]
+        except ValueError as e:
+            raise ConfigError(f"dpl.target_prior file {cfg.dpl.target_prior}: {e}") from e
+    if len(value) != num_classes or any(v <= 0 for v in value):
+        raise ConfigError(f"dpl.target_prior has {len(value)} numbers for {num_classes} classes (all must be > 0)")
+    total = float(sum(value))
+    return [float(v) / total for v in value]
+
+
+def build_criterion(cfg: TrainConfig, num_classes: int, prior: Optional[list[float]] = None) -> DebiasPLLoss:
     d = cfg.dpl
     return DebiasPLLoss(
         num_classes, tau=d.tau, threshold=d.threshold, qhat_momentum=d.qhat_momentum, lambda_u=d.lambda_u,
         lambda_cld=d.lambda_cld, masked_qhat=d.masked_qhat, tau_pl=d.tau_pl, tau_margin=d.tau_margin,
-        debias=d.debias, margin=d.margin, clip_threshold=d.clip_threshold)
+        debias=d.debias, margin=d.margin, clip_threshold=d.clip_threshold, target_prior=prior)
 
 
 def build_optimization(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum)
+                                    momentum=cfg.momentum, layer_decay=cfg.layer_decay,
+                                    filter_bias_and_bn=cfg.filter_bias_and_bn)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
                                        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
                                        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
@@ -85,7 +112,45 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextmanager
+def deterministic_mode(enabled: bool, device: torch.device):
+    """``deterministic: true`` for the duration of one run only: deterministic kernels (errors
+    where none exists), no cuDNN autotuning; the process's previous settings come back after."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    if device.type == "cuda" and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+        # cuBLAS is deterministic only with a fixed workspace (read when its handle is first made)
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+
+
 # --- the run ------------------------------------------------------------------------------------
+
+@dataclass
+class RunData:
+    """What a run trains and evaluates on: base datasets and optional teacher predictions."""
+    train: Any
+    val: Any
+    teacher_predictions: Any = None
+
+
+def load_run_data(cfg: TrainConfig) -> RunData:
+    train, val = load_datasets(cfg.data)
+    preds = None
+    if cfg.data.teacher_predictions:
+        from .teachers import Predictions
+        preds = Predictions.load(cfg.data.teacher_predictions)
+    return RunData(train, val, preds)
+
 
 @dataclass
 class Run:
@@ -98,16 +163,17 @@ class Run:
     scaler: Any
     classes: list[str]
     split: Split
-    transforms: Transforms
     labeled: ViewDataset
     unlabeled: Optional[ViewDataset]
-    val: ViewDataset
-    diag: Optional[ViewDataset]
+    labeled_views: ViewMaker
+    unlabeled_views: Optional[ViewMaker]
+    val: EvalDataset
+    diag: Optional[EvalDataset]
     steps_per_epoch: int
     data_config: dict
     out_dir: Optional[Path] = None
     skipped_images: int = 0
-    teacher: Any = None                 # teacher predictions (CLIP), indexed by dataset position
+    teacher_predictions: Any = None     # zero-shot teacher (CLIP) predictions, indexed by dataset position
     autocast: Any = nullcontext
     history: list = field(default_factory=list)
 
@@ -121,61 +187,80 @@ class Run:
         return self.cfg.dpl.method != "supervised"
 
 
-def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None) -> Run:
+def _split(cfg: TrainConfig, data: RunData, num_classes: int) -> Split:
+    train, preds = data.train, data.teacher_predictions
+    exclude = getattr(train, "bad_indices", [])
+    if cfg.data.labels_from == "teacher":
+        # zero-shot: the confident teacher predictions are the labeled set, with the teacher's labels
+        confident = (preds.confidence >= cfg.data.teacher_label_threshold).nonzero().flatten().tolist()
+        if not confident:
+            raise DataError(f"no image has teacher confidence >= {cfg.data.teacher_label_threshold}; "
+                            f"lower data.teacher_label_threshold")
+        return split_from_indices(confident, len(train), exclude)
+    if cfg.data.labeled_csv:
+        return split_from_indices(read_split_csv(cfg.data.labeled_csv), len(train), exclude)
+    if cfg.data.labels_per_class is None and cfg.data.label_fraction is None:
+        raise DataError("no label budget: set data.labels_per_class, data.label_fraction or data.labeled_csv")
+    return split_labeled(train.targets, num_classes, cfg.data.labels_per_class, cfg.data.label_fraction,
+                         cfg.data.split_seed, exclude)
+
+
+def view_spec(cfg: TrainConfig, data_config: dict) -> ViewSpec:
+    try:
+        strong = RandAugmentSpec.parse(cfg.data.strong_aa)
+    except ValueError as e:
+        raise ConfigError(f"data.strong_aa: {e}") from e
+    return ViewSpec(size=data_config["input_size"][-1], scale=tuple(cfg.data.scale), ratio=tuple(cfg.data.ratio),
+                    hflip=cfg.data.hflip, strong=strong, mean=tuple(data_config["mean"]),
+                    std=tuple(data_config["std"]), interpolation=data_config.get("interpolation") or "bilinear")
+
+
+def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[RunData] = None) -> Run:
+    """Data, split, model, task, optimiser and views of a run; ``data`` defaults to the recipe's."""
     device = resolve_device(cfg)
-    train_base, val_base = load_datasets(cfg.data)
+    data = data or load_run_data(cfg)
+    train_base, val_base = data.train, data.val
     classes = list(train_base.classes)
     num_classes = cfg.num_classes or len(classes)
     if num_classes != len(classes):
         raise DataError(f"num_classes is {num_classes} but the data has {len(classes)} classes; "
                         f"remove num_classes from the recipe or fix the data")
-    exclude = getattr(train_base, "bad_indices", [])
-    teacher = None
-    if cfg.data.teacher_predictions:
-        from .teachers import Predictions
-        teacher = Predictions.load(cfg.data.teacher_predictions)
-        teacher.check_matches(train_base, num_classes, cfg.data.teacher_predictions)
-    if cfg.data.labels_from == "teacher":
-        # zero-shot: the confident teacher predictions are the labeled set, with the teacher's labels
-        confident = (teacher.confidence >= cfg.data.teacher_label_threshold).nonzero().flatten().tolist()
-        if not confident:
-            raise DataError(f"no image has teacher confidence >= {cfg.data.teacher_label_threshold}; "
-                            f"lower data.teacher_label_threshold")
-        split = split_from_indices(confident, len(train_base), exclude)
-    elif cfg.data.labeled_csv:
-        split = split_from_indices(read_split_csv(cfg.data.labeled_csv), len(train_base), exclude)
-    else:
-        if cfg.data.labels_per_class is None and cfg.data.label_fraction is None:
-            raise DataError("no label budget: set data.labels_per_class, data.label_fraction or data.labeled_csv")
-        split = split_labeled(train_base.targets, num_classes, cfg.data.labels_per_class, cfg.data.label_fraction,
-                              cfg.data.split_seed, exclude)
+    preds = data.teacher_predictions
+    if preds is not None:
+        preds.check_matches(train_base, num_classes, cfg.data.teacher_predictions or "")
+    split = _split(cfg, data, num_classes)
     seed_everything(cfg.seed)
     model = build_model(cfg, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     data_config = resolve_data_config(cfg, model)
-    tf = build_transforms(cfg.data, data_config)
+    spec = view_spec(cfg, data_config)
     d = cfg.dpl
-    views = 2 if d.multiviews else 1
-    labeled = ViewDataset(train_base, split.labeled, [tf.weak], seed=cfg.seed)
-    unlabeled = ViewDataset(train_base, split.unlabeled, [tf.weak] * views + [tf.strong] * views, seed=cfg.seed + 1) \
-        if d.method != "supervised" else None
-    if unlabeled is not None and len(unlabeled) < d.mu * cfg.batch_size:
-        raise DataError(f"the unlabeled split has {len(unlabeled)} images, fewer than one unlabeled batch "
-                        f"(mu x batch_size = {d.mu * cfg.batch_size}); lower batch_size or dpl.mu")
-    val = ViewDataset(val_base, [i for i in range(len(val_base)) if i not in set(getattr(val_base, "bad_indices", []))],
-                      [tf.eval])
-    diag = ViewDataset(train_base, subsample(split.unlabeled, cfg.data.eval_unlabeled_max, cfg.data.split_seed),
-                       [tf.eval]) if unlabeled is not None else None
-    per_step = d.mu * cfg.batch_size if unlabeled is not None else cfg.batch_size
-    steps = cfg.steps_per_epoch or max(1, len(unlabeled if unlabeled is not None else labeled) // per_step)
-    criterion = build_criterion(cfg, num_classes).to(device)
+    stage = "ready" if cfg.data.augment_on == "workers" else (
+        "source" if isinstance(train_base, ArrayImages) else "cropped")
+    n_views = 2 if d.multiviews else 1
+    kinds = ["weak"] * n_views + ["strong"] * n_views
+    labeled = ViewDataset(train_base, split.labeled, ["weak"], spec, seed=cfg.seed, stage=stage)
+    labeled_views = ViewMaker(spec, ["weak"], cfg.seed, device, cfg.channels_last)
+    ssl = d.method != "supervised"
+    unlabeled = ViewDataset(train_base, split.unlabeled, kinds, spec, seed=cfg.seed + 1, stage=stage) if ssl else None
+    unlabeled_views = ViewMaker(spec, kinds, cfg.seed + 1, device, cfg.channels_last) if ssl else None
+    per_step = d.mu * cfg.batch_size
+    if ssl and len(split.unlabeled) < per_step:
+        raise DataError(f"the unlabeled split has {len(split.unlabeled)} images, fewer than one unlabeled batch "
+                        f"(mu x batch_size = {per_step}); lower batch_size or dpl.mu")
+    tf = eval_transform(data_config)
+    val_bad = set(getattr(val_base, "bad_indices", []))
+    val = EvalDataset(val_base, [i for i in range(len(val_base)) if i not in val_bad], tf)
+    diag = EvalDataset(train_base, subsample(split.unlabeled, cfg.data.eval_unlabeled_max, cfg.data.split_seed),
+                       tf) if ssl else None
+    # one pass over the unlabeled set per epoch, for every method: baselines get the same optimiser steps
+    steps = cfg.steps_per_epoch or max(1, len(split.unlabeled) // per_step)
+    prior = target_prior(cfg, [train_base.targets[i] for i in split.labeled], num_classes) if ssl else None
+    criterion = build_criterion(cfg, num_classes, prior).to(device)
     task = DebiasPLTask(model, criterion, method=d.method,
                         ema_decay=cfg.model_ema_decay if (d.ema_teacher or d.method == "supervised") else None,
                         multiviews=d.multiviews, device=device)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.benchmark = False
     if cfg.compile:
         # compile the student before any DDP wrapping, as timm does; the EMA teacher stays eager
         task.trainable_module = torch.compile(task.trainable_module)
@@ -191,20 +276,24 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None) -> Run:
     if cfg.amp and device.type == "cuda":
         from timm.utils import NativeScaler
         scaler = NativeScaler(device="cuda")
-    skipped = len(exclude) + len(getattr(val_base, "bad_indices", []))
+    skipped = len(getattr(train_base, "bad_indices", [])) + len(val_bad)
     return Run(cfg=cfg, device=device, task=task, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-               classes=classes, split=split, transforms=tf, labeled=labeled, unlabeled=unlabeled, val=val,
-               diag=diag, steps_per_epoch=steps, data_config=data_config, out_dir=out_dir,
-               skipped_images=skipped, teacher=teacher, autocast=autocast_for(cfg, device))
+               classes=classes, split=split, labeled=labeled, unlabeled=unlabeled, labeled_views=labeled_views,
+               unlabeled_views=unlabeled_views, val=val, diag=diag, steps_per_epoch=steps, data_config=data_config,
+               out_dir=out_dir, skipped_images=skipped, teacher_predictions=preds,
+               autocast=autocast_for(cfg, device))
 
 
-# --- one epoch ------------------------------------------------------------------------------------
+# --- one step, one epoch ----------------------------------------------------------------------------
 
 def _loaders(run: Run, epoch: int):
-    """This rank's labeled and unlabeled loaders for an epoch (global batch / world size each)."""
+    """This rank's labeled and unlabeled batches for an epoch (global batch / world size each)."""
     cfg, steps = run.cfg, run.steps_per_epoch
     rank, world = dist_utils.rank(), dist_utils.world_size()
     b = cfg.batch_size // world
+    for maker in (run.labeled_views, run.unlabeled_views):
+        if maker is not None:
+            maker.epoch = epoch
     common = dict(steps=steps, epoch=epoch, workers=cfg.workers, pin_memory=cfg.pin_memory, rank=rank, world=world)
     lab = stream_loader(run.labeled, b, seed=epoch_seed(cfg.seed, epoch, 0), **common)
     if run.unlabeled is None:
@@ -212,90 +301,78 @@ def _loaders(run: Run, epoch: int):
     return lab, stream_loader(run.unlabeled, cfg.dpl.mu * b, seed=epoch_seed(cfg.seed, epoch, 1), **common)
 
 
-def train_one_epoch(run: Run, epoch: int, reporter: Reporter, metrics_log) -> dict:
+def train_step(run: Run, lab, unl, step: int) -> dict:
+    """Forward, backward, optimiser, EMA and scheduler for one pair of batches; no host sync."""
     cfg, task, device = run.cfg, run.task, run.device
+    y = run.teacher_predictions.labels[lab.indices] if cfg.data.labels_from == "teacher" else lab.targets
+    (x,) = run.labeled_views(lab)
+    y = y.to(device, non_blocking=True)
+    views, clip = [], {}
+    if unl is not None:
+        views = run.unlabeled_views(unl)
+        if run.teacher_predictions is not None:
+            clip = {"clip_targets": run.teacher_predictions.labels[unl.indices].to(device, non_blocking=True),
+                    "clip_confidence": run.teacher_predictions.confidence[unl.indices].to(device, non_blocking=True)}
+    with run.autocast():
+        out = task(x, y, views, **clip)
+    loss = out["loss"]
+    run.optimizer.zero_grad(set_to_none=True)
+    params = task.get_clip_parameters()
+    if run.scaler is not None:
+        run.scaler(loss, run.optimizer, clip_grad=cfg.clip_grad, parameters=params)
+    else:
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        run.optimizer.step()
+    task.update_ema(step=step)
+    run.scheduler.step_update(num_updates=step + 1)
+    out["images"] = x.shape[0] + sum(v.shape[0] for v in views)
+    return out
+
+
+def _diverged(run: Run, step: int, epoch: int, loss: float) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"loss is {loss} at step {step} (epoch {epoch}); training stopped. The last good checkpoint is kept in "
+        f"{run.out_dir}; lower lr, enable clip_grad or check the data, then --resume")
+
+
+def train_one_epoch(run: Run, epoch: int, reporter: Reporter, metrics_log) -> dict:
+    cfg, task = run.cfg, run.task
     seed_everything(cfg.seed * 1000 + epoch)
     task.train()
     lab_loader, unl_loader = _loaders(run, epoch)
     unl_iter = iter(unl_loader) if unl_loader is not None else None
-    num_classes = len(run.classes)
-    totals = {"loss": 0.0, "loss_x": 0.0, "loss_u": 0.0, "mask_rate": 0.0}
-    accepted = correct = seen = 0
-    hist_all = torch.zeros(num_classes, dtype=torch.long)
-    hist_accepted = torch.zeros(num_classes, dtype=torch.long)
+    meter = StepMetrics(len(run.classes), run.device)
     start = time.perf_counter()
     step0 = epoch * run.steps_per_epoch
+    seen = 0
     reporter.start_epoch(epoch, run.steps_per_epoch)
-    from_teacher = cfg.data.labels_from == "teacher"
-    for i, (x, y, x_index) in enumerate(lab_loader):
-        if from_teacher:
-            y = run.teacher.labels[x_index]
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        views, u_targets, clip = (), None, {}
-        if unl_iter is not None:
-            *views, u_targets, u_index = next(unl_iter)
-            views = [v.to(device, non_blocking=True) for v in views]
-            if run.teacher is not None:
-                clip = {"clip_targets": run.teacher.labels[u_index].to(device),
-                        "clip_confidence": run.teacher.confidence[u_index].to(device)}
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        with run.autocast():
-            out = task(x, y, views, **clip)
-        loss = out["loss"]
+    for i, lab in enumerate(lab_loader):
         step = step0 + i
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {step} (epoch {epoch}); training stopped. The last good checkpoint "
-                f"is kept in {run.out_dir}; lower lr, enable clip_grad or check the data, then --resume")
-        run.optimizer.zero_grad(set_to_none=True)
-        params = task.get_clip_parameters()
-        if run.scaler is not None:
-            run.scaler(loss, run.optimizer, clip_grad=cfg.clip_grad, parameters=params)
-        else:
-            loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            run.optimizer.step()
-        task.update_ema(step=step)
-        run.scheduler.step_update(num_updates=step + 1)
-
-        result = out["result"]
-        row = {"loss": loss.item(), "loss_x": result.loss_x.item() if result else loss.item(),
-               "loss_u": result.loss_u.item() if result else 0.0, "mask_rate": result.mask_rate.item() if result else 0.0}
-        for k in totals:
-            totals[k] += row[k]
-        if result is not None:
-            mask = result.mask.bool().cpu()
-            targets = result.targets.cpu()
-            hist_all += torch.bincount(targets, minlength=num_classes)
-            hist_accepted += result.histogram.cpu()
-            accepted += int(mask.sum())
-            correct += int((targets[mask] == u_targets[mask]).sum())
-        seen += x.shape[0] + sum(v.shape[0] for v in views)
-        elapsed = time.perf_counter() - start
-        live = {"loss": row["loss"], "mask": row["mask_rate"], "pl_acc": correct / max(accepted, 1),
-                "img_s": seen / max(elapsed, 1e-9)}
-        reporter.advance(live)
+        unl = next(unl_iter) if unl_iter is not None else None
+        out = train_step(run, lab, unl, step)
+        meter.update(step, out["loss"], out["result"], unl.targets if unl is not None else None)
+        seen += out["images"]
+        last = i + 1 == run.steps_per_epoch
+        if (step + 1) % cfg.log_interval and not last:
+            reporter.advance()
+            continue
+        row = meter.read()  # the only host sync of the loop
+        if row["first_bad_step"] >= 0:
+            raise _diverged(run, row["first_bad_step"], epoch, row["first_bad_loss"])
+        img_s = seen / max(time.perf_counter() - start, 1e-9)
+        reporter.advance({"loss": row["loss"], "mask": row["mask_rate"], "pl_acc": row["pl_acc"], "img_s": img_s})
         if (step + 1) % cfg.log_interval == 0:
-            metrics_log({"kind": "train", "epoch": epoch, "step": step + 1, **row,
-                         "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": live["img_s"]})
+            metrics_log({"kind": "train", "epoch": epoch, "step": step + 1,
+                         **{k: row[k] for k in ("loss", "loss_x", "loss_u", "mask_rate")},
+                         "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": img_s})
     reporter.end_epoch()
     elapsed = time.perf_counter() - start
     # sums over ranks: losses and rates averaged over every process, counts and histograms global
-    keys = list(totals)
-    packed = torch.tensor([totals[k] for k in keys] + [accepted, correct, seen, *hist_all.tolist(),
-                                                       *hist_accepted.tolist()], dtype=torch.float64)
-    packed = dist_utils.all_reduce_sum(packed.to(device)).cpu()
-    world = dist_utils.world_size()
-    n = run.steps_per_epoch * world
-    stats = {k: float(packed[i]) / n for i, k in enumerate(keys)}
-    accepted, correct, seen = (int(v) for v in packed[len(keys):len(keys) + 3])
-    rest = packed[len(keys) + 3:].long()
-    stats.update({"train_pl_acc": correct / accepted if accepted else float("nan"),
-                  "train_pl_accepted": accepted, "img_per_s": seen / elapsed,
-                  "train_pl_hist": rest[:num_classes].tolist(), "train_pl_accepted_hist": rest[num_classes:].tolist()})
+    packed = dist_utils.all_reduce_sum(meter.packed_totals())
+    stats = StepMetrics.unpack_totals(packed, len(run.classes), run.steps_per_epoch * dist_utils.world_size())
+    stats["img_per_s"] = seen * dist_utils.world_size() / elapsed
     return stats
 
 
@@ -318,28 +395,32 @@ def evaluate(run: Run) -> dict:
         report["teacher"] = accuracy_from_counts(
             counts(run.task.teacher(), run.val, lambda l, t: accuracy_counts(l, t, n)), n)
     if run.diag is not None:
+        prior = run.task.criterion.prior
         crit = run.task.criterion
         report["pseudo_labels"] = pseudo_label_from_counts(counts(
             run.task.teacher(), run.diag,
-            lambda l, t: pseudo_label_counts(l, t, crit.prior.log_prior(), crit.tau_pl, crit.threshold)))
+            lambda l, t: pseudo_label_counts(l, t, prior.log_ratio(), crit.tau_pl, crit.threshold)),
+            target=prior.target.flatten().tolist())
     return report
 
 
 # --- fit ----------------------------------------------------------------------------------------
 
-def run_name(cfg: TrainConfig) -> str:
-    return cfg.experiment or f"{cfg.model}-{cfg.dpl.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key in ("dpl", "data"):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    current = cfg.to_dict()
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        if key in RESUMABLE_CHANGES:
-            continue
-        if json.dumps(saved.get(key), sort_keys=True, default=str) != json.dumps(current.get(key), sort_keys=True,
-                                                                                default=str):
-            diffs.append(key)
+    before, now = _flatten(saved), _flatten(cfg.to_dict())
+    diffs = [key for key in sorted(set(before) | set(now)) if key not in RESUMABLE_CHANGES and
+             json.dumps(before.get(key), sort_keys=True, default=str) !=
+             json.dumps(now.get(key), sort_keys=True, default=str)]
     if diffs:
         raise ckpt.CheckpointError(f"{path} was written by a different recipe (differs in: {', '.join(diffs)}); "
                                    f"resume with the same recipe, or start a new run")
@@ -351,7 +432,7 @@ def _state(run: Run, epoch: int, best: dict) -> dict:
              "config": json.loads(json.dumps(run.cfg.to_dict())), "classes": run.classes,
              "state_dict": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "task_state": task.get_task_state(),
-             "rng": ckpt.rng_state(), "best": best, "history": run.history}
+             "best": best, "history": run.history}
     if task.has_ema():
         state["state_dict_ema"] = task.get_trainable_module(ema=True).module.state_dict()
     if run.scaler is not None:
@@ -360,6 +441,8 @@ def _state(run: Run, epoch: int, best: dict) -> dict:
 
 
 def _restore(run: Run, state: dict) -> None:
+    """Weights, EMA teacher, optimiser, scheduler, qhat and the target prior. No RNG state: every
+    epoch re-seeds its RNGs from (seed, epoch), so a checkpoint resumes on any number of GPUs."""
     run.model.load_state_dict(state["state_dict"])
     if run.task.has_ema():
         run.task.get_trainable_module(ema=True).module.load_state_dict(state["state_dict_ema"])
@@ -368,20 +451,31 @@ def _restore(run: Run, state: dict) -> None:
     run.task.load_task_state(state["task_state"])
     if run.scaler is not None and "amp_scaler" in state:
         run.scaler.load_state_dict(state["amp_scaler"])
-    ckpt.set_rng_state(state["rng"])
     run.history = list(state.get("history", []))
 
 
+def run_name(cfg: TrainConfig) -> str:
+    return cfg.experiment or f"{cfg.model}-{cfg.dpl.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, reporter: Optional[Reporter] = None) -> dict:
-    """Train one run to the end; returns the summary that is also written to ``summary.json``."""
-    dist_utils.init_from_env(resolve_device(cfg).type)
+    """Train one run to the end; returns the summary that is also written to ``summary.json``.
+
+    ``resume="auto"`` (torchrun restarts): continue ``output/experiment/last.pth.tar`` when it
+    exists, return the summary of a finished run, else start the run.
+    """
+    device = resolve_device(cfg)
+    dist_utils.init_from_env(device.type)
     main = dist_utils.is_main()
     saved = None
-    if resume == "auto":  # elastic restarts: continue this experiment's last checkpoint if it has one
+    if resume == "auto":
         if not cfg.experiment:
-            raise ConfigError("--resume auto needs a fixed experiment name (--set experiment=NAME)")
-        last = Path(cfg.output) / cfg.experiment / "last.pth.tar"
-        resume = str(last) if last.is_file() else None
+            raise ConfigError("--resume auto needs a fixed experiment name (--set experiment=NAME): restarts must "
+                              "find the same run folder")
+        folder = Path(cfg.output) / cfg.experiment
+        if (folder / "summary.json").is_file():
+            return json.loads((folder / "summary.json").read_text())
+        resume = str(folder / "last.pth.tar") if (folder / "last.pth.tar").is_file() else None
     if resume:
         saved = ckpt.load(resume)
         _check_resume_config(saved["config"], cfg, Path(resume))
@@ -391,10 +485,19 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
         if (out_dir / "summary.json").exists():
             raise FileExistsError(f"{out_dir} already holds a finished run; choose another experiment name "
                                   f"or output folder")
+    with deterministic_mode(cfg.deterministic, device):
+        return _fit(cfg, out_dir, saved, quiet, reporter, main)
+
+
+def _fit(cfg: TrainConfig, out_dir: Path, saved: Optional[dict], quiet: bool, reporter: Optional[Reporter],
+         main: bool) -> dict:
     run = build_run(cfg, out_dir)
     reporter = reporter if (reporter is not None and main) else Reporter(quiet=quiet, silent=not main)
     start_epoch, best = 0, {"top1": -1.0, "epoch": -1}
     if saved is not None:
+        if (out_dir / "labeled.csv").is_file() and read_split_csv(out_dir / "labeled.csv") != run.split.labeled:
+            raise ckpt.CheckpointError(f"the labeled split of {out_dir} differs from this data's: the data changed "
+                                       f"since the run started; resume on the same data or start a new run")
         _restore(run, saved)
         start_epoch, best = saved["epoch"] + 1, saved["best"]
     if main:
@@ -412,6 +515,7 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
 
     reporter.header(cfg, run)
     t0 = time.perf_counter()
+    final = None
     for epoch in range(start_epoch, cfg.epochs):
         stats = train_one_epoch(run, epoch, reporter, log)
         if run.ssl:
@@ -419,8 +523,9 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
         dist_utils.check_same_across_ranks(torch.nn.utils.parameters_to_vector(run.model.parameters()),
                                            "the student's weights")
         row = {"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * run.steps_per_epoch, **stats}
+        final = None
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
-            row["eval"] = evaluate(run)
+            final = row["eval"] = evaluate(run)
             top1 = row["eval"]["student"]["top1"]
             if top1 > best["top1"]:
                 best = {"top1": top1, "epoch": epoch}
@@ -432,7 +537,8 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
         if main:
             ckpt.atomic_save(_state(run, epoch, best), out_dir / "last.pth.tar")
     elapsed = time.perf_counter() - t0
-    final = evaluate(run)
+    if final is None:  # resumed after the last epoch's checkpoint: nothing was evaluated in this process
+        final = evaluate(run)
     summary = _summary(run, final, best, elapsed, resumed=saved is not None)
     if main:
         ckpt.export_timm(run.model, out_dir / "export", run.classes, run.data_config)
@@ -441,8 +547,18 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop the rows an interrupted run logged after its last checkpoint: they are replayed."""
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    """Drop the rows an interrupted run logged after its last checkpoint (they are replayed),
+    and a last line the interruption left half written."""
+    keep = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a partly written row: its step is replayed after the checkpoint
+        if row.get("step", 0) <= last_step:
+            keep.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
@@ -459,16 +575,20 @@ def _compact(row: dict) -> dict:
 def _summary(run: Run, final: dict, best: dict, elapsed: float, resumed: bool) -> dict:
     cfg = run.cfg
     pl = final.get("pseudo_labels", {})
+    prior = run.task.criterion.prior
     return {
         "method": cfg.dpl.method, "model": cfg.model, "dataset": cfg.data.dataset,
         "labeled": len(run.split.labeled), "unlabeled": len(run.split.unlabeled), "classes": len(run.classes),
         "skipped_images": run.skipped_images,
         "epochs": cfg.epochs, "steps": cfg.epochs * run.steps_per_epoch, "seed": cfg.seed,
         "top1": final["student"]["top1"], "top5": final["student"]["top5"],
+        "balanced_top1": final["student"]["balanced_top1"],
         "teacher_top1": final.get("teacher", {}).get("top1"), "best_top1": best["top1"], "best_epoch": best["epoch"],
         "pl_acc": pl.get("pl_acc"), "mask_rate": pl.get("mask_rate"), "pl_kl_uniform": pl.get("pl_kl_uniform"),
-        "pl_max_min_ratio": pl.get("pl_max_min_ratio"), "pl_hist": pl.get("pl_hist"),
-        "qhat": run.task.criterion.prior.qhat.flatten().tolist() if run.ssl else None,
+        "pl_kl_target": pl.get("pl_kl_target"), "pl_max_min_ratio": pl.get("pl_max_min_ratio"),
+        "pl_hist": pl.get("pl_hist"),
+        "qhat": prior.qhat.flatten().tolist() if run.ssl else None,
+        "target_prior": prior.target.flatten().tolist() if run.ssl else None,
         "per_class_top1": final["student"]["per_class_top1"], "seconds": elapsed, "resumed": resumed,
         "output": str(run.out_dir) if run.out_dir else None,
     }
@@ -476,43 +596,44 @@ def _summary(run: Run, final: dict, best: dict, elapsed: float, resumed: bool) -
 
 # --- dry run ------------------------------------------------------------------------------------------
 
+def _synthetic_data(cfg: TrainConfig, num_classes: int, img_size: int) -> RunData:
+    """Random images, enough for one step of ``cfg``, and matching teacher predictions when
+    the recipe uses them."""
+    per_class = 2 + -(-cfg.dpl.mu * cfg.batch_size // num_classes)
+    g = np.random.default_rng(0)
+    classes = [f"class{c}" for c in range(num_classes)]
+    targets = np.repeat(np.arange(num_classes), per_class)
+    train = ArrayImages(g.integers(0, 255, (len(targets), img_size, img_size, 3), dtype=np.uint8), targets, classes)
+    val = ArrayImages(g.integers(0, 255, (num_classes, img_size, img_size, 3), dtype=np.uint8),
+                      np.arange(num_classes), classes)
+    preds = None
+    if cfg.data.teacher_predictions:
+        from .teachers import Predictions, dataset_fingerprint
+        k = min(5, num_classes)
+        probs = torch.full((len(targets), k), 0.01)
+        probs[:, 0] = torch.where(torch.arange(len(targets)) % 2 == 0, 0.97, 0.5)
+        indices = torch.stack([(torch.as_tensor(targets) + j) % num_classes for j in range(k)], 1)
+        preds = Predictions(indices, probs, dataset_fingerprint(train), num_classes, "synthetic")
+    return RunData(train, val, preds)
+
+
 def dry_run(cfg: TrainConfig, img_size: int = 32, batch_size: int = 2) -> dict:
-    """Build the model, method, optimiser and scheduler of a recipe and run one step on
-    a tiny synthetic batch at reduced size: checks a recipe without its data or hardware."""
-    device = resolve_device(cfg)
+    """One step of a recipe on a tiny synthetic batch at reduced size, through the same
+    :func:`build_run` and :func:`train_step` as training: checks a recipe without its data,
+    start checkpoint or hardware."""
     num_classes = cfg.num_classes or 10
-    small = dataclasses.replace(cfg, pretrained=False, initial_checkpoint=None, img_size=img_size)
-    seed_everything(cfg.seed)
-    model = build_model(small, num_classes).to(device)
-    criterion = build_criterion(cfg, num_classes).to(device)
-    d = cfg.dpl
-    task = DebiasPLTask(model, criterion, method=d.method, ema_decay=cfg.model_ema_decay if d.ema_teacher else None,
-                        multiviews=d.multiviews, device=device)
-    optimizer, scheduler = build_optimization(cfg, model, steps_per_epoch=1)
-    views = 2 if d.multiviews else 1
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
-    unlabeled = [torch.randn(d.mu * batch_size, 3, img_size, img_size, device=device) for _ in range(2 * views)] \
-        if d.method != "supervised" else []
-    clip = {}
-    if cfg.data.teacher_predictions and unlabeled:
-        clip = {"clip_targets": torch.randint(0, num_classes, (d.mu * batch_size,), device=device),
-                "clip_confidence": torch.rand(d.mu * batch_size, device=device)}
-    task.train()
-    with autocast_for(cfg, device)():
-        out = task(x, y, unlabeled, **clip)
-    out["loss"].backward()
-    optimizer.step()
-    task.update_ema(step=0)
-    scheduler.step_update(num_updates=1)
-    if not torch.isfinite(out["loss"]):
-        raise TrainingDiverged(f"dry run of {cfg.model}: loss is {out['loss'].item()}")
-    params = sum(p.numel() for p in model.parameters())
-    return {"model": cfg.model, "method": d.method, "params": params, "loss": out["loss"].item(),
-            "img_size": img_size, "num_classes": num_classes, "multiviews": d.multiviews}
-
-
-if __name__ == "__main__":  # torchrun --nproc_per_node=N -m dpl_zoo.train RECIPE ...
-    import sys
-    from .cli import main as _cli_main
-    sys.exit(_cli_main(["train", *sys.argv[1:]]))
+    data_cfg = dataclasses.replace(cfg.data, dataset="synthetic", labeled_csv=None, label_fraction=None,
+                                   labels_per_class=None if cfg.data.labels_from == "teacher" else 1)
+    small = dataclasses.replace(cfg, pretrained=False, initial_checkpoint=None, from_scratch=True, img_size=img_size,
+                                batch_size=batch_size, steps_per_epoch=1, epochs=1, warmup_epochs=0, workers=0,
+                                compile=False, data=data_cfg)
+    run = build_run(small, data=_synthetic_data(small, num_classes, img_size))
+    lab_loader, unl_loader = _loaders(run, epoch=0)
+    run.task.train()
+    out = train_step(run, next(iter(lab_loader)), next(iter(unl_loader)) if unl_loader is not None else None, 0)
+    loss = float(out["loss"].detach())
+    if not np.isfinite(loss):
+        raise TrainingDiverged(f"dry run of {cfg.model}: loss is {loss}")
+    params = sum(p.numel() for p in run.model.parameters())
+    return {"model": cfg.model, "method": cfg.dpl.method, "params": params, "loss": loss, "img_size": img_size,
+            "num_classes": num_classes, "multiviews": cfg.dpl.multiviews, "augment_on": cfg.data.augment_on}

@@ -65,3 +65,9 @@ def hub(request, tmp_path, monkeypatch):
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", request.param == "lfs")
         monkeypatch.setenv("HF_TOKEN", TOKEN)
         yield server
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dpl_zoo_cache(tmp_path_factory, monkeypatch):
+    """Image scans, converted weights and downloads go to a per-test cache, never the user's."""
+    monkeypatch.setenv("DPL_ZOO_CACHE", str(tmp_path_factory.mktemp("dpl-zoo-cache")))

@@ -68,3 +68,51 @@ def test_exponent_floats_as_timm_recipes_write_them():
 def test_fixmatch_is_tau_zero():
     cfg = load_config("mnist_demo", ["dpl.method=fixmatch"])
     assert cfg.dpl.tau == 0.0
+
+
+def test_self_supervised_start_is_required_unless_from_scratch():
+    cfg = load_config("resnet50_dpl_1pct")
+    assert cfg.initial_checkpoint.startswith("https://eman-cvpr.s3.amazonaws.com/") and cfg.initial_checkpoint_required
+    with pytest.raises(ConfigError, match="res50_moco_eman_800ep.pth.tar.*module.encoder_q.*from_scratch=true"):
+        load_config("resnet50_dpl_1pct", ["initial_checkpoint=null"])
+    assert load_config("resnet50_dpl_1pct", ["initial_checkpoint=null", "from_scratch=true"]).from_scratch
+    assert load_config("resnet50_dpl_1pct", ["initial_checkpoint=moco.pth.tar"]).initial_checkpoint == "moco.pth.tar"
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.startswith("resnet50")])
+def test_resnet50_recipes_evaluate_and_decay_as_the_authors(name):
+    import timm
+    from dpl_zoo.models import resolve_data_config
+    cfg = load_config(name)
+    model = timm.create_model(cfg.model, num_classes=10)
+    dc = resolve_data_config(cfg, model)   # timm's resnet50 default would be crop 0.95, bicubic
+    assert (dc["crop_pct"], dc["interpolation"], dc["input_size"]) == (0.875, "bilinear", (3, 224, 224))
+    assert dc["mean"] == (0.485, 0.456, 0.406) and dc["std"] == (0.229, 0.224, 0.225)
+    assert cfg.filter_bias_and_bn is False  # the authors' SGD decays BatchNorm weights and biases too
+
+
+def test_layer_decay_and_bias_filter_reach_the_optimizer():
+    import timm
+    from dpl_zoo.train import build_optimization
+    vit = load_config("vit_small_dpl_1pct")
+    assert vit.layer_decay == 0.75
+    model = timm.create_model("test_vit", num_classes=3)
+    opt, _ = build_optimization(load_config(None, ["opt=adamw", "lr=0.001", "weight_decay=0.05",
+                                                   "layer_decay=0.75"]), model, 10)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert len(scales) > 2 and scales[-1] == 1.0 and scales[0] < 0.75
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.05}
+    resnet = timm.create_model("test_resnet", num_classes=3)
+    opt, _ = build_optimization(load_config(None, ["filter_bias_and_bn=false", "weight_decay=0.0001"]), resnet, 10)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.0001
+    opt, _ = build_optimization(load_config(None, ["weight_decay=0.0001"]), resnet, 10)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.0001}
+
+
+def test_new_keys_are_validated():
+    for bad, message in (("data.augment_on=gpu", "augment_on must be one of"), ("layer_decay=1.5", "layer_decay"),
+                         ("crop_pct=0", "crop_pct"), ("interpolation=cubic", "interpolation must be"),
+                         ("dpl.target_prior=[1, 0, 2]", "positive number"),
+                         ("dpl.target_prior=nofile.txt", "neither uniform, labeled nor an existing file")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [bad])

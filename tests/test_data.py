@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpl_zoo.data import (
-    DataError, ImageFolderDataset, class_balance, load_mnist, read_split_csv, split_from_indices, split_labeled,
-    write_split_csv,
-)
+from dpl_zoo.data import read_split_csv, split_from_indices, split_labeled, write_split_csv
+from dpl_zoo.datasets import DataError, ImageFolderDataset, class_balance, load_fashion_mnist, load_mnist
 
 from conftest import make_image_folder
 
@@ -108,3 +106,88 @@ def test_class_balance_hand_values():
     # p = [.75, .25, 0]: KL = .75 ln(2.25) + .25 ln(.75)
     assert math.isclose(b["kl_uniform"], 0.75 * math.log(2.25) + 0.25 * math.log(0.75))
     assert b["max_min_ratio"] == 3.0
+
+
+def test_nested_and_symlinked_folders_in_torchvision_order(tmp_path):
+    """The authors' Index CSVs point into torchvision's ImageFolder list: same order on nested
+    sub-folders (per-directory walk, not sorted full paths) and on symlinked class folders."""
+    from torchvision.datasets import ImageFolder
+    root = tmp_path / "d"
+    for cls, rel in (("a", "x.png"), ("a", "sub/b.png"), ("a", "sub-2/a.png"), ("a", "sub.png/c.png"),
+                     ("b", "z.png"), ("b", "y/w.png")):
+        (root / cls / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4), (10, 20, 30)).save(root / cls / rel, format="PNG")
+    elsewhere = make_image_folder(tmp_path / "elsewhere", classes=("c",), per_class=3)
+    (root / "c").symlink_to(elsewhere / "c", target_is_directory=True)
+    ours, theirs = ImageFolderDataset(root), ImageFolder(str(root))
+    assert [p for p, _ in ours.samples] == [p for p, _ in theirs.samples]
+    assert ours.classes == theirs.classes == ["a", "b", "c"] and len(ours) == 9
+
+
+def test_images_are_scanned_once_and_the_result_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPL_ZOO_CACHE", str(tmp_path / "cache"))
+    root = make_image_folder(tmp_path / "d", per_class=3)
+    (root / "dog" / "junk.jpg").write_bytes(b"not an image")
+    import dpl_zoo.datasets as datasets
+    calls = []
+    real = datasets._image_problem
+    monkeypatch.setattr(datasets, "_image_problem", lambda p: calls.append(p) or real(p))
+    first = ImageFolderDataset(root)
+    assert len(calls) == len(first) and [first.samples[i][0].rsplit("/", 1)[-1] for i in first.bad_indices] == ["junk.jpg"]
+    calls.clear()
+    second = ImageFolderDataset(root)  # a restart: nothing is opened again
+    assert calls == [] and second.bad_indices == first.bad_indices
+    (root / "emu" / "new.png").write_bytes(b"")  # the folder changed: scanned again
+    third = ImageFolderDataset(root)
+    assert len(calls) == len(third) and len(third.bad_indices) == 2
+
+
+def test_truncated_jpeg_is_found_by_the_scan(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPL_ZOO_CACHE", str(tmp_path / "cache"))
+    root = make_image_folder(tmp_path / "d", per_class=2, size=64)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    img.save(root / "cat" / "whole.jpg", quality=90)
+    data = (root / "cat" / "whole.jpg").read_bytes()
+    (root / "cat" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    ds = ImageFolderDataset(root)
+    assert [ds.samples[i][0].rsplit("/", 1)[-1] for i in ds.bad_indices] == ["cut.jpg"]
+
+
+def _write_idx(path, array, gz):
+    import gzip
+    import struct
+    dims = array.shape
+    header = struct.pack(">I", 0x0800 + len(dims)) + b"".join(struct.pack(">I", d) for d in dims)
+    payload = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_reader_on_tiny_idx_files(tmp_path, monkeypatch, gz):
+    monkeypatch.setenv("DPL_ZOO_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    train_x, test_x = rng.integers(0, 255, (12, 28, 28)), rng.integers(0, 255, (5, 28, 28))
+    train_y, test_y = np.arange(12) % 10, np.arange(5)
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    for name, arr in (("train-images-idx3-ubyte", train_x), ("train-labels-idx1-ubyte", train_y),
+                      ("t10k-images-idx3-ubyte", test_x), ("t10k-labels-idx1-ubyte", test_y)):
+        _write_idx(folder / name, arr, gz)
+    train, test = load_fashion_mnist(str(folder))
+    assert (len(train), len(test)) == (12, 5) and train.classes[0] == "T-shirt/top"
+    assert np.array_equal(train.images, train_x.astype(np.uint8)) and test.targets == test_y.tolist()
+    assert train.tensor().shape == (12, 1, 28, 28) and train[3][0].mode == "RGB"
+    (folder / ("t10k-labels-idx1-ubyte" + (".gz" if gz else ""))).unlink()
+    with pytest.raises(DataError, match="lacks t10k-labels-idx1-ubyte"):
+        load_fashion_mnist(str(folder))
+
+
+def test_missing_default_fashion_mnist_names_the_package(monkeypatch):
+    import dpl_zoo.datasets as datasets
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN", "/nonexistent/fashion-mnist")
+    with pytest.raises(DataError, match="apt install dataset-fashion-mnist"):
+        load_fashion_mnist()

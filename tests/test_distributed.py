@@ -39,7 +39,7 @@ def _torchrun(recipe, *args, nproc=2, extra=()):
     # addresses from torchrun's rendezvous store (pytorch/pytorch#135712); the README says so too
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           *extra, "-m", "dpl_zoo.train", str(recipe), "--quiet", *args]
+           *extra, "-m", "dpl_zoo", "train", str(recipe), "--quiet", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

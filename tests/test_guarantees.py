@@ -28,7 +28,7 @@ def _rows(path):
 def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(image_data, tmp_path, seed):
     sets = tiny_overrides(image_data, tmp_path / "runs", epochs=4, steps_per_epoch=15, experiment="killed")
     straight = fit(load_config("mnist_demo", [*sets, "experiment=straight"]), quiet=True)  # as `train` does
-    args = [sys.executable, "-m", "dpl_zoo.cli", "train", "--quiet", "--methods", "debiaspl"] + \
+    args = [sys.executable, "-m", "dpl_zoo", "train", "--quiet", "--methods", "debiaspl"] + \
         [a for s in sets for a in ("--set", s)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "runs" / "killed" / "last.pth.tar"

@@ -12,7 +12,7 @@ open_clip = pytest.importorskip("open_clip")
 
 from dpl_zoo.cli import main  # noqa: E402
 from dpl_zoo.config import load_config  # noqa: E402
-from dpl_zoo.data import DataError, ImageFolderDataset  # noqa: E402
+from dpl_zoo.datasets import DataError, ImageFolderDataset  # noqa: E402
 from dpl_zoo.method import DebiasPLLoss  # noqa: E402
 from dpl_zoo.teachers import Predictions, dataset_fingerprint, predict_zero_shot  # noqa: E402
 from dpl_zoo.train import fit  # noqa: E402
@@ -136,3 +136,34 @@ def test_zero_shot_config_errors():
         load_config("mnist_demo", ["data.labels_from=teacher", "data.labels_per_class=null"])
     with pytest.raises(ConfigError, match="takes no human label budget"):
         load_config("mnist_demo", ["data.labels_from=teacher", "data.teacher_predictions=x.safetensors"])
+
+
+def test_pseudo_label_skips_the_unreadable_images_training_skips(image_data, tmp_path):
+    (image_data / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "preds.safetensors"
+    assert main(["pseudo-label", "--teacher", "clip:dpl-tiny-clip", "--data", str(image_data / "train"),
+                 "--out", str(out), "--workers", "0"]) == 0
+    ds = ImageFolderDataset(image_data / "train")
+    preds = Predictions.load(out)
+    (bad,) = ds.bad_indices
+    assert len(preds.indices) == len(ds) == 31 and float(preds.confidence[bad]) == 0.0
+    assert float(preds.confidence.min(dim=0).values) == 0.0 and int((preds.confidence > 0).sum()) == 30
+
+
+def test_resumed_parts_must_come_from_the_same_teacher_and_settings(image_data, tmp_path, monkeypatch):
+    import dpl_zoo.teachers as teachers
+    ds = ImageFolderDataset(image_data / "train")
+    out = tmp_path / "p.safetensors"
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(teachers, "_encode_chunk", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        predict_zero_shot("clip:dpl-tiny-clip", ds, ds.classes, out, chunk=8, workers=0, show_progress=False)
+    for change, name in ((dict(topk=2), "topk"), (dict(templates=["a {}."]), "templates")):
+        with pytest.raises(DataError, match=f"other settings \\({name} differ"):
+            predict_zero_shot("clip:dpl-tiny-clip", ds, ds.classes, out, chunk=8, workers=0, show_progress=False,
+                              **change)
+    with pytest.raises(DataError, match="teacher differ"):
+        predict_zero_shot("clip:RN50", ds, ds.classes, out, chunk=8, workers=0, show_progress=False)

@@ -145,3 +145,128 @@ def test_compiled_student_run(tiny_config, tmp_path):
     summary = fit(tiny_config(epochs=1, compile=True), quiet=True)
     state = torch.load(tmp_path / "runs" / "run" / "last.pth.tar", weights_only=True)
     assert not any(k.startswith("_orig_mod") for k in state["state_dict"]) and summary["steps"] == 2
+
+
+def test_resume_auto_through_the_cli(image_data, tmp_path, capsys, monkeypatch):
+    from conftest import tiny_overrides
+    sets = [a for o in tiny_overrides(image_data, tmp_path / "runs", epochs=3, experiment=None) for a in ("--set", o)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: test_resnet\n")
+    # without a fixed experiment name a restart cannot find its run: an error, not a fresh run
+    assert main(["train", str(recipe), *sets, "--methods", "debiaspl", "--resume", "auto"]) == 2
+    assert "--resume auto needs a fixed experiment name" in capsys.readouterr().out
+    named = sets + ["--set", "experiment=elastic"]
+
+    class Interrupt(Reporter):
+        def start_epoch(self, epoch, steps):
+            if epoch == 2:
+                raise KeyboardInterrupt
+            super().start_epoch(epoch, steps)
+
+    import dpl_zoo.cli as cli
+    monkeypatch.setattr("dpl_zoo.progress.Reporter", Interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", str(recipe), *named, "--methods", "debiaspl", "--resume", "auto", "--quiet"])
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "runs" / "elastic" / "last.pth.tar", weights_only=True)["epoch"] == 1
+    assert main(["train", str(recipe), *named, "--methods", "debiaspl", "--resume", "auto", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "runs" / "elastic" / "summary.json").read_text())
+    assert summary["resumed"] and summary["steps"] == 6
+    # a restart after the run finished returns its summary instead of failing
+    assert main(["train", str(recipe), *named, "--methods", "debiaspl", "--resume", "auto", "--quiet"]) == 0
+    assert cli is not None
+
+
+def test_every_method_takes_the_same_number_of_steps(tiny_config):
+    runs = {m: fit(tiny_config(steps_per_epoch=None, epochs=1, experiment=m, **{"dpl.method": m}), quiet=True)
+            for m in ("debiaspl", "supervised")}
+    # 30 images, 6 labeled: 24 unlabeled // (mu 2 x batch 3) = 4 steps for both (not 6 // 3 = 2)
+    assert runs["supervised"]["steps"] == runs["debiaspl"]["steps"] == 4
+
+
+def test_deterministic_is_scoped_to_the_run(tiny_config):
+    before = torch.are_deterministic_algorithms_enabled()
+    seen = {}
+    import dpl_zoo.train as train_mod
+    real = train_mod.train_one_epoch
+
+    def spy(*args, **kwargs):
+        seen["inside"] = torch.are_deterministic_algorithms_enabled()
+        return real(*args, **kwargs)
+
+    train_mod.train_one_epoch = spy
+    try:
+        fit(tiny_config(epochs=1, deterministic=True), quiet=True)
+    finally:
+        train_mod.train_one_epoch = real
+    assert seen["inside"] is True and torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_partly_written_metrics_line_is_dropped_on_resume(tiny_config, tmp_path):
+    cfg = tiny_config(epochs=2)
+    fit(cfg, quiet=True)
+    run = tmp_path / "runs" / "run"
+    (run / "summary.json").unlink()
+    state = torch.load(run / "last.pth.tar", weights_only=True)
+    state["epoch"], state["step"] = 0, 2
+    torch.save(state, run / "last.pth.tar")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "epoch": 1, "st')   # the crash hit mid-line
+    fit(cfg, resume=str(run / "last.pth.tar"), quiet=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_checkpoints_hold_no_rng_state_and_a_moved_data_folder_resumes(tiny_config, image_data, tmp_path):
+    import shutil
+    fit(tiny_config(epochs=1), quiet=True)
+    state = torch.load(tmp_path / "runs" / "run" / "last.pth.tar", weights_only=True)
+    assert "rng" not in state  # epochs re-seed themselves: resumable on any number of GPUs
+    (tmp_path / "runs" / "run" / "summary.json").unlink()
+    moved = tmp_path / "moved"
+    shutil.copytree(image_data, moved)
+    summary = fit(tiny_config(epochs=2, **{"data.root": str(moved / "train")}),
+                  resume=str(tmp_path / "runs" / "run" / "last.pth.tar"), quiet=True)
+    assert summary["resumed"] and summary["steps"] == 4
+    # other data under the same path is not the same run
+    (tmp_path / "runs" / "run" / "summary.json").unlink()
+    for p in list((moved / "train" / "cat").iterdir())[:3]:
+        p.unlink()
+    with pytest.raises(CheckpointError, match="labeled split .* differs"):
+        fit(tiny_config(epochs=3, **{"data.root": str(moved / "train")}),
+            resume=str(tmp_path / "runs" / "run" / "last.pth.tar"), quiet=True)
+
+
+def test_the_last_epoch_is_evaluated_once(tiny_config, monkeypatch):
+    import dpl_zoo.train as train_mod
+    calls = []
+    real = train_mod.evaluate
+    monkeypatch.setattr(train_mod, "evaluate", lambda run: calls.append(1) or real(run))
+    fit(tiny_config(epochs=2, eval_interval=1), quiet=True)
+    assert len(calls) == 2
+
+
+def test_metrics_are_read_on_the_host_only_at_the_log_interval(tiny_config, monkeypatch):
+    from dpl_zoo.metrics import StepMetrics
+    reads = []
+    real = StepMetrics.read
+    monkeypatch.setattr(StepMetrics, "read", lambda self: reads.append(self.steps) or real(self))
+    fit(tiny_config(epochs=1, steps_per_epoch=6, log_interval=3), quiet=True)
+    assert reads == [3, 6]
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "dpl_zoo", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("dpl-zoo ")
+
+
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_both_augmentation_paths_train_on_folders_and_arrays(tiny_config, augment_on, tmp_path):
+    folder = fit(tiny_config(epochs=1, experiment=f"f-{augment_on}", **{"data.augment_on": augment_on}), quiet=True)
+    assert folder["steps"] == 2
+    arrays = fit(load_config("mnist_demo", [f"data.augment_on={augment_on}", "epochs=1", "steps_per_epoch=2",
+                                            "batch_size=4", f"output={tmp_path / 'runs'}", f"experiment=m-{augment_on}",
+                                            "data.eval_unlabeled_max=50"]), quiet=True)
+    assert arrays["steps"] == 2 and arrays["top1"] >= 0

@@ -1,0 +1,428 @@
+"""Seeded weak and strong views: one augmentation plan per sample, two ways to draw it.
+
+Every random choice of a view (the RandomResizedCrop box, the flip, the RandAugment ops,
+their signs and whether each is applied) comes from a *plan*: a row of uniforms computed
+by a counter-based hash of ``(seed, epoch, draw, view)``, where ``draw`` is the sample's
+place in the global sample stream. A view therefore depends on where the sample sits in
+that stream, not on the process, worker or batch that computes it: 1 process and N
+processes see the same images, and a resumed epoch replays exactly. No global RNG is
+touched.
+
+The plan is drawn either
+
+- per image with PIL (:class:`PILViews`, in the loader workers; timm's RandAugment op
+  functions), or
+- batched on the training device (:class:`BatchViews`; per-sample ops and magnitudes, the
+  workers only decode and crop).
+
+Both implement timm's ``rand-mM-nN[-pP][-inc1]`` RandAugment (``_RAND_TRANSFORMS`` or the
+increasing set) after RandomResizedCrop + horizontal flip, and match each other op by op
+up to interpolation rounding (tested).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+_CROP_ATTEMPTS = 10
+_CROP_SLOTS = 2 * _CROP_ATTEMPTS + 2   # (area, log ratio) per attempt, then the box position
+_FLIP_SLOT = _CROP_SLOTS
+_RA_START = _FLIP_SLOT + 1
+_RA_SLOTS = 3                          # per layer: which op, whether it applies, its sign
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2**32`` for uint32 values held in int64, without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32): every output bit depends on every input bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def plan_uniforms(seed: int, epoch: int, draws: torch.Tensor, view: int, size: int) -> torch.Tensor:
+    """``len(draws) x size`` uniforms in [0, 1), a pure function of (seed, epoch, draw, view, slot)."""
+    draws = torch.as_tensor(draws, dtype=torch.int64).reshape(-1, 1)
+    h = _mix(torch.full_like(draws, (seed & _M32) ^ _GOLDEN))
+    for part in (epoch & _M32, None, view & _M32):
+        h = _mix(h ^ (draws & _M32) if part is None else h ^ part)
+    slots = (torch.arange(size, dtype=torch.int64) * _GOLDEN & _M32).unsqueeze(0)
+    x = _mix(_mix(h ^ slots) + 1)
+    return (x >> 8).to(torch.float32) / float(1 << 24)
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """timm's RandAugment string (``rand-m10-n2``, ``-p0.5``, ``-inc1``, ``-mmax``), parsed."""
+    ops: tuple
+    num_layers: int = 2
+    magnitude: float = 10.0
+    prob: float = 0.5
+
+    @classmethod
+    def parse(cls, spec: Optional[str]) -> Optional["RandAugmentSpec"]:
+        if not spec:
+            return None
+        parts = spec.split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"strong augmentation {spec!r}: only timm's RandAugment (rand-m10-n2 ...) is supported")
+        magnitude, layers, prob, increasing, mmax = 10.0, 2, 0.5, False, 10.0
+        for part in parts[1:]:
+            key, value = (re.split(r"(\d.*)", part) + ["", ""])[:2]
+            if key == "m":
+                magnitude = float(value)
+            elif key == "n":
+                layers = int(value)
+            elif key == "p":
+                prob = float(value)
+            elif key == "inc":
+                increasing = bool(int(value))
+            elif key == "mmax":
+                mmax = float(value)
+            else:
+                raise ValueError(f"strong augmentation {spec!r}: section {part!r} is not supported by the seeded "
+                                 f"views (supported: m, n, p, inc, mmax; a random magnitude 'mstd' is not)")
+        return cls(tuple(INCREASING_OPS if increasing else RAND_OPS), layers, max(0.0, min(magnitude, mmax)), prob)
+
+
+RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+            "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                  "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                  "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def op_argument(name: str, magnitude: float, negate: bool) -> Optional[float]:
+    """The argument timm's level functions give an op (its ``_randomly_negate`` choice taken
+    from the plan instead of the global ``random``)."""
+    level = magnitude / 10.0
+    sign = -1.0 if negate else 1.0
+    if name in ("AutoContrast", "Equalize", "Invert"):
+        return None
+    if name == "Rotate":
+        return sign * level * 30.0
+    if name in ("ShearX", "ShearY"):
+        return sign * level * 0.3
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return sign * level * 0.45
+    if name == "Posterize":
+        return int(level * 4)
+    if name == "PosterizeIncreasing":
+        return 4 - int(level * 4)
+    if name == "Solarize":
+        return min(256, int(level * 256))
+    if name == "SolarizeIncreasing":
+        return 256 - min(256, int(level * 256))
+    if name == "SolarizeAdd":
+        return min(128, int(level * 110))
+    if name.endswith("Increasing"):
+        return max(0.1, 1.0 + sign * level * 0.9)
+    return level * 1.8 + 0.1   # Color, Contrast, Brightness, Sharpness
+
+
+@dataclass
+class Plan:
+    """Per-sample choices for one view of a batch (CPU tensors)."""
+    boxes: Optional[torch.Tensor]   # B x 4 (top, left, height, width) in source pixels, or None
+    flip: torch.Tensor              # B bool
+    ops: torch.Tensor               # B x layers: op index, -1 where the layer is not applied
+    negate: torch.Tensor            # B x layers bool
+
+
+def plan_size(strong: Optional[RandAugmentSpec]) -> int:
+    return _RA_START + _RA_SLOTS * (strong.num_layers if strong else 0)
+
+
+def crop_boxes(u: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor, scale: Sequence[float],
+               ratio: Sequence[float]) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params, vectorised: the first of 10 attempts whose
+    box fits, else the centre crop with the ratio clamped; returns B x 4 (top, left, h, w)."""
+    heights, widths = heights.double(), widths.double()
+    area = heights * widths
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    u = u.double()
+    target = area.unsqueeze(1) * (scale[0] + (scale[1] - scale[0]) * u[:, 0:2 * _CROP_ATTEMPTS:2])
+    aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, 1:2 * _CROP_ATTEMPTS:2])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= widths.unsqueeze(1)) & (h <= heights.unsqueeze(1))
+    first = torch.where(ok.any(1), ok.double().argmax(1), torch.full_like(heights, -1).long())
+    rows = torch.arange(len(u))
+    pick_w, pick_h = w[rows, first.clamp(min=0)], h[rows, first.clamp(min=0)]
+    # fallback: the whole image cropped to the ratio range, centred
+    in_ratio = widths / heights
+    fw = torch.where(in_ratio < ratio[0], widths, torch.where(in_ratio > ratio[1], torch.round(heights * ratio[1]),
+                                                                widths))
+    fh = torch.where(in_ratio < ratio[0], torch.round(widths / ratio[0]), heights)
+    fallback = first < 0
+    pick_w, pick_h = torch.where(fallback, fw, pick_w), torch.where(fallback, fh, pick_h)
+    top = torch.floor(u[:, 2 * _CROP_ATTEMPTS] * (heights - pick_h + 1))
+    left = torch.floor(u[:, 2 * _CROP_ATTEMPTS + 1] * (widths - pick_w + 1))
+    top = torch.where(fallback, torch.div(heights - pick_h, 2, rounding_mode="floor"), top)
+    left = torch.where(fallback, torch.div(widths - pick_w, 2, rounding_mode="floor"), left)
+    return torch.stack([top, left, pick_h, pick_w], 1).long()
+
+
+def make_plan(u: torch.Tensor, sizes: Optional[torch.Tensor], scale, ratio, hflip: float,
+              strong: Optional[RandAugmentSpec]) -> Plan:
+    """The choices of one view for a batch; ``sizes`` (B x 2: height, width) of the source
+    images, or None when the crop is not part of this view (already done)."""
+    boxes = crop_boxes(u, sizes[:, 0], sizes[:, 1], scale, ratio) if sizes is not None else None
+    flip = u[:, _FLIP_SLOT] < hflip
+    if strong is None:
+        empty = torch.zeros(len(u), 0, dtype=torch.int64)
+        return Plan(boxes, flip, empty, empty.bool())
+    slots = u[:, _RA_START:_RA_START + _RA_SLOTS * strong.num_layers].reshape(len(u), strong.num_layers, _RA_SLOTS)
+    ops = torch.clamp((slots[..., 0] * len(strong.ops)).long(), max=len(strong.ops) - 1)
+    applied = slots[..., 1] < strong.prob
+    return Plan(boxes, flip, torch.where(applied, ops, -1), slots[..., 2] > 0.5)
+
+
+# --- per image, with PIL (loader workers) --------------------------------------------------------
+
+def pil_interpolation(name: str) -> int:
+    from timm.data.transforms import str_to_pil_interp
+    return str_to_pil_interp(name)
+
+
+def fill_color(mean: Sequence[float]) -> tuple:
+    """RandAugment's fill for pixels moved in from outside: the dataset mean, as timm uses."""
+    return tuple(min(255, round(255 * m)) for m in mean)
+
+
+class PILViews:
+    """Draws plans for PIL images: crop + flip (+ RandAugment) with timm's op functions."""
+
+    def __init__(self, size: int, scale, ratio, hflip: float, strong: Optional[RandAugmentSpec],
+                 interpolation: str = "bilinear", mean=(0.5, 0.5, 0.5)):
+        self.size, self.scale, self.ratio, self.hflip, self.strong = size, tuple(scale), tuple(ratio), hflip, strong
+        self.resample = pil_interpolation(interpolation)
+        self.fill = fill_color(mean)
+
+    def plans(self, u: torch.Tensor, images: Sequence[Image.Image], crop: bool = True) -> Plan:
+        sizes = torch.tensor([[im.height, im.width] for im in images]) if crop else None
+        return make_plan(u, sizes, self.scale, self.ratio, self.hflip, self.strong)
+
+    def apply(self, img: Image.Image, plan: Plan, k: int, crop: bool = True, flip: bool = True,
+              augment: bool = True) -> Image.Image:
+        """The ``k``-th sample of ``plan`` on ``img``; ``flip``/``augment`` False leave those steps
+        to the device."""
+        if crop:
+            top, left, h, w = plan.boxes[k].tolist()
+            img = img.resize((self.size, self.size), self.resample, box=(left, top, left + w, top + h))
+        if flip and plan.flip[k]:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if augment and self.strong is not None:
+            from timm.data.auto_augment import NAME_TO_OP
+            kwargs = dict(fillcolor=self.fill, resample=self.resample)
+            for op, negate in zip(plan.ops[k].tolist(), plan.negate[k].tolist()):
+                if op < 0:
+                    continue
+                name = self.strong.ops[op]
+                arg = op_argument(name, self.strong.magnitude, negate)
+                img = NAME_TO_OP[name](img, *(() if arg is None else (arg,)), **kwargs)
+        return img
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """C x H x W uint8, no copy of the pixel data beyond one numpy view."""
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+# --- batched, on the training device ---------------------------------------------------------------
+
+_GRAY = (0.299, 0.587, 0.114)
+_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    w = x.new_tensor(_GRAY).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _quantize(x: torch.Tensor) -> torch.Tensor:
+    return x.round_().clamp_(0, 255)
+
+
+def _equalize(x: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageOps.equalize per image and channel: a LUT from the histogram without its last bin."""
+    b, c = x.shape[:2]
+    v = x.long().flatten(2)                                   # B x C x N
+    hist = torch.zeros(b, c, 256, dtype=torch.long, device=x.device).scatter_add_(2, v, torch.ones_like(v))
+    last = 255 - torch.argmax(hist.flip(2).gt(0).long(), dim=2)   # highest non-empty bin
+    step = (hist.sum(2) - hist.gather(2, last.unsqueeze(2)).squeeze(2)) // 255
+    cum = torch.cumsum(hist, 2) - hist                         # counts below each value
+    lut = ((step // 2).unsqueeze(2) + cum) // step.clamp(min=1).unsqueeze(2)
+    lut = torch.where(step.unsqueeze(2) > 0, lut.clamp(max=255), torch.arange(256, device=x.device).expand(b, c, 256))
+    return lut.gather(2, v).view_as(x).to(x.dtype)
+
+
+def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    scale = 255.0 / (hi - lo).clamp(min=1.0)
+    out = torch.floor((x - lo) * scale).clamp(0, 255)
+    return torch.where(hi > lo, out, x)
+
+
+def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: float) -> torch.Tensor:
+    return degenerate + factor * (x - degenerate)
+
+
+def _sharpen_degenerate(x: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    kernel = _SMOOTH.to(x).view(1, 1, 3, 3).repeat(c, 1, 1, 1)
+    blurred = F.conv2d(x, kernel, groups=c)
+    return torch.cat([x[:, :, :1], torch.cat([x[:, :, 1:-1, :1], _quantize(blurred), x[:, :, 1:-1, -1:]], 3),
+                      x[:, :, -1:]], 2)
+
+
+def color_op(name: str, x: torch.Tensor, arg: Optional[float]) -> torch.Tensor:
+    """One non-geometric RandAugment op on a float batch holding 0..255 integers."""
+    base = name.replace("Increasing", "")
+    if base == "AutoContrast":
+        return _autocontrast(x)
+    if base == "Equalize":
+        return _equalize(x)
+    if base == "Invert":
+        return 255.0 - x
+    if base == "Posterize":
+        shift = 8 - int(arg)
+        return x if shift <= 0 else torch.floor(x / 2 ** shift) * 2 ** shift
+    if base == "Solarize":
+        return torch.where(x >= arg, 255.0 - x, x)
+    if base == "SolarizeAdd":
+        return torch.where(x < 128, (x + arg).clamp(max=255), x)
+    if base == "Color":
+        return _blend(x, _quantize(_gray(x)).expand_as(x), arg)
+    if base == "Contrast":
+        mean = torch.floor(_quantize(_gray(x)).mean(dim=(1, 2, 3), keepdim=True) + 0.5)
+        return _blend(x, mean, arg)
+    if base == "Brightness":
+        return _blend(x, torch.zeros_like(x), arg)
+    if base == "Sharpness":
+        return _blend(x, _sharpen_degenerate(x), arg)
+    raise ValueError(f"unknown RandAugment op {name}")
+
+
+def _geometric_matrix(name: str, arg: float, h: int, w: int) -> list[list[float]]:
+    """Output -> input pixel-coordinate map of a PIL geometric op (3 x 3)."""
+    if name == "ShearX":
+        return [[1, arg, 0], [0, 1, 0], [0, 0, 1]]
+    if name == "ShearY":
+        return [[1, 0, 0], [arg, 1, 0], [0, 0, 1]]
+    if name == "TranslateXRel":
+        return [[1, 0, arg * w], [0, 1, 0], [0, 0, 1]]
+    if name == "TranslateYRel":
+        return [[1, 0, 0], [0, 1, arg * h], [0, 0, 1]]
+    # PIL rotate: counter-clockwise by arg degrees about the centre
+    a = -math.radians(arg)
+    cx, cy = w / 2.0, h / 2.0
+    cos, sin = math.cos(a), math.sin(a)
+    return [[cos, sin, cx - cos * cx - sin * cy], [-sin, cos, cy + sin * cx - cos * cy], [0, 0, 1]]
+
+
+def _sample(x: torch.Tensor, maps: torch.Tensor, out_hw: tuple, fill: torch.Tensor, mode: str) -> torch.Tensor:
+    """Resample each image of ``x`` through its output -> input pixel map (B x 3 x 3); pixels
+    mapped from outside the image take ``fill``."""
+    b, _, h_in, w_in = x.shape
+    h, w = out_hw
+    # pixel-coordinate maps -> the normalised maps grid_sample takes (align_corners=False)
+    to_norm = x.new_tensor([[2.0 / w_in, 0, -1], [0, 2.0 / h_in, -1], [0, 0, 1]])
+    from_norm = x.new_tensor([[w / 2.0, 0, w / 2.0], [0, h / 2.0, h / 2.0], [0, 0, 1]])
+    theta = (to_norm @ maps.to(x) @ from_norm)[:, :2]
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    f = fill.view(1, -1, 1, 1)
+    return F.grid_sample(x - f, grid, mode=mode, padding_mode="zeros", align_corners=False) + f
+
+
+class BatchViews:
+    """Draws plans for a batch of uint8 images on their device, per-sample ops and magnitudes."""
+
+    def __init__(self, size: int, scale, ratio, hflip: float, strong: Optional[RandAugmentSpec],
+                 mean, std, interpolation: str = "bilinear"):
+        self.size, self.scale, self.ratio, self.hflip, self.strong = size, tuple(scale), tuple(ratio), hflip, strong
+        self.mode = "bicubic" if interpolation == "bicubic" else "bilinear"
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.fill = torch.tensor(fill_color(mean), dtype=torch.float32)
+
+    def __call__(self, images: torch.Tensor, u: torch.Tensor, crop: bool = True, augment: bool = True,
+                 normalize: bool = True) -> torch.Tensor:
+        """``images``: B x C x H x W uint8 (C = 1 or 3); returns B x 3 x size x size float,
+        normalised (or 0..255 with ``normalize=False``)."""
+        b, c, h, w = images.shape
+        sizes = torch.tensor([[h, w]]).expand(b, 2) if crop else None
+        plan = make_plan(u.cpu(), sizes, self.scale, self.ratio, self.hflip, self.strong if augment else None)
+        x = images.float()
+        fill = self.fill[:c].to(x.device) if c <= 3 else self.fill.to(x.device)
+        if crop:
+            top, left, bh, bw = plan.boxes.double().unbind(1)
+            sx, sy = bw / self.size, bh / self.size
+            z, o = torch.zeros_like(sx), torch.ones_like(sx)
+            maps = torch.stack([torch.stack([sx, z, left], 1), torch.stack([z, sy, top], 1),
+                                torch.stack([z, z, o], 1)], 1)
+            x = _quantize(_sample(x, maps.float().to(x.device), (self.size, self.size), fill, self.mode))
+        if plan.flip.any():
+            idx = plan.flip.nonzero().flatten().to(x.device)
+            x[idx] = x[idx].flip(3)
+        if augment and self.strong is not None:
+            x = self._rand_augment(x, plan, fill)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if not normalize:
+            return x.contiguous()
+        mean = x.new_tensor(self.mean).view(1, 3, 1, 1) * 255.0
+        std = x.new_tensor(self.std).view(1, 3, 1, 1) * 255.0
+        return ((x - mean) / std).contiguous()
+
+    def _rand_augment(self, x: torch.Tensor, plan: Plan, fill: torch.Tensor) -> torch.Tensor:
+        spec = self.strong
+        h, w = x.shape[2:]
+        for layer in range(spec.num_layers):
+            ops, negate = plan.ops[:, layer], plan.negate[:, layer]
+            geo_rows, geo_maps = [], []
+            for op in ops.unique().tolist():
+                if op < 0:
+                    continue
+                name = spec.ops[op]
+                rows = (ops == op).nonzero().flatten()
+                if name in GEOMETRIC:
+                    for r in rows.tolist():
+                        geo_rows.append(r)
+                        geo_maps.append(_geometric_matrix(name, op_argument(name, spec.magnitude, bool(negate[r])),
+                                                          h, w))
+                    continue
+                for neg in ((False, True) if name.endswith("Increasing") else (None,)):
+                    sub = rows if neg is None else rows[negate[rows] == neg]
+                    if len(sub) == 0:
+                        continue
+                    arg = op_argument(name, spec.magnitude, bool(neg))
+                    idx = sub.to(x.device)
+                    x[idx] = _quantize(color_op(name, x[idx], arg))
+            if geo_rows:
+                idx = torch.tensor(geo_rows, device=x.device)
+                maps = torch.tensor(geo_maps, dtype=torch.float32, device=x.device)
+                x[idx] = _quantize(_sample(x[idx], maps, (h, w), fill, self.mode))
+        return x
