@@ -308,3 +308,54 @@ def test_bad_shapes_name_the_argument():
              clip_confidence=torch.ones(3))
     with pytest.raises(ValueError, match="probs"):
         ClassPrior(4).update(torch.rand(3, 5))
+
+
+# --- target prior (debiasing towards the data's own class distribution) ----------------------
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_uniform_target_prior_changes_nothing_bit_for_bit(views):
+    g = torch.Generator().manual_seed(7)
+    n, c = 32, 6
+    weak = [torch.randn(n, c, generator=g) * 3 for _ in range(views)]
+    strong = [torch.randn(n, c, generator=g) * 3 for _ in range(views)]
+    lx, y = torch.randn(8, c, generator=g), torch.randint(0, c, (8,), generator=g)
+    outs = []
+    for target in (None, [1.0] * c, [0.25] * c):
+        crit = DebiasPLLoss(c, tau=0.7, threshold=0.5, qhat_momentum=0.9, lambda_cld=0.2, target_prior=target)
+        crit.prior.qhat.copy_(torch.softmax(torch.randn(1, c, generator=torch.Generator().manual_seed(1)), -1))
+        outs.append([crit(weak, strong, lx, y) for _ in range(3)])  # three steps: qhat evolves
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            for name in ("loss", "loss_u", "loss_cld", "targets", "mask", "qhat"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_target_prior_hand_computed():
+    # qhat = [0.5, 0.25, 0.25], p* = [0.5, 0.25, 0.25]: log qhat - log p* = 0 -> no adjustment at all
+    crit = DebiasPLLoss(3, tau=1.0, threshold=0.0, qhat_momentum=0.0, target_prior=[2, 1, 1])
+    assert torch.allclose(crit.prior.target, torch.tensor([[0.5, 0.25, 0.25]]))
+    crit.prior.qhat.copy_(torch.tensor([[0.5, 0.25, 0.25]]))
+    lw = torch.log(torch.tensor([[0.4, 0.35, 0.25]]))
+    out = crit(lw, lw.clone())
+    assert out.targets.tolist() == [0]  # uniform target would give exp(lw)/q = [0.8, 1.4, 1.0] -> class 1
+    # p* = [0.25, 0.5, 0.25] with qhat [0.5, 0.25, 0.25]: exp(lw) * p*/q = [0.2, 0.7, 0.25] -> [.1739, .6087, .2174]
+    prior = ClassPrior(3, target=[1, 2, 1])
+    prior.qhat.copy_(torch.tensor([[0.5, 0.25, 0.25]]))
+    probs, targets, _ = debiased_pseudo_labels(lw, prior.log_ratio(), tau=1.0, threshold=0.0)
+    assert torch.allclose(probs, torch.tensor([[0.2, 0.7, 0.25]]) / 1.15, atol=1e-6) and targets.tolist() == [1]
+    # margin: ls + tau * (log qhat - log p*)
+    ls = torch.tensor([[1.0, 2.0, 3.0]])
+    expected = ls + torch.log(torch.tensor([[2.0, 0.5, 1.0]]))
+    assert torch.allclose(adaptive_margin(ls, prior.log_ratio(), 1.0), expected, atol=1e-6)
+
+
+def test_target_prior_state_round_trip_and_errors():
+    crit = DebiasPLLoss(3, target_prior=[3, 1, 1])
+    fresh = DebiasPLLoss(3)
+    assert fresh.prior.uniform_target
+    fresh.load_state_dict(crit.state_dict())
+    assert not fresh.prior.uniform_target and torch.allclose(fresh.prior.target, torch.tensor([[0.6, 0.2, 0.2]]))
+    assert torch.equal(fresh.prior.log_ratio(), crit.prior.log_ratio())
+    for bad in ([1, 2], [1, 0, 1], [1, float("nan"), 1]):
+        with pytest.raises(ValueError, match="3 positive numbers"):
+            DebiasPLLoss(3, target_prior=bad)

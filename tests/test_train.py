@@ -13,6 +13,8 @@ from dpl_zoo.data import DataError
 from dpl_zoo.progress import Reporter
 from dpl_zoo.train import TrainingDiverged, dry_run, fit
 
+from conftest import tiny_overrides
+
 
 @pytest.mark.parametrize("method", ["debiaspl", "fixmatch", "supervised"])
 def test_resnet_run_writes_everything(tiny_config, method, tmp_path):
@@ -270,3 +272,31 @@ def test_both_augmentation_paths_train_on_folders_and_arrays(tiny_config, augmen
                                             "batch_size=4", f"output={tmp_path / 'runs'}", f"experiment=m-{augment_on}",
                                             "data.eval_unlabeled_max=50"]), quiet=True)
     assert arrays["steps"] == 2 and arrays["top1"] >= 0
+
+
+def test_labeled_target_prior_is_estimated_saved_and_reported(tmp_path):
+    from conftest import make_image_folder
+    root = tmp_path / "lt"
+    make_image_folder(root / "train", classes=("a",), per_class=12)
+    make_image_folder(root / "train", classes=("a", "b"), per_class=6)  # a: 12 images, b: 6 ...
+    make_image_folder(root / "train", classes=("a", "b", "c"), per_class=3)  # ... c: 3 (file names overlap)
+    make_image_folder(root / "val", per_class=2, classes=("a", "b", "c"))
+    sets = tiny_overrides(root, tmp_path / "runs", epochs=1, **{"data.labels_per_class": None,
+                                                                "data.label_fraction": 0.5,
+                                                                "dpl.target_prior": "labeled", "batch_size": 2})
+    summary = fit(load_config(None, sets), quiet=True)
+    # labeled per class round(0.5 x [12, 6, 3]) = [6, 3, 2]; add-one smoothing: [7, 4, 3] / 14
+    assert summary["target_prior"] == pytest.approx([0.5, 4 / 14, 3 / 14])
+    state = torch.load(tmp_path / "runs" / "run" / "last.pth.tar", weights_only=True)
+    assert torch.allclose(state["task_state"]["target_prior"], torch.tensor([[0.5, 4 / 14, 3 / 14]]))
+    assert summary["pl_kl_target"] is not None and 0 <= summary["balanced_top1"] <= 100
+    uniform = fit(load_config(None, sets + ["dpl.target_prior=uniform", "experiment=u"]), quiet=True)
+    assert uniform["target_prior"] == pytest.approx([1 / 3] * 3)
+
+
+def test_balanced_accuracy_is_the_mean_per_class_recall():
+    from dpl_zoo.evaluate import accuracy_report
+    logits = torch.eye(3)[[0, 0, 0, 0, 1, 0]] * 5       # predictions
+    targets = torch.tensor([0, 0, 0, 0, 1, 2])          # class 2 always wrong
+    report = accuracy_report(logits, targets, 3)
+    assert report["top1"] == pytest.approx(500 / 6) and report["balanced_top1"] == pytest.approx(200 / 3)
