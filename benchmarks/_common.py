@@ -1,11 +1,21 @@
-"""What every benchmark records next to its numbers: the machine and the versions."""
+"""What every benchmark shares: machine facts, timing, and running many training runs.
+
+Training runs go through :func:`run_jobs`: ``parallel`` single-thread processes side by side
+(on a small CPU machine two single-thread processes do more work than one two-thread
+process), each run in its own folder; a run whose ``summary.json`` exists is read back
+instead of trained again, so an interrupted benchmark continues where it stopped.
+"""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
 import time
-from typing import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Optional
 
 
 def machine_facts() -> dict:
@@ -15,7 +25,8 @@ def machine_facts() -> dict:
     facts = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
              "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
              "torch_threads": torch.get_num_threads(), "timm": timm.__version__,
-             "huggingface_hub": huggingface_hub.__version__, "cuda": torch.cuda.is_available()}
+             "huggingface_hub": huggingface_hub.__version__, "cuda": torch.cuda.is_available(),
+             "load_average": os.getloadavg()}
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name(0)
     return facts
@@ -33,3 +44,61 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2, sync: C
         sync()
         times.append(time.perf_counter() - t)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+
+
+def mean_sd(values) -> tuple[float, float]:
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _run_job(job: dict) -> dict:
+    """One training run in this process; the summary plus its evaluated curve."""
+    import resource
+    from dpl_zoo.config import load_config
+    from dpl_zoo.train import fit
+    folder = Path(job["output"]) / job["name"]
+    if (folder / "summary.json").is_file():
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["reused"] = True
+    else:
+        cfg = load_config(job["recipe"], [*job["overrides"], f"output={job['output']}", f"experiment={job['name']}"])
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        summary = fit(cfg, quiet=True)
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        summary["cpu_seconds"] = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary["curve"] = [{"step": r["step"], "top1": r["eval"]["student"]["top1"],
+                         **{k: r["eval"].get("pseudo_labels", {}).get(k)
+                            for k in ("pl_acc", "mask_rate", "pl_kl_uniform", "pl_kl_target")}}
+                        for r in rows if r["kind"] == "epoch" and "eval" in r]
+    summary["job"] = {k: v for k, v in job.items() if k != "output"}
+    return summary
+
+
+def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None,
+             on_done: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Run ``jobs`` (``name``, ``recipe``, ``overrides``, ``output``) ``parallel`` at a time;
+    results in job order. A failed run stops the benchmark with its error."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    results: dict[int, dict] = {}
+    ctx = get_context("spawn")
+    with Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress, \
+            ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+        task = progress.add_task("runs", total=len(jobs))
+        futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            result = future.result()
+            results[futures[future]] = result
+            progress.advance(task)
+            if on_done:
+                on_done(result)
+    return [results[i] for i in range(len(jobs))]

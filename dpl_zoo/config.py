@@ -71,6 +71,7 @@ class DataConfig:
     verify_images: bool = True         # scan folder images at start, skip unreadable ones
     strict: bool = False               # an unreadable image is an error instead of skipped
     eval_unlabeled_max: int = 10000    # cap on the unlabeled subset used for pseudo-label diagnostics
+    val_max: Optional[int] = None      # evaluate on a fixed random subset of this size (default: all)
     teacher_predictions: Optional[str] = None  # `dpl-zoo pseudo-label` output: enables the CLIP-assisted term
     labels_from: str = "human"         # human | teacher (zero-shot: labeled = confident teacher predictions)
     teacher_label_threshold: float = 0.95  # zero-shot: teacher confidence that makes an image "labeled"

@@ -251,7 +251,10 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[R
                         f"(mu x batch_size = {per_step}); lower batch_size or dpl.mu")
     tf = eval_transform(data_config)
     val_bad = set(getattr(val_base, "bad_indices", []))
-    val = EvalDataset(val_base, [i for i in range(len(val_base)) if i not in val_bad], tf)
+    val_indices = [i for i in range(len(val_base)) if i not in val_bad]
+    if cfg.data.val_max:
+        val_indices = subsample(val_indices, cfg.data.val_max, cfg.data.split_seed + 1)
+    val = EvalDataset(val_base, val_indices, tf)
     diag = EvalDataset(train_base, subsample(split.unlabeled, cfg.data.eval_unlabeled_max, cfg.data.split_seed),
                        tf) if ssl else None
     # one pass over the unlabeled set per epoch, for every method: baselines get the same optimiser steps
