@@ -218,8 +218,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", f"{filename} not found in {repo_id}", head=head)
         etag = f'"{hashlib.sha256(data).hexdigest()}"'
         self._send(200, raw=data, head=head, headers={
-            "X-Repo-Commit": repo["sha"] if revision == "main" else revision, "ETag": etag, "X-Linked-Etag": etag, "X-Linked-Size": str(len(data)),
-            "Content-Type": "application/octet-stream"})
+            "X-Repo-Commit": repo["sha"] if revision == "main" else revision, "ETag": etag, "X-Linked-Etag": etag,
+            "X-Linked-Size": str(len(data)), "Content-Type": "application/octet-stream"})
 
 
 class HubServer:

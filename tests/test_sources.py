@@ -121,6 +121,10 @@ def test_mirror_first_load_converts_records_and_warns_then_later_loads_check(ent
     weights.write_bytes(bytes(data))
     with pytest.raises(ZooError, match="cached conversion.*sha256 .* expected .*force_download=True"):
         dpl_zoo.load("tiny-dpl")
+    # without its record a cached conversion cannot be checked: refused, not trusted
+    (cache / "zoo" / "tiny-dpl" / "source.json").unlink()
+    with pytest.raises(ZooError, match="no readable source.json"):
+        dpl_zoo.load("tiny-dpl")
     # force_download starts over from the source (and records the new download)
     with pytest.warns(UserWarning, match="recorded"):
         assert torch.equal(_out(dpl_zoo.load("tiny-dpl", force_download=True)), _out(release[1]))
