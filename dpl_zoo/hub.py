@@ -12,6 +12,7 @@ the staged folder no longer has, so the repo is exactly what was staged.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -295,22 +296,16 @@ def publish(staged: str | Path, repo_id: str, private: bool = False, token: Opti
                                  delete_patterns="*")
 
 
-class hub_errors:
+@contextlib.contextmanager
+def hub_errors(doing: str):
     """Turn huggingface_hub and network errors into a :class:`HubError` with what to do."""
-
-    def __init__(self, doing: str):
-        self.doing = doing
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if error is None:
-            return False
-        message = describe_hub_error(error)
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only errors describe_hub_error knows are translated
+        message = describe_hub_error(e)
         if message is None:
-            return False
-        raise HubError(f"{self.doing}: {message}") from error
+            raise
+        raise HubError(f"{doing}: {message}") from e
 
 
 def describe_hub_error(error: BaseException) -> Optional[str]:

@@ -234,7 +234,11 @@ def _manual_route(entry: ZooEntry) -> str:
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
+    """An error's message on one line, without gdown's advice that does not apply here (its
+    partial file lives in a temporary folder that is removed; the browser hint is in ours)."""
+    text = " ".join(str(e).split()).removeprefix("Failed to retrieve file url: ")
+    for tail in (" You may still be able", " The received bytes are kept"):
+        text = text.split(tail)[0]
     return text if len(text) <= limit else text[:limit] + " ..."
 
 

@@ -57,7 +57,8 @@ def test_names_follow_timm_folders_need_local_dir(tmp_path, monkeypatch, capsys)
     """A folder named like a registry entry never shadows it (no checksum would be checked)."""
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    export_timm(timm.create_model("test_resnet", num_classes=10), tmp_path / "test_resnet-dpl-mnist")
+    saved = timm.create_model("test_resnet", num_classes=10).eval()
+    export_timm(saved, tmp_path / "test_resnet-dpl-mnist")
     with pytest.raises(ZooError, match="no source that can deliver"):
         dpl_zoo.load("test_resnet-dpl-mnist")  # the registry entry, not the folder
     for name in ("local-dir:test_resnet-dpl-mnist", "./test_resnet-dpl-mnist", Path("test_resnet-dpl-mnist"),
@@ -68,7 +69,10 @@ def test_names_follow_timm_folders_need_local_dir(tmp_path, monkeypatch, capsys)
         dpl_zoo.load("mine")
     with pytest.raises(ZooError, match="did you mean resnet50-dpl-1pct"):
         dpl_zoo.load("resnet50-dpl-1pc")
-    # dpl-zoo eval reads names the same way
+    # dpl-zoo eval reads names the same way, and evaluates the folder's weights (not a fresh model)
+    from dpl_zoo.evaluate import load_for_eval
+    for name in ("./test_resnet-dpl-mnist", "local-dir:test_resnet-dpl-mnist"):
+        assert torch.equal(_outputs(load_for_eval(name)[0]), _outputs(saved))
     assert main(["eval", "test_resnet-dpl-mnist", "--data", "mnist"]) == 2
     assert "no source that can deliver" in capsys.readouterr().out
     model = dpl_zoo.load("test_resnet-dpl-mnist", pretrained=False)  # architecture from the entry
