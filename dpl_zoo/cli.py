@@ -52,7 +52,7 @@ def _add_plot(sub) -> None:
 
 
 def _add_zoo(sub) -> None:
-    p = sub.add_parser("list", help="zoo models (optionally matching a pattern)")
+    p = sub.add_parser("list", help="zoo models (optionally matching a pattern) and where their weights come from")
     p.add_argument("pattern", nargs="?", default="*")
     p = sub.add_parser("info", help="everything the registry knows about a zoo model")
     p.add_argument("name")
@@ -66,9 +66,24 @@ def _add_zoo(sub) -> None:
     p.add_argument("--repo", required=True, help="Hub repo id, ORG/NAME")
     p.add_argument("--zoo-name", help="write the card from this zoo entry's registry metadata")
     p.add_argument("--baseline", help="the baseline run folder (e.g. FixMatch) for the card's gain")
+    p.add_argument("--dataset-id", help="Hub dataset id the card reports results on (default: the known id of "
+                                        "the run's dataset, else the data folder's name)")
     p.add_argument("--private", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="stage and show the folder, upload nothing")
-    p.add_argument("--stage-dir", help="where to stage (default: SOURCE/hub-staging)")
+    p.add_argument("--stage-dir", help="where to stage, replaced on every run (default: SOURCE/hub-staging)")
+    p = sub.add_parser("publish-zoo", help="maintainers: convert the authors' releases and push them to the Hub",
+                       description="For each entry: fetch the authors' release (Drive or DPL_ZOO_MIRROR), convert "
+                                   "the student, optionally evaluate it, stage it with its model card, push it to "
+                                   "ORG/NAME and print the registry line to paste into dpl_zoo/zoo.py.")
+    p.add_argument("names", nargs="*", help="zoo entries (default: every entry with a released checkpoint)")
+    p.add_argument("--org", required=True, help="Hub namespace to push to")
+    p.add_argument("--data", help="evaluate on this class folder (e.g. imagenet/val) and put the measured "
+                                  "numbers on the card")
+    p.add_argument("--dry-run", action="store_true", help="fetch, convert and stage; upload nothing")
+    p.add_argument("--keep-release", action="store_true", help="keep the downloaded .pth.tar in the dpl-zoo cache")
+    p.add_argument("--stage-dir", default="hub-staging", help="staging root, one folder per entry, replaced on "
+                                                              "every run (default: ./hub-staging)")
+    p.add_argument("--private", action="store_true")
 
 
 def _add_pseudo_label(sub) -> None:
@@ -201,18 +216,24 @@ def cmd_pseudo_label(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from rich import box
     from rich.table import Table
     from .zoo import list_models, model_info
-    table = Table(title="dpl-zoo models")
+    table = Table(title="dpl-zoo models", box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column("name", no_wrap=True)
-    for col in ("labels", "top-1", "baseline", "gain", "numbers", "weights"):
-        table.add_column(col)
+    table.add_column("labels")
+    table.add_column("top-1", justify="right")
+    table.add_column("gain", justify="right")
+    table.add_column("source", no_wrap=True)
     for name in list_models(args.pattern):
         e = model_info(name)
-        table.add_row(name, e.label_budget, _num(e.metrics.top1 if e.metrics else None),
-                      _num(e.baseline.top1 if e.baseline else None), _num(e.gain, "+.1f"),
-                      e.metrics.provenance if e.metrics else "-", "published" if e.published else "unpublished")
+        table.add_row(name, e.label_budget, _num(e.metrics.top1 if e.metrics else None), _num(e.gain, "+.1f"),
+                      e.source)
     console.print(table)
+    console.print("top-1: of the weights load delivers; gain: over the baseline at the same label budget "
+                  "(`dpl-zoo info NAME`: baseline, paper, provenance). source: where dpl_zoo.load takes the "
+                  "weights from: hub (a pinned commit), authors' release (downloaded and converted once into "
+                  "the dpl-zoo cache), none (no weights to load; info says how to reproduce them)")
     return 0
 
 
@@ -235,25 +256,55 @@ def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
     out = convert_checkpoint(args.checkpoint, args.out, teacher=args.teacher, arch=args.arch)
     console.print(f"converted {'teacher' if args.teacher else 'student'} of {args.checkpoint} to {out} "
-                  f"(load with dpl_zoo.load({str(out)!r}) or timm.create_model('local-dir:{out}', pretrained=True))")
+                  f"(load with dpl_zoo.load('local-dir:{out}') or timm.create_model('local-dir:{out}', "
+                  f"pretrained=True))")
     return 0
 
 
 def cmd_publish(args) -> int:
-    from .hub import card_from_entry, card_from_run, publish, stage
+    from .hub import card_from_entry, card_from_run, publish, stage, staged_files
     from .zoo import model_info
     source = Path(args.source)
     info = card_from_entry(model_info(args.zoo_name)) if args.zoo_name else \
-        card_from_run(source, args.repo, Path(args.baseline) if args.baseline else None)
+        card_from_run(source, args.repo, Path(args.baseline) if args.baseline else None, args.dataset_id)
     info.repo_id = args.repo
+    if args.dataset_id:
+        info.dataset_id = args.dataset_id
     staged = stage(source, Path(args.stage_dir) if args.stage_dir else source / "hub-staging", info)
-    for path in sorted(staged.iterdir()):
+    for path in staged_files(staged):
         console.print(f"  {path.name:<20} {path.stat().st_size:>12,d} bytes")
     if args.dry_run:
         console.print(f"dry run: staged in {staged}, nothing uploaded")
         return 0
-    url = publish(staged, args.repo, private=args.private)
-    console.print(f"published to {args.repo}: {url}")
+    commit = publish(staged, args.repo, private=args.private)
+    console.print(f"published to {args.repo}: {commit.commit_url} (commit {commit.oid})")
+    return 0
+
+
+def cmd_publish_zoo(args) -> int:
+    from .hub import publish_zoo_entry, staged_files
+    from .zoo import list_models, model_info
+    names = args.names or [n for n in list_models() if model_info(n).release is not None]
+    entries = [model_info(n) for n in names]  # every name checked before anything is downloaded
+    lines = []
+    for entry in entries:
+        console.print(f"[bold]{entry.name}[/]: fetching the authors' release and converting")
+        result = publish_zoo_entry(entry, args.org, Path(args.stage_dir) / entry.name, data=args.data,
+                                   dry_run=args.dry_run, keep_release=args.keep_release, private=args.private)
+        for path in staged_files(result["staged"]):
+            console.print(f"  {path.name:<20} {path.stat().st_size:>12,d} bytes")
+        if result["measured"]:
+            console.print(f"  measured top-1 {result['measured']['top1']:.2f} top-5 {result['measured']['top5']:.2f}")
+        if args.dry_run:
+            console.print(f"  dry run: staged in {result['staged']}, nothing uploaded; model.safetensors sha256 "
+                          f"{result['sha256']}")
+        else:
+            console.print(f"  published {result['repo_id']} at commit {result['commit']}")
+            lines.append(result["registry_line"])
+    if lines:
+        console.print("paste into PUBLISHED in dpl_zoo/zoo.py:")
+        for line in lines:
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
     return 0
 
 
@@ -270,9 +321,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_info, "convert": cmd_convert,
                 "publish": cmd_publish, "pseudo-label": cmd_pseudo_label, "plot": cmd_plot}
     try:
+        handlers["publish-zoo"] = cmd_publish_zoo
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, ConversionError, ZooError, TrainingDiverged,
             FileExistsError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # unwrapped: paths stay copyable
+        return 2
+    except Exception as e:  # noqa: BLE001 - library errors become one line; anything else propagates
+        from .hub import describe_hub_error
+        line = describe_hub_error(e)
+        if line is None:
+            raise
+        console.print(f"[bold red]error:[/] {line}", soft_wrap=True)
         return 2
 

@@ -80,10 +80,12 @@ def pseudo_label_from_counts(counts: torch.Tensor, target=None) -> dict:
 
 
 def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
-    """A model from a run checkpoint (``.pth.tar``), an exported timm folder, or a zoo name."""
-    import timm
-    path = Path(ref)
-    if path.is_file():
+    """A model from a run checkpoint (``.pth.tar``), an exported timm folder (``local-dir:DIR``
+    or an explicit path), ``hf-hub:ORG/NAME`` or a zoo name; a registry name always means the
+    registry, never a folder that happens to share it."""
+    from .zoo import ZooError, is_registered, load
+    path = Path(ref).expanduser()
+    if not is_registered(ref) and path.is_file():
         from . import checkpoint as ckpt
         state = ckpt.load(path)
         if "arch" not in state or "state_dict" not in state:
@@ -96,13 +98,8 @@ def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
         model.load_state_dict(state["state_dict"])
         model.pretrained_cfg = {**model.pretrained_cfg, **resolve_data_config(cfg, model)}
         return model.eval(), list(state["classes"])
-    if path.is_dir():
-        model = timm.create_model(f"local-dir:{path}")
-        return model.eval(), model.pretrained_cfg.get("label_names")
-    if "/" in ref or ref.endswith((".tar", ".pth", ".safetensors")):
-        from .zoo import ZooError
+    if ref.endswith((".tar", ".pth", ".safetensors")):
         raise ZooError(f"{ref} does not exist (expected a run checkpoint, an exported folder or a zoo name)")
-    from .zoo import load
     model = load(ref)
     return model, model.pretrained_cfg.get("label_names")
 

@@ -1,22 +1,37 @@
 """Sharing on the Hugging Face Hub: model cards, staging a folder, publishing.
 
-Cards are written with huggingface_hub's ``ModelCard``/``ModelCardData``: the
-``model-index`` block holds top-1 and top-5 of the model and, where known, the
-baseline at the same label budget and the gain, each marked *reported* or
-*measured*. The template is ``hub/model_card.md``.
+Cards are written with huggingface_hub's ``ModelCard``/``ModelCardData``. The
+``model-index`` block holds only this model's own top-1/top-5, on a Hub dataset id
+(``ILSVRC/imagenet-1k``, ``ylecun/mnist``, or a name for the user's own data): the Hub
+shows those numbers as the model's results. The baseline at the same label budget, the
+gain and where each number comes from (*reported* or *measured*) go in the ``dpl_zoo``
+metadata block and the card's table. The template is ``hub/model_card.md``.
+
+Staging is fresh every time and carries no local paths; publishing removes repo files
+the staged folder no longer has, so the repo is exactly what was staged.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional
 
 from .zoo import CONFIG_NAME, WEIGHTS_NAME, ZooEntry, ZooError
 
 PAPER_URL = "https://arxiv.org/abs/2201.01490"
+STAGING_MARKER = ".dpl-zoo-staging"
+# Hub dataset ids of the datasets this project knows by name
+HUB_DATASETS = {"imagenet-1k": "ILSVRC/imagenet-1k", "imagenet": "ILSVRC/imagenet-1k", "mnist": "ylecun/mnist",
+                "fashion_mnist": "zalando-datasets/fashion_mnist", "fashion-mnist": "zalando-datasets/fashion_mnist"}
+_SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "eval"}
 
+
+class HubError(ZooError):
+    """A Hub operation that failed; the message says what to do."""
 
 
 def template_path() -> Path:
@@ -31,7 +46,8 @@ class CardInfo:
     repo_id: str
     architecture: str
     method: str
-    dataset: str
+    dataset: str                    # display name, never a local path
+    dataset_id: str                 # Hub dataset id (model-index ``dataset.type``)
     split: str
     label_budget: str
     top1: float
@@ -41,9 +57,12 @@ class CardInfo:
     baseline_method: str = ""
     baseline_top1: Optional[float] = None
     baseline_provenance: str = ""
+    paper_top1: Optional[float] = None  # the paper's number, where the model is an authors' re-run
     recipe_yaml: str = ""
     license: str = "mit"
+    license_note: str = ""
     load_name: Optional[str] = None
+    timm_name: Optional[str] = None
     tags: tuple = ()
 
     @property
@@ -51,25 +70,67 @@ class CardInfo:
         return None if self.baseline_top1 is None else round(self.top1 - self.baseline_top1, 2)
 
 
-def card_from_entry(entry: ZooEntry) -> CardInfo:
-    if entry.metrics is None:
+def dataset_id(name: str, override: Optional[str] = None) -> str:
+    """A Hub dataset id for a dataset name or a data folder: known names map to their Hub
+    ids; a folder gives its base name (its parent's when the base is a split name)."""
+    if override:
+        return override
+    key = str(name).strip().lower()
+    if key in HUB_DATASETS:
+        return HUB_DATASETS[key]
+    if key.startswith("hfds/"):  # timm's Hub datasets: hfds/ORG/NAME
+        return str(name)[len("hfds/"):]
+    path = Path(str(name).rstrip("/\\"))
+    base = path.name if path.name.lower() not in _SPLIT_NAMES or not path.parent.name else path.parent.name
+    return base or str(name)
+
+
+def strip_local_paths(value):
+    """``value`` with every absolute path (POSIX, Windows or ``~``) replaced by its base name."""
+    if isinstance(value, dict):
+        return {k: strip_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strip_local_paths(v) for v in value]
+    if isinstance(value, str) and _is_local_path(value):
+        windows = re.match(r"^[A-Za-z]:[\\/]|^\\\\", value)
+        return (PureWindowsPath(value) if windows else PurePosixPath(value)).name
+    return value
+
+
+def _is_local_path(text: str) -> bool:
+    return text.startswith(("/", "~")) or bool(re.match(r"^[A-Za-z]:[\\/]|^\\\\", text))
+
+
+def card_from_entry(entry: ZooEntry, measured: Optional[dict] = None) -> CardInfo:
+    """A card for a zoo entry; ``measured`` (a ``dpl-zoo eval`` result) replaces the
+    reported numbers with the ones measured on the published file."""
+    if entry.metrics is None and measured is None:
         raise ZooError(f"{entry.name} has no accuracy yet: evaluate it (dpl-zoo eval) before writing its card")
     from .config import resolve_recipe_path
     try:
         recipe = resolve_recipe_path(entry.recipe).read_text()
     except ValueError:
         recipe = f"# recipe {entry.recipe} is not shipped with this version"
+    if measured is not None:
+        top1, top5, provenance = round(measured["top1"], 2), round(measured["top5"], 2), "measured"
+        source = f"dpl-zoo eval on {dataset_id(measured.get('data', ''))} ({measured['images']} images)"
+    else:
+        top1, top5, provenance, source = (entry.metrics.top1, entry.metrics.top5, entry.metrics.provenance,
+                                          entry.metrics.source)
     return CardInfo(
-        model_name=entry.name, repo_id=entry.hf_hub_id, architecture=entry.architecture, method=entry.method,
-        dataset=entry.dataset, split="validation", label_budget=entry.label_budget, top1=entry.metrics.top1,
-        top5=entry.metrics.top5, provenance=entry.metrics.provenance, source=entry.metrics.source,
+        model_name=entry.name, repo_id=entry.repo_id, architecture=entry.architecture, method=entry.method,
+        dataset=entry.dataset, dataset_id=dataset_id(entry.label_set), split="validation",
+        label_budget=entry.label_budget, top1=top1, top5=top5, provenance=provenance, source=source,
         baseline_method=entry.baseline_method, baseline_top1=entry.baseline.top1 if entry.baseline else None,
-        baseline_provenance=entry.baseline.provenance if entry.baseline else "", recipe_yaml=recipe,
-        license=entry.license, load_name=entry.name, tags=entry.tags)
+        baseline_provenance=entry.baseline.provenance if entry.baseline else "",
+        paper_top1=entry.paper.top1 if entry.paper else None, recipe_yaml=recipe, license=entry.license,
+        license_note=entry.license_note, load_name=entry.name, timm_name=entry.timm_name, tags=entry.tags)
 
 
-def card_from_run(source: Path, repo_id: str, baseline: Optional[Path] = None) -> CardInfo:
-    """A card for a run folder (``summary.json`` or an ``eval.json`` from ``dpl-zoo eval``)."""
+def card_from_run(source: Path, repo_id: str, baseline: Optional[Path] = None,
+                  dataset: Optional[str] = None) -> CardInfo:
+    """A card for a run folder (``summary.json`` or an ``eval.json`` from ``dpl-zoo eval``);
+    ``dataset``: the Hub dataset id to report results on (default: from the run's data)."""
     run_dir = source if (source / "summary.json").is_file() or (source / "eval.json").is_file() else source.parent
     metrics = _read_metrics(run_dir)
     if metrics is None:
@@ -81,18 +142,28 @@ def card_from_run(source: Path, repo_id: str, baseline: Optional[Path] = None) -
         raise ZooError(f"baseline {baseline} has no summary.json or eval.json")
     cfg = _recipe_dict(recipe_file)
     method = metrics.get("method") or cfg.get("dpl", {}).get("method", "debiaspl")
+    architecture = json.loads((export_folder(source) / CONFIG_NAME).read_text()).get("architecture", "?")
+    data = metrics.get("data") or _run_data(cfg, metrics)
     return CardInfo(
-        model_name=repo_id.split("/")[-1], repo_id=repo_id, architecture=metrics.get("model") or cfg.get("model", "?"),
+        model_name=repo_id.split("/")[-1], repo_id=repo_id, architecture=architecture,
         method={"debiaspl": "DebiasPL", "fixmatch": "FixMatch", "supervised": "Supervised"}.get(method, method),
-        dataset=metrics.get("data") or metrics.get("dataset", "?"), split=metrics.get("split", "held-out test"),
+        dataset=strip_local_paths(data), dataset_id=dataset_id(data, dataset),
+        split=metrics.get("split", "held-out test"),
         label_budget=f"{metrics['labeled']} labeled images" if "labeled" in metrics else "?",
         top1=round(metrics["top1"], 2), top5=round(metrics["top5"], 2) if metrics.get("top5") is not None else None,
-        provenance="measured", source=metrics.get("command", "dpl-zoo train / dpl-zoo eval"),
+        provenance="measured", source=strip_local_paths(metrics.get("command", "dpl-zoo train / dpl-zoo eval")),
         baseline_method={"fixmatch": "FixMatch", "supervised": "Supervised"}.get(base.get("method"), "baseline")
         if base else "", baseline_top1=round(base["top1"], 2) if base else None,
         baseline_provenance="measured" if base else "",
-        recipe_yaml=recipe_file.read_text() if recipe_file.is_file() else "# no recipe recorded",
+        recipe_yaml=_yaml(strip_local_paths(cfg)) if recipe_file.is_file() else "# no recipe recorded",
         load_name=f"hf-hub:{repo_id}", tags=("semi-supervised",))
+
+
+def _run_data(cfg: dict, metrics: dict) -> str:
+    """What a run trained on: a known dataset's name, or its data folder."""
+    data = cfg.get("data", {})
+    name = data.get("dataset") or metrics.get("dataset", "?")
+    return (data.get("root") or name) if name == "folder" else name
 
 
 def _read_metrics(run_dir: Path) -> Optional[dict]:
@@ -107,39 +178,42 @@ def _recipe_dict(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
+def _yaml(data: dict) -> str:
+    import yaml
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def model_card(info: CardInfo):
-    """A ``huggingface_hub.ModelCard`` with a ``model-index`` block."""
+    """A ``huggingface_hub.ModelCard``: ``model-index`` with this model's own results only."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
-    common = dict(task_type="image-classification", dataset_type=info.dataset.split(" ")[0].lower(),
-                  dataset_name=info.dataset, dataset_split=info.split, metric_type="accuracy")
+    common = dict(task_type="image-classification", dataset_type=info.dataset_id, dataset_name=info.dataset,
+                  dataset_split=info.split, metric_type="accuracy")
     if info.provenance == "reported":  # the Hub links a result to its source
         common.update(source_name=info.source, source_url=PAPER_URL)
     results = [EvalResult(metric_value=info.top1, metric_name="top-1 accuracy", **common)]
     if info.top5 is not None:
         results.append(EvalResult(metric_value=info.top5, metric_name="top-5 accuracy", **common))
-    if info.baseline_top1 is not None:
-        base = dict(common)
-        results.append(EvalResult(metric_value=info.baseline_top1,
-                                  metric_name=f"baseline top-1 accuracy ({info.baseline_method}, same labels)", **base))
-        results.append(EvalResult(metric_value=info.gain, metric_name=f"gain over {info.baseline_method} "
-                                                                      f"(top-1 points)", **base))
     data = ModelCardData(model_name=info.model_name, license=info.license, library_name="timm",
                          tags=["image-classification", "timm", "dpl-zoo", "debiaspl", *info.tags],
-                         pipeline_tag="image-classification", eval_results=results,
+                         pipeline_tag="image-classification", datasets=[info.dataset_id], eval_results=results,
                          dpl_zoo={"provenance": info.provenance, "source": info.source, "method": info.method,
-                                  "label_budget": info.label_budget, "baseline_method": info.baseline_method or None,
+                                  "dataset_id": info.dataset_id, "label_budget": info.label_budget,
+                                  "paper_top1": info.paper_top1,
+                                  "baseline_method": info.baseline_method or None,
                                   "baseline_top1": info.baseline_top1, "baseline_provenance":
                                       info.baseline_provenance or None, "gain": info.gain})
     note = {"reported": "Numbers are **reported** by the paper's authors, not re-measured here.",
             "measured": "Numbers are **measured** with dpl-zoo on the stated data."}
+    paper = f" The paper's table gives {info.paper_top1:.2f} top-1." \
+        if info.paper_top1 is not None and info.paper_top1 != info.top1 else ""
     return ModelCard.from_template(
         data, template_path=str(template_path()), model_name=info.model_name, method=info.method,
         label_budget=info.label_budget, architecture=info.architecture, dataset=info.dataset, split=info.split,
         top1=f"{info.top1:.2f}", top5=_fmt(info.top5), baseline_method=info.baseline_method,
         baseline_top1=_fmt(info.baseline_top1), gain=_fmt(info.gain, sign=True), provenance=info.provenance,
-        provenance_note=f"{note.get(info.provenance, '')} Source: {info.source}.", load_name=info.load_name,
-        repo_id=info.repo_id, recipe_yaml=info.recipe_yaml.strip(),
-        training_note="The resolved recipe this model was trained with:")
+        provenance_note=f"{note.get(info.provenance, '')} Source: {info.source}.{paper}",
+        license_note=info.license_note, load_name=info.load_name, timm_name=info.timm_name, repo_id=info.repo_id,
+        recipe_yaml=info.recipe_yaml.strip(), training_note="The resolved recipe this model was trained with:")
 
 
 def _fmt(value: Optional[float], sign: bool = False) -> str:
@@ -157,31 +231,140 @@ def export_folder(source: Path) -> Path:
                    f"finish training or run `dpl-zoo convert` first")
 
 
-def stage(source: str | Path, out_dir: str | Path, info: CardInfo) -> Path:
-    """Everything a Hub repo needs in one folder: weights, timm config, card, recipe, metrics."""
+def fresh_staging_dir(out_dir: Path) -> Path:
+    """An empty staging folder: a previous staging (marked) is replaced; any other non-empty
+    folder is refused, so staging never deletes files it did not write."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ZooError(f"staging folder {out_dir} is a file; choose another --stage-dir")
+        if (out_dir / STAGING_MARKER).is_file():
+            shutil.rmtree(out_dir)
+        elif any(out_dir.iterdir()):
+            raise ZooError(f"staging folder {out_dir} is not empty and was not made by dpl-zoo; choose another "
+                           f"--stage-dir (nothing in it was touched)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / STAGING_MARKER).write_text("made by dpl-zoo publish; replaced on every staging\n")
+    return out_dir
+
+
+def stage(source: str | Path, out_dir: str | Path, info: CardInfo, extra: Optional[dict] = None) -> Path:
+    """Everything a Hub repo needs in one fresh folder: weights, timm config, card, and the
+    run's recipe and metrics with local paths reduced to base names. ``extra``: more JSON
+    files to stage, ``{name: data}`` (e.g. an ``eval.json`` measured here)."""
     source, out_dir = Path(source), Path(out_dir)
     weights = export_folder(source)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fresh_staging_dir(out_dir)
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         shutil.copy2(weights / name, out_dir / name)
     run_dir = weights.parent if weights.name == "export" else weights
-    for name in ("config.yaml", "summary.json", "eval.json", "labeled.csv"):
+    for name in ("summary.json", "eval.json"):
         if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, out_dir / ("recipe.yaml" if name == "config.yaml" else name))
+            _write_json(out_dir / name, strip_local_paths(json.loads((run_dir / name).read_text())))
+    for name, data in (extra or {}).items():
+        _write_json(out_dir / name, strip_local_paths(data))
+    if (run_dir / "config.yaml").is_file():
+        (out_dir / "recipe.yaml").write_text(_yaml(strip_local_paths(_recipe_dict(run_dir / "config.yaml"))))
+    if (run_dir / "labeled.csv").is_file():
+        shutil.copy2(run_dir / "labeled.csv", out_dir / "labeled.csv")
     model_card(info).save(out_dir / "README.md")
     return out_dir
 
 
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2))
+
+
+def staged_files(staged: Path) -> list[Path]:
+    return sorted(p for p in staged.iterdir() if p.name != STAGING_MARKER)
+
+
 def publish(staged: str | Path, repo_id: str, private: bool = False, token: Optional[str] = None,
-            commit_message: str = "Add DebiasPL model (dpl-zoo)") -> str:
-    """Create the repo if needed and upload the staged folder; returns the commit URL.
+            commit_message: str = "Add DebiasPL model (dpl-zoo)"):
+    """Create the repo if needed and make it hold exactly the staged folder; returns the
+    ``CommitInfo`` (``commit_url``, ``oid``: the commit hash to pin).
 
     The token comes from ``token``, else huggingface_hub's usual places (HF_TOKEN, the
     login cache); it is never printed or written into any file.
     """
     from huggingface_hub import HfApi
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(folder_path=str(staged), repo_id=repo_id, repo_type="model",
-                             commit_message=commit_message)
-    return str(info.commit_url if hasattr(info, "commit_url") else info)
+    with hub_errors(f"publishing to {repo_id}"):
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        # delete_patterns="*": files the staged folder no longer has leave the repo (.gitattributes stays)
+        return api.upload_folder(folder_path=str(staged), repo_id=repo_id, repo_type="model",
+                                 commit_message=commit_message, ignore_patterns=[STAGING_MARKER],
+                                 delete_patterns="*")
+
+
+@contextlib.contextmanager
+def hub_errors(doing: str):
+    """Turn huggingface_hub and network errors into a :class:`HubError` with what to do."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only errors describe_hub_error knows are translated
+        message = describe_hub_error(e)
+        if message is None:
+            raise
+        raise HubError(f"{doing}: {message}") from e
+
+
+def describe_hub_error(error: BaseException) -> Optional[str]:
+    """One line for a huggingface_hub / HTTP error, also when it is the cause of another
+    (huggingface_hub wraps failed uploads in a RuntimeError); None for anything else."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        line = _describe_one(error)
+        if line is not None:
+            return line
+        error = error.__cause__
+    return None
+
+
+def _describe_one(error: BaseException) -> Optional[str]:
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, LocalTokenNotFoundError) or status == 401:
+        return "not logged in: run `hf auth login` or set HF_TOKEN"
+    if status == 403:
+        return "the token may not write here: use a token with write access to this namespace (hf auth login)"
+    if isinstance(error, RepositoryNotFoundError):
+        return "repository not found (or private: log in with `hf auth login`)"
+    if isinstance(error, HfHubHTTPError):
+        return f"the Hub answered {status}: {' '.join(str(error).split())[:300]}"
+    if type(error).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3"):  # the HTTP client's own
+        return f"the Hub cannot be reached ({type(error).__name__}: {error}); check the network or HF_ENDPOINT"
+    return None
+
+
+def registry_line(name: str, repo_id: str, revision: str, sha256: str) -> str:
+    """The line to paste into ``PUBLISHED`` in ``dpl_zoo/zoo.py``."""
+    return f'    "{name}": HubWeights("{repo_id}", revision="{revision}", sha256="{sha256}"),'
+
+
+def publish_zoo_entry(entry: ZooEntry, org: str, stage_dir: Path, data: Optional[str] = None,
+                      dry_run: bool = False, keep_release: bool = False, private: bool = False) -> dict:
+    """Fetch an entry's release, convert it, optionally evaluate it on ``data``, stage it with
+    its card and push it to ``ORG/NAME``; returns what happened, with the registry line."""
+    from .sources import release_weights
+    if entry.release is None:
+        raise ZooError(f"{entry.name} has no released checkpoint to publish (source: {entry.source})")
+    weights = release_weights(entry, keep_release=keep_release)
+    measured = None
+    if data:
+        from .evaluate import evaluate_model
+        measured = evaluate_model(f"local-dir:{weights.parent}", data)
+    repo_id = f"{org}/{entry.name}"
+    info = card_from_entry(entry, measured)
+    info.repo_id = repo_id
+    staged = stage(weights.parent, stage_dir, info, extra={"eval.json": measured} if measured else None)
+    sha256 = json.loads((weights.parent / "source.json").read_text())["weights"]["sha256"]
+    result = {"name": entry.name, "repo_id": repo_id, "staged": staged, "sha256": sha256, "commit": None,
+              "measured": measured}
+    if dry_run:
+        return result
+    commit = publish(staged, repo_id, private=private, commit_message=f"{entry.name}: the authors' released "
+                                                                      f"checkpoint (student), converted by dpl-zoo")
+    result.update(commit=commit.oid, url=commit.commit_url,
+                  registry_line=registry_line(entry.name, repo_id, commit.oid, sha256))
+    return result

