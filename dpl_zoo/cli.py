@@ -319,9 +319,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_info, "convert": cmd_convert,
-                "publish": cmd_publish, "pseudo-label": cmd_pseudo_label, "plot": cmd_plot}
+                "publish": cmd_publish, "publish-zoo": cmd_publish_zoo, "pseudo-label": cmd_pseudo_label,
+                "plot": cmd_plot}
     try:
-        handlers["publish-zoo"] = cmd_publish_zoo
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, ConversionError, ZooError, TrainingDiverged,
             FileExistsError) as e:
