@@ -6,7 +6,8 @@ the two components alone. Prints rich tables, writes every run's numbers to JSON
 draws the pseudo-label class histograms of both methods (the paper's figure) when
 matplotlib is installed (``pip install 'dpl-zoo[bench]'``).
 
-    python benchmarks/gain.py                      # the default run
+    python benchmarks/gain.py                      # 1,000 steps, 5 seeds, 1 and 2 labels per class
+    python benchmarks/gain.py --ablation           # plus the tau / momentum / component ablation
     python benchmarks/gain.py --toy                # a seconds-long smoke run
 """
 from __future__ import annotations
@@ -22,10 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_facts  # noqa: E402
-
-from dpl_zoo.config import load_config  # noqa: E402
-from dpl_zoo.train import fit  # noqa: E402
+from _common import machine_facts, mean_sd, run_jobs  # noqa: E402
 
 console = Console()
 
@@ -37,24 +35,10 @@ ABLATIONS = [  # (label, overrides): tau x qhat momentum, then each component al
 ]
 
 
-def run_one(out: Path, name: str, overrides: dict, base: dict) -> dict:
-    sets = {**base, **overrides, "output": str(out / "runs"), "experiment": name}
-    cfg = load_config("mnist_demo", [f"{k}={v}" for k, v in sets.items()])
-    summary = fit(cfg, quiet=True)
-    rows = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-    summary["curve"] = [{"step": r["step"], "top1": r["eval"]["student"]["top1"],
-                         **{k: r["eval"].get("pseudo_labels", {}).get(k) for k in ("pl_acc", "mask_rate",
-                                                                                   "pl_kl_uniform", "pl_max_min_ratio")}}
-                        for r in rows if r["kind"] == "epoch" and "eval" in r]
-    summary["overrides"] = overrides
-    return summary
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def job(out: Path, name: str, overrides: dict, base: dict) -> dict:
+    sets = {**base, **overrides}
+    return {"name": name, "recipe": "mnist_demo", "output": str(out / "runs" / "gain"),
+            "overrides": [f"{k}={v}" for k, v in sets.items()], "label": name}
 
 
 def gain_table(results: list[dict], budgets: list[int], methods: list[str]) -> tuple[Table, list[dict]]:
@@ -71,13 +55,15 @@ def gain_table(results: list[dict], budgets: list[int], methods: list[str]) -> t
             gains = [r["top1"] - f["top1"] for r in rs for f in results
                      if f["budget"] == k and f["method"] == "fixmatch" and f["seed"] == r["seed"]]
             gain = mean_sd(gains) if m != "fixmatch" else (float("nan"), float("nan"))
+            wins = sum(g > 0 for g in gains) if m != "fixmatch" else None
             row = {"budget": k, "method": m, "top1_mean": top1[0], "top1_sd": top1[1], "pl_acc_mean": pl[0],
                    "mask_rate_mean": mask[0], "pl_kl_mean": kl[0], "pl_kl_sd": kl[1], "pl_max_min_mean": ratio[0],
-                   "gain_mean": gain[0], "gain_sd": gain[1], "fixmatch_top1_sd": fm[1], "seeds": len(rs)}
+                   "gain_mean": gain[0], "gain_sd": gain[1], "fixmatch_top1_sd": fm[1], "seeds": len(rs),
+                   "wins": wins, "gains": gains}
             rows.append(row)
             table.add_row(str(k), m, f"{top1[0]:.2f} ± {top1[1]:.2f}", f"{pl[0]:.2f}", f"{mask[0]:.2f}",
                           f"{kl[0]:.3f} ± {kl[1]:.3f}", f"{ratio[0]:.1f}",
-                          "-" if m == "fixmatch" else f"{gain[0]:+.2f} ± {gain[1]:.2f}")
+                          "-" if m == "fixmatch" else f"{gain[0]:+.2f} ± {gain[1]:.2f} (won {wins}/{len(gains)})")
     return table, rows
 
 
@@ -120,11 +106,12 @@ def plot_histograms(results: list[dict], budget: int, path: Path) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budgets", default="1,2,4", help="labels per class")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--budgets", default="1,2", help="labels per class")
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--methods", default="supervised,fixmatch,debiaspl")
-    p.add_argument("--steps", type=int, default=400, help="training steps per run")
-    p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per run (the default recipe's 1,000)")
+    p.add_argument("--ablation", action="store_true", help="also the tau x momentum and component ablation")
+    p.add_argument("--parallel", type=int, default=2, help="single-thread runs side by side")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--toy", action="store_true", help="smoke run: 1 budget, 1 seed, 2 steps")
     args = p.parse_args(argv)
@@ -132,41 +119,51 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     seeds, steps = args.seeds, args.steps
     out = Path(args.out)
-    base = {"steps_per_epoch": 100, "epochs": max(1, steps // 100), "eval_interval": 1, "workers": 1}
+    base = {"steps_per_epoch": 100, "epochs": max(1, steps // 100), "eval_interval": 5, "workers": 0}
+    parallel = args.parallel
     if args.toy:
-        budgets, seeds, base = budgets[:1], 1, {"steps_per_epoch": 2, "epochs": 1, "workers": 0,
-                                                "data.eval_unlabeled_max": 200}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+        budgets, seeds, parallel = budgets[:1], 1, 1
+        base = {"steps_per_epoch": 2, "epochs": 1, "workers": 0, "data.eval_unlabeled_max": 200, "data.val_max": 50}
+    tag = "toy" if args.toy else f"{steps}"
     t0 = time.perf_counter()
-    results = []
+    jobs = []
     for k in budgets:
         for seed in range(seeds):
             for m in methods:
-                name = f"{stamp}-gain-{k}pc-{m}-s{seed}"
-                s = run_one(out, name, {"data.labels_per_class": k, "seed": seed, "data.split_seed": seed,
-                                        "dpl.method": m}, base)
-                s.update(budget=k, method=m, seed=seed)
-                results.append(s)
-                console.print(f"{k}/class seed {seed} {m}: top-1 {s['top1']:.2f}  ({s['seconds']:.0f} s)")
+                j = job(out, f"{tag}-{k}pc-{m}-s{seed}", {"data.labels_per_class": k, "seed": seed,
+                                                         "data.split_seed": seed, "dpl.method": m}, base)
+                j.update(budget=k, method=m, seed=seed)
+                jobs.append(j)
+    ablation_jobs = []
+    default_budget = 2 if 2 in budgets else budgets[0]
+    if args.ablation or args.toy:
+        for label, overrides in (ABLATIONS[:2] if args.toy else ABLATIONS):
+            name = f"{tag}-ablation-" + "".join(c if c.isalnum() else "_" for c in label)
+            j = job(out, name, {"data.labels_per_class": default_budget, "seed": 0, "data.split_seed": 0,
+                                **overrides}, base)
+            j["label"] = label
+            ablation_jobs.append(j)
+    done = run_jobs(jobs + ablation_jobs, parallel=parallel, console=console,
+                    on_done=lambda r: console.print(f"{r['job']['name']}: top-1 {r['top1']:.2f} ({r['seconds']:.0f} s)"))
+    results = []
+    for r in done[:len(jobs)]:
+        r.update(budget=r["job"]["budget"], method=r["job"]["method"], seed=r["job"]["seed"])
+        results.append(r)
     table, rows = gain_table(results, budgets, methods)
     console.print(table)
     ablation = []
-    default_budget = 2 if 2 in budgets else budgets[0]
-    if not args.no_ablation:
-        for label, overrides in (ABLATIONS[:2] if args.toy else ABLATIONS):
-            name = f"{stamp}-ablation-{label.replace(' ', '_').replace(',', '').replace('(', '').replace(')', '')}"
-            s = run_one(out, name, {"data.labels_per_class": default_budget, "seed": 0, "data.split_seed": 0,
-                                    **overrides}, base)
-            s["label"] = label
-            ablation.append(s)
-            console.print(f"ablation {label}: top-1 {s['top1']:.2f}")
+    for r in done[len(jobs):]:
+        r["label"] = r["job"]["label"]
+        ablation.append(r)
+    if ablation:
         console.print(ablation_table(ablation))
-    figure = out / "pseudo_label_histograms.png"
+    figure = out / ("pseudo_label_histograms_toy.png" if args.toy else "pseudo_label_histograms.png")
     plotted = plot_histograms(results, default_budget, figure)
     report = {"benchmark": "gain", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
               "settings": {"recipe": "mnist_demo", "budgets": budgets, "seeds": seeds, "methods": methods,
-                           "overrides": base}, "table": rows, "runs": results, "ablation": ablation,
-              "figure": str(figure) if plotted else None, "seconds": time.perf_counter() - t0}
+                           "overrides": base, "parallel": parallel}, "table": rows, "runs": results,
+              "ablation": ablation, "figure": str(figure) if plotted else None,
+              "seconds": time.perf_counter() - t0}
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("gain_toy.json" if args.toy else "gain.json")
     path.write_text(json.dumps(report, indent=2))

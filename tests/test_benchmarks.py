@@ -25,7 +25,7 @@ def test_gain_toy(tmp_path):
     report = json.loads((tmp_path / "gain_toy.json").read_text())
     assert {r["method"] for r in report["runs"]} == {"supervised", "fixmatch", "debiaspl"}
     assert len(report["ablation"]) == 2 and report["machine"]["torch"]
-    assert (tmp_path / "pseudo_label_histograms.png").stat().st_size > 1000
+    assert (tmp_path / "pseudo_label_histograms_toy.png").stat().st_size > 1000
 
 
 def test_speed_toy(tmp_path):
