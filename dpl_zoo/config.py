@@ -59,6 +59,10 @@ class DataConfig:
     labels_per_class: Optional[int] = None
     label_fraction: Optional[float] = None
     split_seed: int = 0
+    # a long-tailed training set from a balanced one: class c keeps long_tail_max x ratio^(-c/(C-1))
+    # images (seeded), before the labeled split; labeled and unlabeled then share that profile
+    long_tail_ratio: Optional[float] = None
+    long_tail_max: Optional[int] = None
     labeled_csv: Optional[str] = None  # authors' split format: a column `Index`
     val_fraction: float = 0.2          # embedded MNIST: held-out test share
     scale: tuple = (0.08, 1.0)         # weak view: RandomResizedCrop scale
@@ -238,6 +242,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           "data.labels_per_class / label_fraction / labeled_csv")
     if sum(budgets) > 1:
         raise ConfigError("give one of data.labels_per_class, data.label_fraction, data.labeled_csv, not several")
+    if data.long_tail_ratio is not None and (data.long_tail_ratio < 1 or not data.long_tail_max
+                                             or data.long_tail_max < 1):
+        raise ConfigError("data.long_tail_ratio must be >= 1 and comes with data.long_tail_max (the head class size)")
     if data.label_fraction is not None and not 0 < data.label_fraction <= 1:
         raise ConfigError(f"data.label_fraction must be in (0, 1], got {data.label_fraction}")
     if data.labels_per_class is not None and data.labels_per_class < 1:

@@ -64,6 +64,25 @@ def split_labeled(
     return Split(sorted(labeled), unlabeled)
 
 
+def long_tail_keep(targets: Sequence[int], num_classes: int, ratio: float, head: int, seed: int = 0,
+                   exclude: Sequence[int] = ()) -> list[int]:
+    """Positions of a seeded long-tailed subset: class ``c`` keeps
+    ``round(head x ratio ** (-c / (C - 1)))`` images (at least 1), class 0 the most."""
+    targets = np.asarray(targets)
+    usable = np.ones(len(targets), dtype=bool)
+    usable[list(exclude)] = False
+    rng = np.random.default_rng(seed + 7_919)
+    keep: list[int] = []
+    for c in range(num_classes):
+        idx = np.flatnonzero((targets == c) & usable)
+        n = max(1, int(round(head * ratio ** (-c / max(num_classes - 1, 1)))))
+        if n > idx.size:
+            raise DataError(f"class {c} has {idx.size} images, fewer than the {n} the long-tail profile asks for; "
+                            f"lower data.long_tail_max")
+        keep += rng.choice(idx, size=n, replace=False).tolist()
+    return sorted(keep)
+
+
 def split_from_indices(labeled: Sequence[int], size: int, exclude: Sequence[int] = ()) -> Split:
     bad = [i for i in labeled if not 0 <= i < size]
     if bad:

