@@ -586,6 +586,7 @@ def _summary(run: Run, final: dict, best: dict, elapsed: float, resumed: bool) -
     prior = run.task.criterion.prior
     return {
         "method": cfg.dpl.method, "model": cfg.model, "dataset": cfg.data.dataset,
+        "params": sum(p.numel() for p in run.model.parameters()),
         "labeled": len(run.split.labeled), "unlabeled": len(run.split.unlabeled), "classes": len(run.classes),
         "skipped_images": run.skipped_images,
         "epochs": cfg.epochs, "steps": cfg.epochs * run.steps_per_epoch, "seed": cfg.seed,
