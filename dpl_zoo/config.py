@@ -113,6 +113,7 @@ class TrainConfig:
     model_ema_decay: float = 0.999
     clip_grad: Optional[float] = None
     amp: bool = False
+    amp_dtype: str = "float16"         # on CUDA: float16 (with a gradient scaler) or bfloat16; CPU uses bfloat16
     channels_last: bool = False
     sync_bn: bool = False              # SyncBatchNorm under torchrun
     compile: bool = False
@@ -223,6 +224,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _validate_target_prior(d.target_prior)
     if cfg.data.augment_on not in AUGMENT_ON:
         raise ConfigError(f"data.augment_on must be one of {', '.join(AUGMENT_ON)}, got {cfg.data.augment_on!r}")
+    if cfg.amp_dtype not in ("float16", "bfloat16"):
+        raise ConfigError(f"amp_dtype must be float16 or bfloat16, got {cfg.amp_dtype!r}")
     if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
         raise ConfigError(f"layer_decay must be in (0, 1] (e.g. 0.75 for a ViT), got {cfg.layer_decay}")
     if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:

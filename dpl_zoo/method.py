@@ -364,7 +364,8 @@ class DebiasPLLoss(nn.Module):
         return DebiasPLOutput(
             loss=loss, loss_x=loss_x.detach(), loss_u=loss_u.detach(), loss_cld=loss_cld.detach(),
             loss_clip=loss_clip.detach(), targets=targets, mask=mask, mask_rate=mask.mean(),
-            histogram=torch.bincount(targets, weights=mask, minlength=self.num_classes).long(),
+            # scatter_add, not bincount: bincount sizes its output from the data, a host sync on CUDA
+            histogram=mask.new_zeros(self.num_classes).scatter_add_(0, targets, mask).long(),
             qhat=self.prior.qhat.detach().clone(), clip_mask=clip_mask,
         )
 

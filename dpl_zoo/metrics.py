@@ -34,7 +34,7 @@ class StepMetrics:
         else:
             values = torch.stack([loss, result.loss_x, result.loss_u, result.mask_rate.to(loss.dtype)])
             mask = result.mask
-            self.hist_all += torch.bincount(result.targets, minlength=self.num_classes)
+            self.hist_all.scatter_add_(0, result.targets, torch.ones_like(result.targets, dtype=self.hist_all.dtype))
             self.hist_accepted += result.histogram
             right = (result.targets == u_targets.to(result.targets.device)).to(mask.dtype) * mask
             self.counts += torch.stack([mask.sum(), right.sum()]).double()

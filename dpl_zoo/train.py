@@ -109,7 +109,7 @@ def build_optimization(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int)
 def autocast_for(cfg: TrainConfig, device: torch.device):
     if not cfg.amp:
         return nullcontext
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    dtype = getattr(torch, cfg.amp_dtype) if device.type == "cuda" else torch.bfloat16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -281,7 +281,7 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[R
         task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, scheduler = build_optimization(cfg, model, steps)
     scaler = None
-    if cfg.amp and device.type == "cuda":
+    if cfg.amp and device.type == "cuda" and cfg.amp_dtype == "float16":
         from timm.utils import NativeScaler
         scaler = NativeScaler(device="cuda")
     skipped = len(getattr(train_base, "bad_indices", [])) + len(val_bad)

@@ -62,3 +62,14 @@ def test_finetune_toy(tmp_path):
     report = json.loads((tmp_path / "finetune_toy.json").read_text())
     assert {(r["start"], r["method"]) for r in report["table"]} == {
         (s, m) for s in ("pretrained", "scratch") for m in ("supervised", "fixmatch", "debiaspl")}
+
+
+def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the check runs its real parts (minutes)")
+    _run("gpu_check.py", "--quick", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(report["parts"]) == ["pytest -m gpu", "host syncs per step", "step cost",
+                                     "data: GPU augmentation vs CPU workers", "fine-tuning --full"]
+    assert {p["status"] for p in report["parts"].values()} == {"skipped"}

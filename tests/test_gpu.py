@@ -1,0 +1,104 @@
+"""CUDA paths: mixed precision, channels_last, compile, the EMAN teacher, checkpoints, NCCL.
+
+Marked ``gpu`` and skipped without CUDA (``python -m pytest -m gpu``); the GPU check
+(``benchmarks/gpu_check.py``) runs them on a lent GPU machine.
+"""
+import os
+
+import pytest
+import torch
+
+from dpl_zoo.config import load_config
+from dpl_zoo.train import _loaders, build_run, fit, train_step
+
+from conftest import tiny_overrides
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture
+def cuda_config(image_data, tmp_path):
+    def make(**extra):
+        return load_config(None, tiny_overrides(image_data, tmp_path / "runs", device="cuda", **extra))
+    return make
+
+
+def _one_step(run, step=0):
+    lab, unl = _loaders(run, 0)
+    run.task.train()
+    return train_step(run, next(iter(lab)), next(iter(unl)) if unl is not None else None, step)
+
+
+def test_fp16_amp_step_with_grad_scaler_and_a_skipped_overflow_step(cuda_config):
+    run = build_run(cuda_config(amp=True, amp_dtype="float16"))
+    assert run.scaler is not None
+    _one_step(run)
+    before = [p.detach().clone() for p in run.model.parameters()]
+    scaler = run.scaler._scaler
+    scaler.update(2.0 ** 60)  # the next backward overflows in float16
+    scale = scaler.get_scale()
+    _one_step(run, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, run.model.parameters()))  # the step was skipped
+    assert scaler.get_scale() < scale
+    out = _one_step(run, 2)
+    assert torch.isfinite(out["loss"]) and out["result"].qhat.dtype == torch.float32
+
+
+def test_bf16_step_without_scaler_and_float32_prior(cuda_config):
+    run = build_run(cuda_config(amp=True, amp_dtype="bfloat16"))
+    assert run.scaler is None
+    out = _one_step(run)
+    assert torch.isfinite(out["loss"]) and run.task.criterion.prior.qhat.dtype == torch.float32
+    assert out["output"].dtype == torch.bfloat16 and out["result"].loss_u.dtype == torch.float32
+
+
+def test_eman_teacher_under_autocast_stays_float32_and_eval(cuda_config):
+    run = build_run(cuda_config(amp=True, **{"dpl.ema_teacher": True}))
+    _one_step(run)
+    teacher = run.task.teacher()
+    assert not teacher.training and all(p.dtype == torch.float32 for p in teacher.parameters())
+    assert all(b.dtype == torch.float32 for n, b in teacher.named_buffers() if b.is_floating_point())
+
+
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_channels_last_run_and_checkpoint_resumed_on_gpu(cuda_config, tmp_path, augment_on):
+    cfg = cuda_config(channels_last=True, epochs=2, amp=True, **{"data.augment_on": augment_on})
+    straight = fit(cfg, quiet=True)
+    (tmp_path / "runs" / "run" / "summary.json").unlink()
+    state = torch.load(tmp_path / "runs" / "run" / "last.pth.tar", weights_only=True)
+    state["epoch"], state["step"] = 0, 2  # pretend the run died after epoch 0... using epoch 1's weights
+    resumed = fit(cfg, resume=str(tmp_path / "runs" / "run" / "last.pth.tar"), quiet=True)
+    assert resumed["resumed"] and resumed["steps"] == straight["steps"]
+
+
+def test_compiled_student(cuda_config):
+    summary = fit(cuda_config(compile=True, epochs=1), quiet=True)
+    assert summary["steps"] == 2
+
+
+def test_deterministic_run_on_cuda(cuda_config):
+    a = fit(cuda_config(deterministic=True, epochs=1, experiment="a"), quiet=True)
+    b = fit(cuda_config(deterministic=True, epochs=1, experiment="b"), quiet=True)
+    assert a["qhat"] == b["qhat"] and a["top1"] == b["top1"]
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_nccl_process_group_at_world_size_one(monkeypatch):
+    import torch.distributed as dist
+    from dpl_zoo import distributed as dist_utils
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("nccl")
+    try:
+        t = torch.ones(3, device="cuda")
+        dist.all_reduce(t)
+        assert t.tolist() == [1.0, 1.0, 1.0]
+        from dpl_zoo.method import ClassPrior
+        prior = ClassPrior(3, momentum=0.5).cuda()
+        prior.update(torch.tensor([[1.0, 0.0, 0.0]], device="cuda"))
+        assert torch.allclose(prior.qhat.cpu(), torch.tensor([[2 / 3, 1 / 6, 1 / 6]]))
+    finally:
+        dist.destroy_process_group()
+    assert os.environ["WORLD_SIZE"] == "1" and not dist_utils.is_distributed()
