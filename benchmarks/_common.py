@@ -46,6 +46,18 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2, sync: C
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
+def write_report(out: Path, name: str, benchmark: str, settings: dict, t0: float, console=None, **fields) -> Path:
+    """``out/name``: the benchmark's numbers with the date, the machine, its settings and its time."""
+    report = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
+              "settings": settings, **fields, "seconds": time.perf_counter() - t0}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(report, indent=2, default=str))
+    if console is not None:
+        console.print(f"wrote {path} ({report['seconds'] / 60:.1f} min)")
+    return path
+
+
 def mean_sd(values) -> tuple[float, float]:
     values = [v for v in values if v is not None and v == v]
     if not values:

@@ -14,7 +14,6 @@ accepted pseudo-label accuracy, pseudo-label KL from uniform and time.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_facts, mean_sd, run_jobs  # noqa: E402
+from _common import mean_sd, run_jobs, write_report  # noqa: E402
 
 console = Console()
 
@@ -149,16 +148,11 @@ def main(argv=None) -> int:
     checks = verdicts(rows)
     for k, v in checks.items():
         console.print(f"{k}: {v if not isinstance(v, float) else f'{v:+.2f}'}")
-    report = {"benchmark": "finetune", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
-              "settings": {"size": kind, **size, "augment_on": args.augment_on, "device": args.device,
-                           "runs_planned": len(jobs), "runs_done": len(results)},
-              "table": rows, "verdicts": checks, "runs": [{k: v for k, v in r.items() if k != "per_class_top1"}
-                                                          for r in results],
-              "seconds": time.perf_counter() - t0}
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / {"cpu": "finetune.json", "full": "finetune_full.json", "toy": "finetune_toy.json"}[kind]
-    path.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {path} ({report['seconds'] / 60:.1f} min)")
+    write_report(out, {"cpu": "finetune.json", "full": "finetune_full.json", "toy": "finetune_toy.json"}[kind],
+                 "finetune", {"size": kind, **size, "augment_on": args.augment_on, "device": args.device,
+                              "runs_planned": len(jobs), "runs_done": len(results)}, t0, console,
+                 table=rows, verdicts=checks,
+                 runs=[{k: v for k, v in r.items() if k != "per_class_top1"} for r in results])
     return 0
 
 

@@ -13,8 +13,6 @@ matplotlib is installed (``pip install 'dpl-zoo[bench]'``).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_facts, mean_sd, run_jobs  # noqa: E402
+from _common import mean_sd, run_jobs, write_report  # noqa: E402
 
 console = Console()
 
@@ -159,15 +157,10 @@ def main(argv=None) -> int:
         console.print(ablation_table(ablation))
     figure = out / ("pseudo_label_histograms_toy.png" if args.toy else "pseudo_label_histograms.png")
     plotted = plot_histograms(results, default_budget, figure)
-    report = {"benchmark": "gain", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
-              "settings": {"recipe": "mnist_demo", "budgets": budgets, "seeds": seeds, "methods": methods,
-                           "overrides": base, "parallel": parallel}, "table": rows, "runs": results,
-              "ablation": ablation, "figure": str(figure) if plotted else None,
-              "seconds": time.perf_counter() - t0}
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ("gain_toy.json" if args.toy else "gain.json")
-    path.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {path} ({report['seconds'] / 60:.1f} min)")
+    write_report(out, "gain_toy.json" if args.toy else "gain.json", "gain",
+                 {"recipe": "mnist_demo", "budgets": budgets, "seeds": seeds, "methods": methods, "overrides": base,
+                  "parallel": parallel}, t0, console, table=rows, runs=results, ablation=ablation,
+                 figure=str(figure) if plotted else None)
     return 0
 
 

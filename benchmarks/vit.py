@@ -11,7 +11,6 @@ ViT needs more labels than the ResNet to learn at all: ``--labels`` per class (d
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_facts, mean_sd, run_jobs  # noqa: E402
+from _common import mean_sd, run_jobs, write_report  # noqa: E402
 
 console = Console()
 METHODS = ("supervised", "fixmatch", "debiaspl")
@@ -72,15 +71,9 @@ def main(argv=None) -> int:
                       "-" if r["gain"] is None else f"{r['gain'][0]:+.2f} ± {r['gain'][1]:.2f} (won {r['wins']})",
                       f"{r['seconds']:.0f}")
     console.print(table)
-    report = {"benchmark": "vit", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
-              "settings": {"labels_per_class": args.labels, "seeds": seeds, "steps": steps, "overrides": base,
-                           "parallel": parallel}, "table": rows, "runs": results,
-              "seconds": time.perf_counter() - t0}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / ("vit_toy.json" if args.toy else "vit.json")
-    path.write_text(json.dumps(report, indent=2))
-    console.print(f"wrote {path} ({report['seconds'] / 60:.1f} min)")
+    write_report(Path(args.out), "vit_toy.json" if args.toy else "vit.json", "vit",
+                 {"labels_per_class": args.labels, "seeds": seeds, "steps": steps, "overrides": base,
+                  "parallel": parallel}, t0, console, table=rows, runs=results)
     return 0
 
 

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
