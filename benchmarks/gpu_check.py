@@ -154,48 +154,15 @@ def part_speed(budget: float, out: Path, quick: bool) -> dict:
         f"{r['img_per_s']:.0f} img/s, MFU {100 * (r['mfu_bf16'] or 0):.1f}%" for r in rows)}
 
 
-def _jpeg_folder(root: Path, per_class: int, classes: int = 10, size: int = 320) -> Path:
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            base = rng.integers(0, 255, (size // 16, size // 16, 3), dtype=np.uint8)
-            Image.fromarray(base).resize((size, size), Image.BILINEAR).save(root / f"c{c}" / f"{i}.jpg", quality=90)
-    return root
-
-
 def part_data(budget: float, work: Path, quick: bool) -> dict:
     """Images/s of finished training views: PIL RandAugment in CPU workers vs batched on the GPU."""
-    import torch
-    from dpl_zoo.config import load_config
-    from dpl_zoo.train import _loaders, build_run
-    root = _jpeg_folder(work / "jpegs" / "train", per_class=40 if quick else 120)
-    _jpeg_folder(work / "jpegs" / "val", per_class=2)
+    from speed import bench_folder_views
     workers = max(1, min(12, (os.cpu_count() or 2) - 2))
-    steps = 8 if quick else 20
-    results, start = {}, time.perf_counter()
-    for path in ("workers", "device"):
-        if time.perf_counter() - start > budget:
-            results[path] = None
-            continue
-        cfg = load_config("finetune", [f"data.root={root}", "model=resnet50", "pretrained=false", "device=cuda",
-                                       f"data.augment_on={path}", f"workers={workers}", "batch_size=64",
-                                       "data.label_fraction=0.5", f"steps_per_epoch={steps}", "dpl.mu=5"])
-        run = build_run(cfg)
-        for epoch in range(2):  # the first epoch starts the workers
-            lab, unl = _loaders(run, epoch)
-            torch.cuda.synchronize()
-            t, n = time.perf_counter(), 0
-            for a, b in zip(lab, unl):
-                n += sum(v.shape[0] for v in run.labeled_views(a) + run.unlabeled_views(b))
-            torch.cuda.synchronize()
-            results[path] = {"img_per_s": n / (time.perf_counter() - t), "workers": workers if path == "workers" else
-                             f"{workers} (decode + crop)"}
-    ok = all(results.values())
-    return {"status": "ok" if ok else "timeout", "results": results, "detail": "; ".join(
-        f"{k}: {v['img_per_s']:.0f} img/s" for k, v in results.items() if v)}
+    rows = bench_folder_views("cuda", workers, work, per_class=80 if quick else 160, steps=8 if quick else 20,
+                              budget=budget)
+    results = {r["augment_on"]: r for r in rows}
+    return {"status": "ok" if len(rows) == 2 else "timeout", "results": results, "detail": "; ".join(
+        f"{k}: {v['img_per_s']:.0f} img/s ({v['workers']} workers)" for k, v in results.items())}
 
 
 def part_finetune(minutes: float, out: Path, bundle: Path, quick: bool) -> dict:

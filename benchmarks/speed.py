@@ -267,6 +267,49 @@ def bench_pipeline(augment_on: str, steps: int, device: str, workers: int) -> di
             "train_img_per_s": stats["img_per_s"], "train_over_step": stats["img_per_s"] / step_ips}
 
 
+def _jpeg_folder(root: Path, per_class: int, classes: int = 10, size: int = 320) -> Path:
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = rng.integers(0, 255, (size // 16, size // 16, 3), dtype=np.uint8)
+            Image.fromarray(base).resize((size, size), Image.BILINEAR).save(root / f"c{c}" / f"{i}.jpg", quality=90)
+    return root
+
+
+def bench_folder_views(device: str, workers: int, work: Path, per_class: int = 80, steps: int = 8,
+                       img_size: int = 224, batch: int = 64, budget: float = 600.0) -> list[dict]:
+    """Images/s of finished training views from a folder of 320 px JPEGs (``finetune`` recipe,
+    weak + strong views): PIL in ``workers`` loader processes vs decode + crop there and flip +
+    RandAugment batched on ``device``. The second epoch is timed (the first starts the workers)."""
+    from dpl_zoo.config import load_config
+    from dpl_zoo.train import _loaders, build_run
+    root = _jpeg_folder(work / "jpegs" / "train", per_class)
+    _jpeg_folder(work / "jpegs" / "val", per_class=2)
+    sync = _sync(torch.device(device))
+    rows, start = [], time.perf_counter()
+    for path in ("workers", "device"):
+        if time.perf_counter() - start > budget:
+            break
+        cfg = load_config("finetune", [f"data.root={root}", "model=resnet18", "pretrained=false", f"device={device}",
+                                       f"data.augment_on={path}", f"workers={workers}", f"batch_size={batch}",
+                                       f"img_size={img_size}", "data.label_fraction=0.2", f"steps_per_epoch={steps}",
+                                       "dpl.mu=5", "amp=false"])
+        run = build_run(cfg)
+        for epoch in range(2):
+            lab, unl = _loaders(run, epoch)
+            sync()
+            t, n = time.perf_counter(), 0
+            for a, b in zip(lab, unl):
+                n += sum(v.shape[0] for v in run.labeled_views(a) + run.unlabeled_views(b))
+            sync()
+        rows.append({"augment_on": path, "device": device, "workers": workers, "img_size": img_size,
+                     "img_per_s": n / (time.perf_counter() - t)})
+    return rows
+
+
 def end_to_end(out: Path) -> dict:
     """Wall time of the README's main command, `dpl-zoo train`, both methods."""
     folder = out / "runs" / f"speed-e2e-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -290,6 +333,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--pipeline-steps", type=int, default=100)
     p.add_argument("--no-pipeline", action="store_true")
+    p.add_argument("--folder", action="store_true", help="also folder views at 224 px: PIL workers vs batched")
     p.add_argument("--no-models", action="store_true")
     p.add_argument("--end-to-end", action="store_true", help="also time `dpl-zoo train` (about 5 minutes on CPU)")
     p.add_argument("--out", default="benchmarks/results")
@@ -306,6 +350,13 @@ def main(argv=None) -> int:
                                          for m in models for v in view_counts]
     pipeline = [] if args.no_pipeline else [bench_pipeline("workers", psteps, args.device, 0 if args.toy else 1),
                                             bench_pipeline("device", psteps, args.device, 0)]
+    folder = []
+    if args.folder:
+        import tempfile
+        with tempfile.TemporaryDirectory() as work:
+            folder = bench_folder_views(args.device, 1, Path(work), per_class=8 if args.toy else 80,
+                                        steps=2 if args.toy else 8, img_size=64 if args.toy else 224,
+                                        batch=2 if args.toy else 64)
     e2e = end_to_end(Path(args.out)) if args.end_to_end else None
     target = 1.05 if device.type == "cuda" else 1.10
     if results:
@@ -330,6 +381,9 @@ def main(argv=None) -> int:
             table.add_row(r["augment_on"], str(r["workers"]), f"{r['loader_img_per_s']:.0f}",
                           f"{r['step_img_per_s']:.0f}", f"{r['train_img_per_s']:.0f}", f"{r['train_over_step']:.2f}")
         console.print(table)
+    for r in folder:
+        console.print(f"folder views at {r['img_size']} px, augment_on={r['augment_on']} ({r['workers']} worker), "
+                      f"{r['device']}: {r['img_per_s']:.0f} img/s")
     if e2e:
         console.print(f"`dpl-zoo train` end to end: {e2e['seconds']:.0f} s; top-1 {e2e['top1']}")
     out = Path(args.out)
@@ -341,7 +395,7 @@ def main(argv=None) -> int:
                                 "settings": {"models": models, "device": args.device, "img_size": size, "batch": b,
                                              "mu": args.mu, "multiviews": args.multiviews, "amp": args.amp,
                                              "rounds": rounds, "pipeline_steps": psteps, "toy": args.toy},
-                                "models": results, "pipeline": pipeline, "end_to_end": e2e,
+                                "models": results, "pipeline": pipeline, "folder_views": folder, "end_to_end": e2e,
                                 "seconds": time.perf_counter() - t0}, indent=2))
     console.print(f"wrote {path}")
     return 0

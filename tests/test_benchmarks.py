@@ -29,12 +29,13 @@ def test_gain_toy(tmp_path):
 
 
 def test_speed_toy(tmp_path):
-    _run("speed.py", "--toy", "--out", str(tmp_path))
+    _run("speed.py", "--toy", "--folder", "--out", str(tmp_path))
     report = json.loads((tmp_path / "speed_toy.json").read_text())
     assert [m["model"] for m in report["models"]] == ["test_resnet", "test_vit"]
     assert all(m["step_flops"] > 0 and m["img_per_s"] > 0 for m in report["models"])
     assert [p["augment_on"] for p in report["pipeline"]] == ["workers", "device"]
     assert all(p["train_img_per_s"] > 0 and p["step_img_per_s"] > 0 for p in report["pipeline"])
+    assert [r["augment_on"] for r in report["folder_views"]] == ["workers", "device"]
 
 
 def test_load_toy(tmp_path):
