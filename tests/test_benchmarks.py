@@ -20,9 +20,19 @@ def _run(script, *args):
         sys.argv = argv
 
 
+def _rendered(path):
+    """The README table report.py renders from a benchmark's JSON."""
+    render = runpy.run_path(str(BENCH / "report.py"))["RENDER"]
+    report = json.loads(path.read_text())
+    text = render[report["benchmark"]](report)
+    assert text.count("|") > 10, text
+    return text
+
+
 def test_gain_toy(tmp_path):
     _run("gain.py", "--toy", "--out", str(tmp_path))
     report = json.loads((tmp_path / "gain_toy.json").read_text())
+    _rendered(tmp_path / "gain_toy.json")
     assert {r["method"] for r in report["runs"]} == {"supervised", "fixmatch", "debiaspl"}
     assert len(report["ablation"]) == 2 and report["machine"]["torch"]
     assert (tmp_path / "pseudo_label_histograms_toy.png").stat().st_size > 1000
@@ -31,6 +41,7 @@ def test_gain_toy(tmp_path):
 def test_speed_toy(tmp_path):
     _run("speed.py", "--toy", "--folder", "--out", str(tmp_path))
     report = json.loads((tmp_path / "speed_toy.json").read_text())
+    _rendered(tmp_path / "speed_toy.json")
     assert [m["model"] for m in report["models"]] == ["test_resnet", "test_vit"]
     assert all(m["step_flops"] > 0 and m["img_per_s"] > 0 for m in report["models"])
     assert [p["augment_on"] for p in report["pipeline"]] == ["workers", "device"]
@@ -41,6 +52,7 @@ def test_speed_toy(tmp_path):
 def test_load_toy(tmp_path):
     _run("load.py", "--toy", "--out", str(tmp_path))
     report = json.loads((tmp_path / "load_toy.json").read_text())
+    _rendered(tmp_path / "load_toy.json")
     assert report["cold_s"] > 0 and report["ratio"] > 0
 
 
@@ -49,6 +61,7 @@ def test_imbalanced_toy(tmp_path):
     folder, _, _ = make_fashion_folder(tmp_path / "fm")
     _run("imbalanced.py", "--toy", "--out", str(tmp_path), "--data", str(folder), "--label-fraction", "0.2")
     report = json.loads((tmp_path / "imbalanced_toy.json").read_text())
+    _rendered(tmp_path / "imbalanced_toy.json")
     assert [r["arm"] for r in report["table"]] == ["fixmatch", "debiaspl-uniform", "debiaspl-labeled"]
     labeled = next(r for r in report["runs"] if r["job"]["arm"] == "debiaspl-labeled")
     assert labeled["target_prior"][0] > labeled["target_prior"][-1]   # the head class has the largest share
@@ -61,6 +74,7 @@ def test_finetune_toy(tmp_path):
     folder, _, _ = make_fashion_folder(tmp_path / "fm", per_class=6, test_per_class=2)
     _run("finetune.py", "--toy", "--out", str(tmp_path), "--data", str(folder))
     report = json.loads((tmp_path / "finetune_toy.json").read_text())
+    _rendered(tmp_path / "finetune_toy.json")
     assert {(r["start"], r["method"]) for r in report["table"]} == {
         (s, m) for s in ("pretrained", "scratch") for m in ("supervised", "fixmatch", "debiaspl")}
 
