@@ -88,3 +88,11 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
     assert list(report["parts"]) == ["pytest -m gpu", "host syncs per step", "step cost",
                                      "data: GPU augmentation vs CPU workers", "fine-tuning --full"]
     assert {p["status"] for p in report["parts"].values()} == {"skipped"}
+
+
+def test_vit_toy(tmp_path):
+    _run("vit.py", "--toy", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "vit_toy.json").read_text())
+    _rendered(tmp_path / "vit_toy.json")
+    assert [r["method"] for r in report["table"]] == ["supervised", "fixmatch", "debiaspl"]
+    assert report["table"][0]["params"] == 692458
