@@ -157,12 +157,12 @@ def cmd_train(args) -> int:
     if len(summaries) > 1:
         out = Path(cfg.output) / f"{base}-comparison.json"
         out.write_text(json.dumps(summaries, indent=2))
-        console.print(f"comparison written to {out}")
+        console.print(f"comparison written to {out}", soft_wrap=True)
         try:
             from .plot import plot_runs
             figure = plot_runs([s["output"] for s in summaries], out.with_suffix(".png"),
                                title=f"{Path(recipe).stem}: {', '.join(methods)}")
-            console.print(f"figure written to {figure}")
+            console.print(f"figure written to {figure}", soft_wrap=True)
         except DataError as e:  # matplotlib missing: the runs are done, say how to get the figure
             console.print(f"no figure: {e}")
     console.print(f"wall time {time.perf_counter() - t0:.0f} s")
@@ -172,7 +172,7 @@ def cmd_train(args) -> int:
 def cmd_plot(args) -> int:
     from .plot import plot_runs
     out = Path(args.out) if args.out else Path(args.runs[0]).with_suffix(".png")
-    console.print(f"figure written to {plot_runs(args.runs, out, title=args.title)}")
+    console.print(f"figure written to {plot_runs(args.runs, out, title=args.title)}", soft_wrap=True)
     return 0
 
 

@@ -128,6 +128,11 @@ def test_cli_train_compare_and_eval(image_data, tmp_path, capsys):
     assert "same data, model and budget" in text and "fixmatch" in text
     comparison = json.loads((tmp_path / "runs" / "run-comparison.json").read_text())
     assert [s["method"] for s in comparison] == ["debiaspl", "fixmatch"]
+    figure = tmp_path / "runs" / "run-comparison.png"
+    assert figure.stat().st_size > 10_000 and f"figure written to {figure}" in text
+    out = tmp_path / "one.png"
+    assert main(["plot", str(tmp_path / "runs" / "run-debiaspl"), "--out", str(out)]) == 0 and out.stat().st_size > 10_000
+    assert main(["plot", str(tmp_path)]) == 2   # not a run folder: one clear line
     for ref in (tmp_path / "runs" / "run-debiaspl" / "last.pth.tar", tmp_path / "runs" / "run-debiaspl" / "export"):
         out = tmp_path / "eval.json"
         assert main(["eval", str(ref), "--data", str(image_data / "val"), "--out", str(out), "--workers", "0"]) == 0
