@@ -252,7 +252,6 @@ def pil_to_uint8(img: Image.Image) -> torch.Tensor:
 # --- batched, on the training device ---------------------------------------------------------------
 
 _GRAY = (0.299, 0.587, 0.114)
-_SMOOTH = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -292,11 +291,12 @@ def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: float) -> torch.Te
 
 
 def _sharpen_degenerate(x: torch.Tensor) -> torch.Tensor:
-    c = x.shape[1]
-    kernel = _SMOOTH.to(x).view(1, 1, 3, 3).repeat(c, 1, 1, 1)
-    blurred = F.conv2d(x, kernel, groups=c)
-    return torch.cat([x[:, :, :1], torch.cat([x[:, :, 1:-1, :1], _quantize(blurred), x[:, :, 1:-1, -1:]], 3),
-                      x[:, :, -1:]], 2)
+    """PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13) inside, the border kept: as a 3 x 3 mean
+    plus the centre, much cheaper than a convolution on small images."""
+    inner = (9.0 * F.avg_pool2d(x, 3, stride=1) + 4.0 * x[:, :, 1:-1, 1:-1]) / 13.0
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = _quantize(inner)
+    return out
 
 
 def color_op(name: str, x: torch.Tensor, arg: Optional[float]) -> torch.Tensor:
@@ -369,7 +369,7 @@ class BatchViews:
         self.fill = torch.tensor(fill_color(mean), dtype=torch.float32)
 
     def __call__(self, images: torch.Tensor, u: torch.Tensor, crop: bool = True, augment: bool = True,
-                 normalize: bool = True) -> torch.Tensor:
+                 normalize: bool = True, channels_last: bool = False) -> torch.Tensor:
         """``images``: B x C x H x W uint8 (C = 1 or 3); returns B x 3 x size x size float,
         normalised (or 0..255 with ``normalize=False``)."""
         b, c, h, w = images.shape
@@ -377,36 +377,37 @@ class BatchViews:
         plan = make_plan(u.cpu(), sizes, self.scale, self.ratio, self.hflip, self.strong if augment else None)
         x = images.float()
         fill = self.fill[:c].to(x.device) if c <= 3 else self.fill.to(x.device)
-        if crop:
-            top, left, bh, bw = plan.boxes.double().unbind(1)
-            sx, sy = bw / self.size, bh / self.size
-            z, o = torch.zeros_like(sx), torch.ones_like(sx)
-            maps = torch.stack([torch.stack([sx, z, left], 1), torch.stack([z, sy, top], 1),
-                                torch.stack([z, z, o], 1)], 1)
-            x = _quantize(_sample(x, maps.float().to(x.device), (self.size, self.size), fill, self.mode))
-        if plan.flip.any():
+        if crop:  # crop, resize and flip in one resampling
+            grid = _crop_grid(plan.boxes, plan.flip, (h, w), self.size).to(x.device)
+            x = _quantize(F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False))
+        elif plan.flip.any():
             idx = plan.flip.nonzero().flatten().to(x.device)
             x[idx] = x[idx].flip(3)
         if augment and self.strong is not None:
             x = self._rand_augment(x, plan, fill)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
         if not normalize:
-            return x.contiguous()
-        mean = x.new_tensor(self.mean).view(1, 3, 1, 1) * 255.0
-        std = x.new_tensor(self.std).view(1, 3, 1, 1) * 255.0
-        return ((x - mean) / std).contiguous()
+            return x.expand(-1, 3, -1, -1).contiguous()
+        # one op from 0..255 (grey or colour) to the normalised 3-channel input, in the model's memory format
+        scale = 1.0 / (255.0 * x.new_tensor(self.std).view(1, 3, 1, 1))
+        shift = -x.new_tensor(self.mean).view(1, 3, 1, 1) / x.new_tensor(self.std).view(1, 3, 1, 1)
+        out = torch.empty((b, 3, self.size, self.size), device=x.device, dtype=x.dtype,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return torch.addcmul(shift, x, scale, out=out)
 
     def _rand_augment(self, x: torch.Tensor, plan: Plan, fill: torch.Tensor) -> torch.Tensor:
+        """Layer by layer, each sample its own op: the pointwise ops of a layer as one per-sample
+        lookup table (one gather for the batch), the others on their samples."""
         spec = self.strong
-        h, w = x.shape[2:]
+        c, h, w = x.shape[1:]
+        identity = torch.arange(256, device=x.device, dtype=x.dtype)
         for layer in range(spec.num_layers):
             ops, negate = plan.ops[:, layer], plan.negate[:, layer]
-            geo_rows, geo_maps = [], []
+            geo_rows, geo_maps, lut = [], [], None
             for op in ops.unique().tolist():
                 if op < 0:
                     continue
                 name = spec.ops[op]
+                base = name.replace("Increasing", "")
                 rows = (ops == op).nonzero().flatten()
                 if name in GEOMETRIC:
                     for r in rows.tolist():
@@ -414,15 +415,60 @@ class BatchViews:
                         geo_maps.append(_geometric_matrix(name, op_argument(name, spec.magnitude, bool(negate[r])),
                                                           h, w))
                     continue
+                if base == "Color" and c == 1:
+                    continue  # saturation of a grey image: unchanged
                 for neg in ((False, True) if name.endswith("Increasing") else (None,)):
                     sub = rows if neg is None else rows[negate[rows] == neg]
                     if len(sub) == 0:
                         continue
                     arg = op_argument(name, spec.magnitude, bool(neg))
                     idx = sub.to(x.device)
-                    x[idx] = _quantize(color_op(name, x[idx], arg))
+                    if base in LUT_OPS:
+                        if lut is None:
+                            lut = identity.expand(len(x), c, 256).clone()
+                        lut[idx] = _lut(base, x[idx], arg, identity)
+                    else:
+                        x[idx] = _quantize(color_op(name, x[idx], arg))
+            if lut is not None:
+                x = lut.gather(2, x.long().flatten(2)).view_as(x)
             if geo_rows:
                 idx = torch.tensor(geo_rows, device=x.device)
                 maps = torch.tensor(geo_maps, dtype=torch.float32, device=x.device)
                 x[idx] = _quantize(_sample(x[idx], maps, (h, w), fill, self.mode))
         return x
+
+
+LUT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd", "Brightness", "Contrast")
+
+
+def _lut(base: str, x: torch.Tensor, arg, v: torch.Tensor) -> torch.Tensor:
+    """The op as a lookup table per image and channel (n x C x 256), rounded as PIL's uint8 output."""
+    n, c = x.shape[:2]
+    if base == "Equalize":
+        v_ = x.long().flatten(2)
+        hist = torch.zeros(n, c, 256, dtype=torch.long, device=x.device).scatter_add_(2, v_, torch.ones_like(v_))
+        last = 255 - torch.argmax(hist.flip(2).gt(0).long(), dim=2)
+        step = (hist.sum(2) - hist.gather(2, last.unsqueeze(2)).squeeze(2)) // 255
+        lut = ((step // 2).unsqueeze(2) + torch.cumsum(hist, 2) - hist) // step.clamp(min=1).unsqueeze(2)
+        return torch.where(step.unsqueeze(2) > 0, lut.clamp(max=255).to(x.dtype), v.expand(n, c, 256))
+    if base == "AutoContrast":
+        lo = x.amin(dim=(2, 3)).unsqueeze(2)
+        hi = x.amax(dim=(2, 3)).unsqueeze(2)
+        out = torch.floor((v - lo) * (255.0 / (hi - lo).clamp(min=1.0))).clamp(0, 255)
+        return torch.where(hi > lo, out, v.expand(n, c, 256))
+    if base == "Contrast":
+        mean = torch.floor(_quantize(_gray(x)).mean(dim=(1, 2, 3)) + 0.5).view(n, 1, 1)
+        return _quantize(mean + arg * (v - mean)).expand(n, c, 256)
+    return color_op(base, v.view(1, 1, 1, 256), arg).round().clamp(0, 255).view(1, 1, 256).expand(n, c, 256)
+
+
+def _crop_grid(boxes: torch.Tensor, flip: torch.Tensor, in_hw: tuple, size: int) -> torch.Tensor:
+    """grid_sample's grid (B x size x size x 2) for axis-aligned crop boxes resized to ``size``,
+    mirrored where ``flip``: no matrix products, just two coordinate rows per image."""
+    top, left, bh, bw = boxes.double().unbind(1)
+    pos = (torch.arange(size, dtype=torch.float64) + 0.5) / size            # output pixel centres in (0, 1)
+    fx = torch.where(flip.unsqueeze(1), 1.0 - pos, pos)
+    xs = (left.unsqueeze(1) + fx * bw.unsqueeze(1)) * (2.0 / in_hw[1]) - 1.0
+    ys = (top.unsqueeze(1) + pos * bh.unsqueeze(1)) * (2.0 / in_hw[0]) - 1.0
+    b = len(boxes)
+    return torch.stack([xs.unsqueeze(1).expand(b, size, size), ys.unsqueeze(2).expand(b, size, size)], 3).float()

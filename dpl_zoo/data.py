@@ -222,7 +222,8 @@ class ViewMaker:
             else:
                 src = batch.images[0] if batch.stage == "source" else batch.images[v]
                 u = plan_uniforms(self.seed, self.epoch, batch.draws, v, self.spec.plan_size)
-                x = maker(src.to(self.device, non_blocking=True), u, crop=batch.stage == "source")
+                x = maker(src.to(self.device, non_blocking=True), u, crop=batch.stage == "source",
+                          channels_last=self.channels_last)
             out.append(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         return out
 

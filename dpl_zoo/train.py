@@ -309,20 +309,95 @@ def _loaders(run: Run, epoch: int):
     return lab, stream_loader(run.unlabeled, cfg.dpl.mu * b, seed=epoch_seed(cfg.seed, epoch, 1), **common)
 
 
-def train_step(run: Run, lab, unl, step: int) -> dict:
-    """Forward, backward, optimiser, EMA and scheduler for one pair of batches; no host sync."""
-    cfg, task, device = run.cfg, run.task, run.device
-    y = run.teacher_predictions.labels[lab.indices] if cfg.data.labels_from == "teacher" else lab.targets
+@dataclass
+class StepInputs:
+    """What one step consumes, on the training device: labeled views and labels, unlabeled views,
+    teacher predictions, and the unlabeled images' true labels (for diagnostics only)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    views: list
+    clip: dict
+    u_targets: Optional[torch.Tensor]
+
+    @property
+    def images(self) -> int:
+        return self.x.shape[0] + sum(v.shape[0] for v in self.views)
+
+
+def step_inputs(run: Run, lab, unl) -> StepInputs:
+    """Views of a pair of batches on the training device (augmented there when ``augment_on: device``)."""
+    device = run.device
+    y = run.teacher_predictions.labels[lab.indices] if run.cfg.data.labels_from == "teacher" else lab.targets
     (x,) = run.labeled_views(lab)
-    y = y.to(device, non_blocking=True)
     views, clip = [], {}
     if unl is not None:
         views = run.unlabeled_views(unl)
         if run.teacher_predictions is not None:
             clip = {"clip_targets": run.teacher_predictions.labels[unl.indices].to(device, non_blocking=True),
                     "clip_confidence": run.teacher_predictions.confidence[unl.indices].to(device, non_blocking=True)}
+    return StepInputs(x, y.to(device, non_blocking=True), views, clip, unl.targets if unl is not None else None)
+
+
+def epoch_inputs(run: Run, epoch: int):
+    """The epoch's :class:`StepInputs`. On a GPU they are made one step ahead in a background
+    thread (loading and kernel launches for the views overlap the step); on a CPU in the loop
+    itself, since there a second thread only takes cores from the step (measured: 0.92 of the
+    step-alone images/s inline against 0.88 with a thread, on 2 cores)."""
+    if run.device.type == "cuda":
+        yield from prefetched_inputs(run, epoch)
+        return
+    lab_loader, unl_loader = _loaders(run, epoch)
+    unl_iter = iter(unl_loader) if unl_loader is not None else None
+    for lab in lab_loader:
+        yield step_inputs(run, lab, next(unl_iter) if unl_iter is not None else None)
+
+
+def prefetched_inputs(run: Run, epoch: int, depth: int = 1, threads: Optional[int] = 1):
+    """The epoch's :class:`StepInputs`, made ``depth`` steps ahead in a background thread. The
+    order, and so the result, is the same as making them in the loop."""
+    import queue
+    import threading
+    lab_loader, unl_loader = _loaders(run, epoch)
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        if threads is not None:
+            torch.set_num_threads(threads)  # this thread's own OpenMP team: leave the cores to the step
+        try:
+            unl_iter = iter(unl_loader) if unl_loader is not None else None
+            for lab in lab_loader:
+                item = step_inputs(run, lab, next(unl_iter) if unl_iter is not None else None)
+                while not stop.is_set():
+                    try:
+                        box.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
+            box.put(e)
+
+    thread = threading.Thread(target=produce, name="dpl-zoo-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := box.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def train_step(run: Run, inputs: StepInputs, step: int) -> dict:
+    """Forward, backward, optimiser, EMA and scheduler for one step; no host sync."""
+    cfg, task = run.cfg, run.task
     with run.autocast():
-        out = task(x, y, views, **clip)
+        out = task(inputs.x, inputs.y, inputs.views, **inputs.clip)
     loss = out["loss"]
     run.optimizer.zero_grad(set_to_none=True)
     params = task.get_clip_parameters()
@@ -335,7 +410,6 @@ def train_step(run: Run, lab, unl, step: int) -> dict:
         run.optimizer.step()
     task.update_ema(step=step)
     run.scheduler.step_update(num_updates=step + 1)
-    out["images"] = x.shape[0] + sum(v.shape[0] for v in views)
     return out
 
 
@@ -349,19 +423,16 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter, metrics_log) -> di
     cfg, task = run.cfg, run.task
     seed_everything(cfg.seed * 1000 + epoch)
     task.train()
-    lab_loader, unl_loader = _loaders(run, epoch)
-    unl_iter = iter(unl_loader) if unl_loader is not None else None
     meter = StepMetrics(len(run.classes), run.device)
     start = time.perf_counter()
     step0 = epoch * run.steps_per_epoch
     seen = 0
     reporter.start_epoch(epoch, run.steps_per_epoch)
-    for i, lab in enumerate(lab_loader):
+    for i, inputs in enumerate(epoch_inputs(run, epoch)):
         step = step0 + i
-        unl = next(unl_iter) if unl_iter is not None else None
-        out = train_step(run, lab, unl, step)
-        meter.update(step, out["loss"], out["result"], unl.targets if unl is not None else None)
-        seen += out["images"]
+        out = train_step(run, inputs, step)
+        meter.update(step, out["loss"], out["result"], inputs.u_targets)
+        seen += inputs.images
         last = i + 1 == run.steps_per_epoch
         if (step + 1) % cfg.log_interval and not last:
             reporter.advance()
@@ -639,7 +710,8 @@ def dry_run(cfg: TrainConfig, img_size: int = 32, batch_size: int = 2) -> dict:
     run = build_run(small, data=_synthetic_data(small, num_classes, img_size))
     lab_loader, unl_loader = _loaders(run, epoch=0)
     run.task.train()
-    out = train_step(run, next(iter(lab_loader)), next(iter(unl_loader)) if unl_loader is not None else None, 0)
+    lab, unl = next(iter(lab_loader)), (next(iter(unl_loader)) if unl_loader is not None else None)
+    out = train_step(run, step_inputs(run, lab, unl), 0)
     loss = float(out["loss"].detach())
     if not np.isfinite(loss):
         raise TrainingDiverged(f"dry run of {cfg.model}: loss is {loss}")

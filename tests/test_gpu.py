@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpl_zoo.config import load_config
-from dpl_zoo.train import _loaders, build_run, fit, train_step
+from dpl_zoo.train import _loaders, build_run, fit, step_inputs, train_step
 
 from conftest import tiny_overrides
 
@@ -27,7 +27,7 @@ def cuda_config(image_data, tmp_path):
 def _one_step(run, step=0):
     lab, unl = _loaders(run, 0)
     run.task.train()
-    return train_step(run, next(iter(lab)), next(iter(unl)) if unl is not None else None, step)
+    return train_step(run, step_inputs(run, next(iter(lab)), next(iter(unl)) if unl is not None else None), step)
 
 
 def test_fp16_amp_step_with_grad_scaler_and_a_skipped_overflow_step(cuda_config):

@@ -305,3 +305,16 @@ def test_balanced_accuracy_is_the_mean_per_class_recall():
     targets = torch.tensor([0, 0, 0, 0, 1, 2])          # class 2 always wrong
     report = accuracy_report(logits, targets, 3)
     assert report["top1"] == pytest.approx(500 / 6) and report["balanced_top1"] == pytest.approx(200 / 3)
+
+
+def test_prefetched_inputs_are_the_inline_inputs(tiny_config):
+    from dpl_zoo.train import _loaders, build_run, prefetched_inputs, step_inputs
+    for augment_on in ("workers", "device"):
+        run = build_run(tiny_config(**{"data.augment_on": augment_on}))
+        lab, unl = _loaders(run, 1)
+        inline = [step_inputs(run, a, b) for a, b in zip(lab, unl)]
+        ahead = list(prefetched_inputs(run, 1))
+        assert len(inline) == len(ahead) == 2
+        for a, b in zip(inline, ahead):
+            assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+            assert all(torch.equal(v, w) for v, w in zip(a.views, b.views))
