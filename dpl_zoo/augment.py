@@ -378,10 +378,10 @@ class BatchViews:
         x = images.float()
         fill = self.fill[:c].to(x.device) if c <= 3 else self.fill.to(x.device)
         if crop:  # crop, resize and flip in one resampling
-            grid = _crop_grid(plan.boxes, plan.flip, (h, w), self.size).to(x.device)
+            grid = _crop_grid(plan.boxes, plan.flip, (h, w), self.size).to(x.device, non_blocking=True)
             x = _quantize(F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False))
         elif plan.flip.any():
-            idx = plan.flip.nonzero().flatten().to(x.device)
+            idx = plan.flip.nonzero().flatten().to(x.device, non_blocking=True)
             x[idx] = x[idx].flip(3)
         if augment and self.strong is not None:
             x = self._rand_augment(x, plan, fill)
@@ -422,7 +422,7 @@ class BatchViews:
                     if len(sub) == 0:
                         continue
                     arg = op_argument(name, spec.magnitude, bool(neg))
-                    idx = sub.to(x.device)
+                    idx = sub.to(x.device, non_blocking=True)  # plans live on the host: no device sync
                     if base in LUT_OPS:
                         if lut is None:
                             lut = identity.expand(len(x), c, 256).clone()
@@ -432,8 +432,8 @@ class BatchViews:
             if lut is not None:
                 x = lut.gather(2, x.long().flatten(2)).view_as(x)
             if geo_rows:
-                idx = torch.tensor(geo_rows, device=x.device)
-                maps = torch.tensor(geo_maps, dtype=torch.float32, device=x.device)
+                idx = torch.tensor(geo_rows).to(x.device, non_blocking=True)
+                maps = torch.tensor(geo_maps, dtype=torch.float32).to(x.device, non_blocking=True)
                 x[idx] = _quantize(_sample(x[idx], maps, (h, w), fill, self.mode))
         return x
 

@@ -36,7 +36,7 @@ class StepMetrics:
             mask = result.mask
             self.hist_all.scatter_add_(0, result.targets, torch.ones_like(result.targets, dtype=self.hist_all.dtype))
             self.hist_accepted += result.histogram
-            right = (result.targets == u_targets.to(result.targets.device)).to(mask.dtype) * mask
+            right = (result.targets == u_targets.to(result.targets.device, non_blocking=True)).to(mask.dtype) * mask
             self.counts += torch.stack([mask.sum(), right.sum()]).double()
         self.scalars += values.double().unsqueeze(0)
         bad = ~torch.isfinite(loss)
