@@ -13,8 +13,8 @@ def _f(v, spec=".2f"):
     return "-" if v is None or v != v else format(v, spec)
 
 
-def _pm(pair, spec=".2f"):
-    return f"{_f(pair[0], spec)} ± {_f(pair[1], spec)}"
+def _pm(pair, spec=".2f", signed=False):
+    return f"{_f(pair[0], ('+' if signed else '') + spec)} ± {_f(pair[1], spec)}"
 
 
 def _when(report: dict) -> str:
@@ -128,7 +128,7 @@ def vit(report: dict) -> str:
     for r in report["table"]:
         sup = r["method"] == "supervised"
         lines.append(f"| {r['method']} | {_pm(r['top1'])} | {'-' if sup else _f(r['pl_acc'][0])} | "
-                     f"{'-' if sup else _f(r['pl_kl'][0], '.3f')} | {'-' if r['gain'] is None else _pm(r['gain'])} | "
+                     f"{'-' if sup else _f(r['pl_kl'][0], '.3f')} | {'-' if r['gain'] is None else _pm(r['gain'], signed=True)} | "
                      f"{'-' if r['wins'] is None else '{}/{}'.format(r['wins'], r['seeds'])} |")
     return "\n".join(lines)
 
