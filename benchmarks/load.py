@@ -30,29 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "tests"))
 from _common import machine_facts, median_time  # noqa: E402
-from drive_server import ReleaseMirror  # noqa: E402
+from drive_server import ReleaseMirror, authors_checkpoint  # noqa: E402
 from hub_server import HubServer  # noqa: E402
 
 console = Console()
 TARGET = 1.1
-
-
-def authors_layout_checkpoint(path: Path, arch: str) -> int:
-    """A .pth.tar as the authors' training code saves it; returns its size in bytes."""
-    import timm
-    import torch
-    torch.manual_seed(0)
-    student, teacher = timm.create_model(arch, num_classes=1000), timm.create_model(arch, num_classes=1000)
-    state = {}
-    for prefix, model in (("module.main", student), ("module.ema", teacher)):
-        for k, v in model.state_dict().items():
-            state[f"{prefix}.{k}" if k.startswith("fc.") else f"{prefix}.backbone.{k}"] = v
-    params = list(student.parameters())
-    optimizer = {"state": {i: {"momentum_buffer": torch.randn_like(p)} for i, p in enumerate(params)},
-                 "param_groups": [{"lr": 0.003, "momentum": 0.9, "params": list(range(len(params)))}]}
-    torch.save({"epoch": 50, "arch": arch, "state_dict": state, "best_acc1": torch.tensor(65.6),
-                "optimizer": optimizer}, path)
-    return path.stat().st_size
 
 
 def main(argv=None) -> int:
@@ -80,7 +62,8 @@ def main(argv=None) -> int:
     common = dict(architecture=arch, num_classes=1000, label_set="none", dataset="none", label_budget="none",
                   recipe="none")
     try:
-        release_bytes = authors_layout_checkpoint(work / "bench-release.pth.tar", arch)
+        authors_checkpoint(work / "bench-release.pth.tar", arch)
+        release_bytes = (work / "bench-release.pth.tar").stat().st_size
         os.environ["DPL_ZOO_CACHE"] = str(work / "dpl-cache")
         with ReleaseMirror() as mirror, HubServer() as hub:
             mirror.add("bench-release.pth.tar", (work / "bench-release.pth.tar").read_bytes())

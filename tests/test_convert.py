@@ -9,26 +9,7 @@ from dpl_zoo.cli import main
 from dpl_zoo.convert import convert_checkpoint
 from dpl_zoo.layouts import ConversionError, load_start_point as load_initial_weights, read_checkpoint as read_state
 from dpl_zoo.zoo import load
-
-
-def authors_checkpoint(path, arch="resnet50", num_classes=1000, seed=0):
-    """A .pth.tar as the authors' training code saves it: module.main.* student,
-    module.ema.* EMA teacher, SGD momentum buffers, best_acc1 as a tensor (about 3x the
-    model's size: 0.3 GB for ResNet-50, like the released files)."""
-    torch.manual_seed(seed)
-    student = timm.create_model(arch, num_classes=num_classes).eval()
-    teacher = timm.create_model(arch, num_classes=num_classes).eval()
-    state = {}
-    for prefix, model in (("module.main", student), ("module.ema", teacher)):
-        for k, v in model.state_dict().items():
-            state[f"{prefix}.{k}" if k.startswith("fc.") else f"{prefix}.backbone.{k}"] = v
-    params = list(student.parameters())
-    optimizer = {"state": {i: {"momentum_buffer": torch.randn_like(p)} for i, p in enumerate(params)},
-                 "param_groups": [{"lr": 0.003, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False,
-                                   "params": list(range(len(params)))}]}
-    torch.save({"epoch": 50, "arch": arch, "state_dict": state, "best_acc1": torch.tensor(65.6),
-                "optimizer": optimizer}, path)
-    return student, teacher
+from drive_server import authors_checkpoint
 
 
 def test_convert_authors_resnet50_forward_equal(tmp_path):

@@ -16,7 +16,7 @@ from dpl_zoo.integrity import sha256_of
 from dpl_zoo.zoo import HubWeights, Metric, Release, ZooEntry, ZooError, model_info, register, unregister
 
 from drive_server import DriveFile, DriveProxy, ReleaseMirror
-from test_convert import authors_checkpoint
+from drive_server import authors_checkpoint
 
 DRIVE_ID = "1TestDriveFileId_0123456789abcdefgh"
 
