@@ -265,27 +265,6 @@ def _quantize(x: torch.Tensor) -> torch.Tensor:
     return x.round_().clamp_(0, 255)
 
 
-def _equalize(x: torch.Tensor) -> torch.Tensor:
-    """PIL's ImageOps.equalize per image and channel: a LUT from the histogram without its last bin."""
-    b, c = x.shape[:2]
-    v = x.long().flatten(2)                                   # B x C x N
-    hist = torch.zeros(b, c, 256, dtype=torch.long, device=x.device).scatter_add_(2, v, torch.ones_like(v))
-    last = 255 - torch.argmax(hist.flip(2).gt(0).long(), dim=2)   # highest non-empty bin
-    step = (hist.sum(2) - hist.gather(2, last.unsqueeze(2)).squeeze(2)) // 255
-    cum = torch.cumsum(hist, 2) - hist                         # counts below each value
-    lut = ((step // 2).unsqueeze(2) + cum) // step.clamp(min=1).unsqueeze(2)
-    lut = torch.where(step.unsqueeze(2) > 0, lut.clamp(max=255), torch.arange(256, device=x.device).expand(b, c, 256))
-    return lut.gather(2, v).view_as(x).to(x.dtype)
-
-
-def _autocontrast(x: torch.Tensor) -> torch.Tensor:
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
-    scale = 255.0 / (hi - lo).clamp(min=1.0)
-    out = torch.floor((x - lo) * scale).clamp(0, 255)
-    return torch.where(hi > lo, out, x)
-
-
 def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: float) -> torch.Tensor:
     return degenerate + factor * (x - degenerate)
 
@@ -300,12 +279,9 @@ def _sharpen_degenerate(x: torch.Tensor) -> torch.Tensor:
 
 
 def color_op(name: str, x: torch.Tensor, arg: Optional[float]) -> torch.Tensor:
-    """One non-geometric RandAugment op on a float batch holding 0..255 integers."""
+    """One non-geometric RandAugment op on a float batch holding 0..255 integers (AutoContrast,
+    Equalize and Contrast depend on image statistics: ``_lut`` builds them per image)."""
     base = name.replace("Increasing", "")
-    if base == "AutoContrast":
-        return _autocontrast(x)
-    if base == "Equalize":
-        return _equalize(x)
     if base == "Invert":
         return 255.0 - x
     if base == "Posterize":
@@ -317,9 +293,6 @@ def color_op(name: str, x: torch.Tensor, arg: Optional[float]) -> torch.Tensor:
         return torch.where(x < 128, (x + arg).clamp(max=255), x)
     if base == "Color":
         return _blend(x, _quantize(_gray(x)).expand_as(x), arg)
-    if base == "Contrast":
-        mean = torch.floor(_quantize(_gray(x)).mean(dim=(1, 2, 3), keepdim=True) + 0.5)
-        return _blend(x, mean, arg)
     if base == "Brightness":
         return _blend(x, torch.zeros_like(x), arg)
     if base == "Sharpness":
@@ -387,12 +360,7 @@ class BatchViews:
             x = self._rand_augment(x, plan, fill)
         if not normalize:
             return x.expand(-1, 3, -1, -1).contiguous()
-        # one op from 0..255 (grey or colour) to the normalised 3-channel input, in the model's memory format
-        scale = 1.0 / (255.0 * x.new_tensor(self.std).view(1, 3, 1, 1))
-        shift = -x.new_tensor(self.mean).view(1, 3, 1, 1) / x.new_tensor(self.std).view(1, 3, 1, 1)
-        out = torch.empty((b, 3, self.size, self.size), device=x.device, dtype=x.dtype,
-                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        return torch.addcmul(shift, x, scale, out=out)
+        return normalize_images(x, self.mean, self.std, channels_last)
 
     def _rand_augment(self, x: torch.Tensor, plan: Plan, fill: torch.Tensor) -> torch.Tensor:
         """Layer by layer, each sample its own op: the pointwise ops of a layer as one per-sample
@@ -460,6 +428,17 @@ def _lut(base: str, x: torch.Tensor, arg, v: torch.Tensor) -> torch.Tensor:
         mean = torch.floor(_quantize(_gray(x)).mean(dim=(1, 2, 3)) + 0.5).view(n, 1, 1)
         return _quantize(mean + arg * (v - mean)).expand(n, c, 256)
     return color_op(base, v.view(1, 1, 1, 256), arg).round().clamp(0, 255).view(1, 1, 256).expand(n, c, 256)
+
+
+def normalize_images(x: torch.Tensor, mean, std, channels_last: bool = False) -> torch.Tensor:
+    """0..255 images (grey or colour, any dtype) to the normalised 3-channel float input in one
+    op, in the model's memory format."""
+    x = x.float()
+    scale = 1.0 / (255.0 * x.new_tensor(std).view(1, 3, 1, 1))
+    shift = -x.new_tensor(mean).view(1, 3, 1, 1) / x.new_tensor(std).view(1, 3, 1, 1)
+    out = torch.empty((x.shape[0], 3, *x.shape[2:]), device=x.device, dtype=x.dtype,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return torch.addcmul(shift, x, scale, out=out)
 
 
 def _crop_grid(boxes: torch.Tensor, flip: torch.Tensor, in_hw: tuple, size: int) -> torch.Tensor:

@@ -25,10 +25,12 @@ def is_url(text: str) -> bool:
 
 
 def download_to_cache(url: str, subdir: str = "checkpoints") -> Path:
-    """``url`` saved once under ``cache_dir(subdir)`` by its file name; later calls reuse it."""
+    """``url`` saved once under ``cache_dir(subdir)``, in a folder named by the URL's hash (two
+    URLs ending in the same file name are two files); later calls reuse it."""
+    import hashlib
     import torch.hub
     name = Path(urllib.parse.urlparse(url).path).name or "download"
-    dest = cache_dir(subdir) / name
+    dest = cache_dir(subdir) / hashlib.sha256(url.encode()).hexdigest()[:16] / name
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,7 @@ def cmd_train(args) -> int:
     if args.methods:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     else:
-        methods = list(DEFAULT_METHODS) if args.recipe is None and not args.resume else [cfg.dpl.method]
+        methods = list(DEFAULT_METHODS) if args.recipe is None and args.resume in (None, "auto") else [cfg.dpl.method]
     if args.resume and args.resume != "auto" and len(methods) > 1:
         raise ConfigError("--resume PATH continues one run: pass --methods with a single method "
                           "(--resume auto works with several: each method's run resumes on its own)")

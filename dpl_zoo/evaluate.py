@@ -96,7 +96,8 @@ def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
         cfg = dataclasses.replace(config_from_dict(state["config"]), pretrained=False, initial_checkpoint=None)
         model = build_model(cfg, len(state["classes"]))
         model.load_state_dict(state["state_dict"])
-        model.pretrained_cfg = {**model.pretrained_cfg, **resolve_data_config(cfg, model)}
+        data_config = state.get("data_config") or resolve_data_config(cfg, model)  # older checkpoints: none saved
+        model.pretrained_cfg = {**model.pretrained_cfg, **data_config}
         return model.eval(), list(state["classes"])
     if ref.endswith((".tar", ".pth", ".safetensors")):
         raise ZooError(f"{ref} does not exist (expected a run checkpoint, an exported folder or a zoo name)")

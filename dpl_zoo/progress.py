@@ -72,7 +72,7 @@ class Reporter:
 
     @staticmethod
     def _stats(live: dict) -> str:
-        return (f"loss {live['loss']:.3f}  mask {live['mask']:.2f}  pl-acc {live['pl_acc']:.2f}  "
+        return (f"loss {live['loss']:.3f}  mask {live['mask']:.2f}  pl-acc {100 * live['pl_acc']:.1f}  "
                 f"{live['img_s']:.0f} img/s")
 
     def eval_line(self, epoch: int, report: dict) -> None:

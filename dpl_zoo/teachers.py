@@ -189,6 +189,9 @@ def predict_zero_shot(spec: str, dataset: Dataset, class_names: Sequence[str], o
                 "class_names": hashlib.sha256("\n".join(class_names).encode()).hexdigest()}
     marker = parts / "settings.json"
     if not marker.exists():
+        if any(parts.iterdir()):  # chunks of unknown settings: never mix them into these predictions
+            raise DataError(f"{parts} holds partial predictions without a record of their settings; remove that "
+                            f"folder to start over")
         marker.write_text(json.dumps(settings, sort_keys=True))
     previous = json.loads(marker.read_text())
     if previous != settings:

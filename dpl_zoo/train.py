@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
@@ -116,7 +117,8 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
 @contextmanager
 def deterministic_mode(enabled: bool, device: torch.device):
     """``deterministic: true`` for the duration of one run only: deterministic kernels (errors
-    where none exists), no cuDNN autotuning; the process's previous settings come back after."""
+    where none exists), no cuDNN autotuning; the process's previous settings come back after
+    (except ``CUBLAS_WORKSPACE_CONFIG``: cuBLAS reads it once per process, so it stays set)."""
     if not enabled:
         yield
         return
@@ -264,7 +266,10 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[R
                        tf) if ssl else None
     # one pass over the unlabeled set per epoch, for every method: baselines get the same optimiser steps
     steps = cfg.steps_per_epoch or max(1, len(split.unlabeled) // per_step)
-    prior = target_prior(cfg, [train_base.targets[i] for i in split.labeled], num_classes) if ssl else None
+    # the labels training uses: the teacher's in a zero-shot run (no human label may leak in)
+    labeled_targets = (preds.labels[split.labeled].tolist() if cfg.data.labels_from == "teacher"
+                       else [train_base.targets[i] for i in split.labeled])
+    prior = target_prior(cfg, labeled_targets, num_classes) if ssl else None
     criterion = build_criterion(cfg, num_classes, prior).to(device)
     task = DebiasPLTask(model, criterion, method=d.method,
                         ema_decay=cfg.model_ema_decay if (d.ema_teacher or d.method == "supervised") else None,
@@ -362,24 +367,27 @@ def prefetched_inputs(run: Run, epoch: int, depth: int = 1, threads: Optional[in
     stop = threading.Event()
     done = object()
 
+    def hand(item) -> bool:
+        """Queue ``item`` unless the consumer stopped (it may stop with the queue full)."""
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         if threads is not None:
             torch.set_num_threads(threads)  # this thread's own OpenMP team: leave the cores to the step
         try:
             unl_iter = iter(unl_loader) if unl_loader is not None else None
             for lab in lab_loader:
-                item = step_inputs(run, lab, next(unl_iter) if unl_iter is not None else None)
-                while not stop.is_set():
-                    try:
-                        box.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand(step_inputs(run, lab, next(unl_iter) if unl_iter is not None else None)):
                     return
-            box.put(done)
+            hand(done)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
-            box.put(e)
+            hand(e)
 
     thread = threading.Thread(target=produce, name="dpl-zoo-prefetch", daemon=True)
     thread.start()
@@ -511,7 +519,9 @@ def _state(run: Run, epoch: int, best: dict) -> dict:
              "config": json.loads(json.dumps(run.cfg.to_dict())), "classes": run.classes,
              "state_dict": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "task_state": task.get_task_state(),
-             "best": best, "history": run.history}
+             "best": best, "history": run.history,
+             # the preprocessing trained with: a start point's own (e.g. EfficientNet-PyTorch's) is not in the config
+             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in run.data_config.items()}}
     if task.has_ema():
         state["state_dict_ema"] = task.get_trainable_module(ema=True).module.state_dict()
     if run.scaler is not None:
@@ -553,6 +563,8 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
                               "find the same run folder")
         folder = Path(cfg.output) / cfg.experiment
         if (folder / "summary.json").is_file():
+            # a finished run answers for this recipe only
+            _check_resume_config(yaml.safe_load((folder / "config.yaml").read_text()), cfg, folder)
             return json.loads((folder / "summary.json").read_text())
         resume = str(folder / "last.pth.tar") if (folder / "last.pth.tar").is_file() else None
     if resume:
@@ -564,6 +576,9 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
         if (out_dir / "summary.json").exists():
             raise FileExistsError(f"{out_dir} already holds a finished run; choose another experiment name "
                                   f"or output folder")
+        if (out_dir / "last.pth.tar").exists():
+            raise FileExistsError(f"{out_dir} holds an unfinished run; continue it with --resume auto (or "
+                                  f"--resume {out_dir / 'last.pth.tar'}), or choose another experiment name")
     with deterministic_mode(cfg.deterministic, device):
         return _fit(cfg, out_dir, saved, quiet, reporter, main)
 
@@ -584,8 +599,11 @@ def _fit(cfg: TrainConfig, out_dir: Path, saved: Optional[dict], quiet: bool, re
         save_config(cfg, out_dir / "config.yaml")
         write_split_csv(out_dir / "labeled.csv", run.split.labeled)
     metrics_path = out_dir / "metrics.jsonl"
-    if main and saved is not None and metrics_path.exists():
-        _truncate_metrics(metrics_path, saved["step"])
+    if main and metrics_path.exists():
+        if saved is not None:
+            _truncate_metrics(metrics_path, saved["step"])
+        else:  # rows of a run that died before its first checkpoint: this start replays them
+            metrics_path.unlink()
 
     def log(row: dict) -> None:
         if main:

@@ -311,6 +311,7 @@ def parse_model_name(name: str | os.PathLike) -> tuple[str, str | Path]:
 
 def _from_folder(folder: Path, num_classes: Optional[int], **timm_kwargs) -> torch.nn.Module:
     import timm
+    from safetensors import SafetensorError
     if not folder.is_dir():
         hint = f"; for a Hub repo write hf-hub:{folder.as_posix()}" if folder.as_posix().count("/") == 1 else ""
         raise ZooError(f"folder {folder} does not exist{hint}")
@@ -323,9 +324,10 @@ def _from_folder(folder: Path, num_classes: Optional[int], **timm_kwargs) -> tor
         kwargs["num_classes"] = num_classes
     try:
         model = timm.create_model(f"local-dir:{folder}", pretrained=True, **kwargs)
-    except Exception as e:  # noqa: BLE001 - safetensors/timm errors re-raised with what to do
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:  # unreadable or mismatched weights
         raise ZooError(f"cannot load {folder}: {type(e).__name__}: {e}. The weights may be truncated or "
-                       f"corrupt; download them again (force_download=True)") from e
+                       f"corrupt; download them again (force_download=True), or for a folder of your own, "
+                       f"write it again") from e
     return model
 
 

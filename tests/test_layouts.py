@@ -68,3 +68,16 @@ def test_html_page_instead_of_checkpoint(tmp_path):
     (tmp_path / "x.pth.tar").write_text("<!DOCTYPE html><html>Too many users have viewed or downloaded</html>")
     with pytest.raises(ConversionError, match="HTML page, not a checkpoint"):
         read_checkpoint(tmp_path / "x.pth.tar")
+
+
+def test_url_start_points_with_the_same_file_name_are_two_files(tmp_path, monkeypatch):
+    from drive_server import ReleaseMirror
+
+    from dpl_zoo.cache import download_to_cache
+    monkeypatch.setenv("DPL_ZOO_CACHE", str(tmp_path / "cache"))
+    with ReleaseMirror() as mirror:
+        mirror.add("a/model.pth", b"first")
+        mirror.add("b/model.pth", b"second")
+        a, b = download_to_cache(f"{mirror.url}/a/model.pth"), download_to_cache(f"{mirror.url}/b/model.pth")
+        assert (a.read_bytes(), b.read_bytes()) == (b"first", b"second") and a.name == b.name == "model.pth"
+        assert download_to_cache(f"{mirror.url}/a/model.pth") == a and len(mirror.requests) == 2  # cached

@@ -167,3 +167,9 @@ def test_resumed_parts_must_come_from_the_same_teacher_and_settings(image_data, 
                               **change)
     with pytest.raises(DataError, match="teacher differ"):
         predict_zero_shot("clip:RN50", ds, ds.classes, out, chunk=8, workers=0, show_progress=False)
+    # parts from an older version, with no record of their settings, are not reused
+    parts = out.with_name(out.name + ".parts")
+    (parts / "settings.json").unlink()
+    (parts / "00000.safetensors").write_bytes(b"an old chunk")
+    with pytest.raises(DataError, match="without a record of their settings"):
+        predict_zero_shot("clip:dpl-tiny-clip", ds, ds.classes, out, chunk=8, workers=0, show_progress=False)

@@ -110,6 +110,31 @@ def test_finished_run_is_not_overwritten(tiny_config):
     fit(tiny_config(epochs=1), quiet=True)
     with pytest.raises(FileExistsError, match="already holds a finished run"):
         fit(tiny_config(epochs=1), quiet=True)
+    # --resume auto answers with the finished run only for the recipe that made it
+    assert fit(tiny_config(epochs=1), resume="auto", quiet=True)["steps"] == 2
+    with pytest.raises(CheckpointError, match="differs in: lr"):
+        fit(tiny_config(epochs=1, lr=0.5), resume="auto", quiet=True)
+
+
+def test_unfinished_run_is_not_restarted_over(tiny_config, tmp_path):
+    cfg = tiny_config(epochs=2)
+    fit(cfg, quiet=True)
+    run = tmp_path / "runs" / "run"
+    (run / "summary.json").unlink()  # as if killed after its last checkpoint
+    before = (run / "last.pth.tar").read_bytes()
+    with pytest.raises(FileExistsError, match="holds an unfinished run; continue it with --resume auto"):
+        fit(cfg, quiet=True)
+    assert (run / "last.pth.tar").read_bytes() == before
+
+
+def test_fresh_start_drops_rows_of_a_run_that_left_no_checkpoint(tiny_config, tmp_path):
+    cfg = tiny_config(epochs=1)
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # died before its first checkpoint
+    fit(cfg, quiet=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r.get("loss") != 9.0 for r in rows)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in recipe_dir().glob("*.yaml")))
