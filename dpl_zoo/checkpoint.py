@@ -6,6 +6,7 @@ checkpoint intact. Everything in it loads with ``torch.load(weights_only=True)``
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -59,5 +60,8 @@ def export_timm(model: torch.nn.Module, out_dir: str | Path, label_names: Option
     model_config = {"label_names": list(label_names)} if label_names else None
     data_cfg = {k: v for k, v in (data_config or {}).items() if k in ("input_size", "mean", "std", "crop_pct",
                                                                         "interpolation", "crop_mode")}
+    if not all(t.is_contiguous() for t in model.state_dict().values()):
+        # channels_last training: safetensors stores contiguous tensors only
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True, data_config=data_cfg or None)
     return out_dir

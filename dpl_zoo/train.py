@@ -617,8 +617,9 @@ def _fit(cfg: TrainConfig, out_dir: Path, saved: Optional[dict], quiet: bool, re
         stats = train_one_epoch(run, epoch, reporter, log)
         if run.ssl:
             dist_utils.check_same_across_ranks(run.task.criterion.prior.qhat, "qhat")
-        dist_utils.check_same_across_ranks(torch.nn.utils.parameters_to_vector(run.model.parameters()),
-                                           "the student's weights")
+        if dist_utils.is_distributed():  # reshape, not view: channels_last weights are not contiguous
+            dist_utils.check_same_across_ranks(torch.cat([p.detach().reshape(-1) for p in run.model.parameters()]),
+                                               "the student's weights")
         row = {"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * run.steps_per_epoch, **stats}
         final = None
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:

@@ -116,6 +116,13 @@ def test_finished_run_is_not_overwritten(tiny_config):
         fit(tiny_config(epochs=1, lr=0.5), resume="auto", quiet=True)
 
 
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_channels_last_run_on_cpu(tiny_config, tmp_path, augment_on):
+    summary = fit(tiny_config(channels_last=True, epochs=1, **{"data.augment_on": augment_on}), quiet=True)
+    state = torch.load(tmp_path / "runs" / "run" / "last.pth.tar", weights_only=True)
+    assert summary["steps"] == 2 and state["config"]["channels_last"] is True
+
+
 def test_unfinished_run_is_not_restarted_over(tiny_config, tmp_path):
     cfg = tiny_config(epochs=2)
     fit(cfg, quiet=True)
