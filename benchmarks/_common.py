@@ -82,7 +82,7 @@ def _run_job(job: dict) -> dict:
     else:
         cfg = load_config(job["recipe"], [*job["overrides"], f"output={job['output']}", f"experiment={job['name']}"])
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        summary = fit(cfg, quiet=True)
+        summary = fit(cfg, resume="auto", quiet=True)  # a run cut off at an epoch end continues
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         summary["cpu_seconds"] = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
