@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -52,10 +53,21 @@ def write_report(out: Path, name: str, benchmark: str, settings: dict, t0: float
               "settings": settings, **fields, "seconds": time.perf_counter() - t0}
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    path.write_text(json.dumps(report, indent=2, default=str))
+    path.write_text(portable(json.dumps(report, indent=2, default=str), out))
     if console is not None:
         console.print(f"wrote {path} ({report['seconds'] / 60:.1f} min)")
     return path
+
+
+def portable(text: str, out: Path) -> str:
+    """``text`` without this machine's paths: the checkout's prefix dropped (paths become relative
+    to the repository), the Python installation's shown as ``<python prefix>``, home as ``~``."""
+    out = Path(out).resolve()
+    repo = out.parents[1] if out.parts[-2:] == ("benchmarks", "results") else Path(__file__).resolve().parents[1]
+    for prefix, alias in ((str(repo) + os.sep, ""), (sys.prefix + os.sep, "<python prefix>/"),
+                          (os.path.expanduser("~") + os.sep, "~/")):
+        text = text.replace(prefix, alias)
+    return text
 
 
 def mean_sd(values) -> tuple[float, float]:

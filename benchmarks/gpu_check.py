@@ -43,7 +43,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_facts  # noqa: E402
+from _common import write_report  # noqa: E402
 
 console = Console()
 BUNDLE = ROOT / ".gpu"
@@ -235,11 +235,8 @@ def main(argv=None) -> int:
     for name, r in parts.items():
         table.add_row(name, r["status"], f"{r['seconds']:.0f}", r.get("detail", ""))
     console.print(table)
-    report = {"benchmark": "gpu_check", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
-              "settings": {"quick": args.quick, "minutes": total / 60}, "parts": parts,
-              "seconds": time.perf_counter() - t0}
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
-    console.print(f"wrote {out / 'gpu_check.json'}")
+    write_report(out, "gpu_check.json", "gpu_check", {"quick": args.quick, "minutes": total / 60}, t0, console,
+                 parts=parts)
     return 0
 
 

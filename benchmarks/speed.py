@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_facts  # noqa: E402
+from _common import write_report  # noqa: E402
 
 from dpl_zoo.method import DebiasPLLoss  # noqa: E402
 from dpl_zoo.task import DebiasPLTask  # noqa: E402
@@ -390,14 +390,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or ("speed_toy.json" if args.toy else "speed.json" if device.type == "cpu" else
                          f"speed_{device.type}.json")
-    path = out / name
-    path.write_text(json.dumps({"benchmark": "speed", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
-                                "settings": {"models": models, "device": args.device, "img_size": size, "batch": b,
-                                             "mu": args.mu, "multiviews": args.multiviews, "amp": args.amp,
-                                             "rounds": rounds, "pipeline_steps": psteps, "toy": args.toy},
-                                "models": results, "pipeline": pipeline, "folder_views": folder, "end_to_end": e2e,
-                                "seconds": time.perf_counter() - t0}, indent=2))
-    console.print(f"wrote {path}")
+    write_report(out, name, "speed", {"models": models, "device": args.device, "img_size": size, "batch": b,
+                                      "mu": args.mu, "multiviews": args.multiviews, "amp": args.amp,
+                                      "rounds": rounds, "pipeline_steps": psteps, "toy": args.toy}, t0, console,
+                 models=results, pipeline=pipeline, folder_views=folder, end_to_end=e2e)
     return 0
 
 
