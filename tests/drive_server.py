@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import html
 import ssl
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
+
+from loopback import LoopbackServer
 
 DRIVE_HOSTS = ("drive.google.com", "docs.google.com", "drive.usercontent.google.com")
 QUOTA_MESSAGE = ("Too many users have viewed or downloaded this file recently. Please try accessing the file again "
@@ -136,31 +137,7 @@ def _confirm_page(file: DriveFile) -> str:
                  f'viruses. Would you still like to download this file?</p>{form}</div>')
 
 
-class _Server:
-    """Start/stop a ThreadingHTTPServer on 127.0.0.1 in a daemon thread."""
-
-    def __init__(self, handler):
-        self.requests: list = []
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
-class DriveProxy(_Server):
+class DriveProxy(LoopbackServer):
     """``with DriveProxy(ca_bundle_path) as drive: drive.add(DriveFile(id, data))``; point
     ``HTTPS_PROXY`` at ``drive.url`` and ``REQUESTS_CA_BUNDLE`` at the bundle it wrote."""
 
@@ -206,7 +183,7 @@ class _MirrorHandler(_quiet_handler(BaseHTTPRequestHandler)):
                    send_bytes=len(data) // 2 if mode == "truncated" else None)
 
 
-class ReleaseMirror(_Server):
+class ReleaseMirror(LoopbackServer):
     """A plain HTTP file server: ``mirror.add("name.pth.tar", data, mode)`` with mode
     "file", "html" (a page instead of the file), "truncated" (short body, full Content-Length)
     or "unsized" (short body without Content-Length)."""

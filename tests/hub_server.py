@@ -16,8 +16,10 @@ import base64
 import hashlib
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import unquote, urlparse
+
+from loopback import LoopbackServer
 
 
 class HubState:
@@ -222,26 +224,13 @@ class Handler(BaseHTTPRequestHandler):
             "X-Linked-Size": str(len(data)), "Content-Type": "application/octet-stream"})
 
 
-class HubServer:
+class HubServer(LoopbackServer):
     """``with HubServer() as hub: hub.endpoint`` -> http://127.0.0.1:PORT, stopped on exit."""
 
     def __init__(self, upload_mode: str = "regular"):
         self.state = HubState(upload_mode)
-        handler = type("BoundHandler", (Handler,), {"state": self.state})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        super().__init__(type("BoundHandler", (Handler,), {"state": self.state}))
 
     @property
     def endpoint(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> "HubServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        return self.url
