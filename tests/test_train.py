@@ -123,6 +123,18 @@ def test_channels_last_run_on_cpu(tiny_config, tmp_path, augment_on):
     assert summary["steps"] == 2 and state["config"]["channels_last"] is True
 
 
+def test_eval_of_a_checkpoint_uses_the_preprocessing_it_trained_with(tiny_config, tmp_path):
+    from dpl_zoo.evaluate import load_for_eval
+    fit(tiny_config(epochs=1), quiet=True)
+    path = tmp_path / "runs" / "run" / "last.pth.tar"
+    state = torch.load(path, weights_only=True)
+    # as a start point's own preprocessing would be (EfficientNet-PyTorch weights): not in the recipe
+    state["data_config"]["mean"] = [0.25, 0.5, 0.75]
+    torch.save(state, path)
+    model, classes = load_for_eval(str(path))
+    assert list(model.pretrained_cfg["mean"]) == [0.25, 0.5, 0.75] and len(classes) == 3
+
+
 def test_unfinished_run_is_not_restarted_over(tiny_config, tmp_path):
     cfg = tiny_config(epochs=2)
     fit(cfg, quiet=True)
@@ -167,9 +179,10 @@ def test_cli_train_compare_and_eval(image_data, tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2   # not a run folder: one clear line
     for ref in (tmp_path / "runs" / "run-debiaspl" / "last.pth.tar", tmp_path / "runs" / "run-debiaspl" / "export"):
         out = tmp_path / "eval.json"
-        assert main(["eval", str(ref), "--data", str(image_data / "val"), "--out", str(out), "--workers", "0"]) == 0
+        assert main(["eval", str(ref), "--data", str(image_data / "val"), "--out", str(out), "--workers", "0",
+                     "--device", "cpu"]) == 0
         result = json.loads(out.read_text())
-        assert result["images"] == 12 and len(result["per_class_top1"]) == 3
+        assert result["images"] == 12 and len(result["per_class_top1"]) == 3 and result["device"] == "cpu"
     assert main(["train", str(recipe), "--set", "dpl.tua=1"]) == 2
     assert "did you mean 'tau'" in capsys.readouterr().out
 
