@@ -110,8 +110,9 @@ def _run_job(job: dict) -> dict:
 def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None,
              on_done: Optional[Callable[[dict], None]] = None, deadline: Optional[float] = None) -> list[dict]:
     """Run ``jobs`` (``name``, ``recipe``, ``overrides``, ``output``) ``parallel`` at a time;
-    results in job order. A failed run stops the benchmark with its error. After ``deadline``
-    (a ``time.time()``) no new run starts and the finished ones are returned."""
+    results in job order. Runs that finished before (their ``summary.json`` exists) are read, not
+    rerun. A failed run stops the benchmark with its error. After ``deadline`` (a
+    ``time.time()``) no new run starts and the finished ones are returned."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     results: dict[int, dict] = {}
     ctx = get_context("spawn")
@@ -119,7 +120,15 @@ def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None
                   console=console, transient=False) as progress, \
             ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
         task = progress.add_task("runs", total=len(jobs))
-        pending = list(enumerate(jobs))
+        pending = []
+        for i, job in enumerate(jobs):
+            if (Path(job["output"]) / job["name"] / "summary.json").is_file():  # finished: read, not rerun
+                results[i] = result = _run_job(job)
+                progress.advance(task)
+                if on_done:
+                    on_done(result)
+            else:
+                pending.append((i, job))
         running: dict = {}
         while pending or running:
             while pending and len(running) < parallel and (deadline is None or time.time() < deadline):

