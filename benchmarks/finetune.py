@@ -23,6 +23,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import mean_sd, run_jobs, write_report  # noqa: E402
+from linear_probe import fit_and_score, pooled_features  # noqa: E402
 
 console = Console()
 
@@ -73,6 +74,38 @@ def jobs_for(size: dict, args, out: Path) -> list[dict]:
     return jobs
 
 
+def probe_rows(size: dict, args) -> list[dict]:
+    """Linear probe of each start point's frozen features on each seed's labeled split (the
+    training runs' own split and test images), at the benchmark's resolution."""
+    import timm
+    import torch
+
+    from dpl_zoo.data import split_labeled, subsample
+    from dpl_zoo.datasets import load_fashion_mnist
+    from dpl_zoo.layouts import load_start_point
+
+    train, test = load_fashion_mnist(args.data)
+    train_y, all_test_y = torch.tensor(train.targets), torch.tensor(test.targets)
+    norm = dict(img_size=size["img_size"], mean=[0.498] * 3, std=[0.502] * 3)
+    rows = []
+    for start in ("pretrained", "scratch"):
+        scores = []
+        for seed in range(size["seeds"]):
+            torch.manual_seed(seed)
+            model = timm.create_model("efficientnet_lite0", num_classes=len(train.classes))
+            if start == "pretrained":
+                load_start_point(model, lite0_weights(args.weights))
+            labeled = split_labeled(train.targets, len(train.classes), labels_per_class=4, seed=seed).labeled
+            test_idx = subsample(range(len(test)), size["test"], seed + 1)   # data.val_max's subset
+            scores.append(fit_and_score(pooled_features(model, train.tensor()[labeled], **norm), train_y[labeled],
+                                        pooled_features(model, test.tensor()[test_idx], **norm),
+                                        all_test_y[test_idx], len(train.classes)))
+        m, sd = mean_sd(scores)
+        rows.append({"start": start, "probe_top1_mean": m, "probe_top1_sd": sd, "probe_top1_per_seed": scores})
+        console.print(f"linear probe, {start} features: {m:.2f} ± {sd:.2f}")
+    return rows
+
+
 def table_rows(results: list[dict]) -> list[dict]:
     rows = []
     for start in ("pretrained", "scratch"):
@@ -121,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seeds", type=int)
     p.add_argument("--parallel", type=int)
+    p.add_argument("--no-probe", action="store_true", help="skip the linear probe of the start points' features")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     kind = "full" if args.full else "toy" if args.toy else "cpu"
@@ -137,6 +171,7 @@ def main(argv=None) -> int:
                        on_done=lambda r: console.print(f"{r['job']['name']}: top-1 {r['top1']:.2f} "
                                                        f"({r['seconds']:.0f} s)"))
     rows = table_rows(results)
+    probes = probe_rows(size, args) if not args.no_probe else []
     table = Table(title=f"Fashion-MNIST, 4 labels per class, EfficientNet-Lite0 at {size['img_size']} px, "
                         f"{size['steps']} steps, {size['seeds']} seeds")
     for col in ("start", "method", "test top-1 (mean ± sd)", "accepted PL acc.", "PL KL(uniform)", "s / run"):
@@ -152,7 +187,8 @@ def main(argv=None) -> int:
     write_report(out, {"cpu": "finetune.json", "full": "finetune_full.json", "toy": "finetune_toy.json"}[kind],
                  "finetune", {"size": kind, **size, "augment_on": args.augment_on, "device": args.device,
                               "runs_planned": len(jobs), "runs_done": len(results)}, t0, console,
-                 table=rows, verdicts=checks,
+                 run_seconds_total=sum(r["seconds"] for r in results),
+                 table=rows, verdicts=checks, linear_probe=probes,
                  runs=[{k: v for k, v in r.items() if k != "per_class_top1"} for r in results])
     return 0
 

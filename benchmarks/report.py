@@ -103,6 +103,12 @@ def finetune(report: dict) -> str:
         lines.append(f"| {r['start']} | {r['method']} | {r['top1_mean']:.2f} ± {r['top1_sd']:.2f} | "
                      f"{', '.join(f'{v:.1f}' for v in r['top1_per_seed'])} | {'-' if sup else _f(r['pl_acc_mean'])} | "
                      f"{'-' if sup else _f(r['pl_kl_mean'], '.3f')} | {r['seconds_mean']:.0f} |")
+    if "run_seconds_total" in report:   # a resumed benchmark's own time leaves out the runs it read back
+        lines += ["", f"Run time of the {s['runs_done']} runs: {report['run_seconds_total'] / 60:.0f} min "
+                      f"(single-process minutes, {s.get('parallel', 1)} side by side)."]
+    if report.get("linear_probe"):
+        lines += ["", "Linear probe of the frozen start points' features on the labeled images: " + ", ".join(
+            f"{r['start']} {_pm((r['probe_top1_mean'], r['probe_top1_sd']))}" for r in report["linear_probe"]) + "."]
     return "\n".join(lines)
 
 

@@ -77,6 +77,25 @@ def test_finetune_toy(tmp_path):
     _rendered(tmp_path / "finetune_toy.json")
     assert {(r["start"], r["method"]) for r in report["table"]} == {
         (s, m) for s in ("pretrained", "scratch") for m in ("supervised", "fixmatch", "debiaspl")}
+    assert [r["start"] for r in report["linear_probe"]] == ["pretrained", "scratch"]
+    assert all(0 <= r["probe_top1_mean"] <= 100 for r in report["linear_probe"])
+    assert report["run_seconds_total"] == pytest.approx(sum(r["seconds"] for r in report["runs"]))
+
+
+def test_linear_probe_scores_what_the_features_know(monkeypatch):
+    import torch
+    monkeypatch.syspath_prepend(str(BENCH))
+    from linear_probe import fit_and_score
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(10)
+    x = torch.randn(40, 16, generator=g) * 0.1
+    x[torch.arange(40), y] += 1.0                      # class c lights up feature c
+    test_y = torch.arange(4).repeat(25)
+    test_x = torch.randn(100, 16, generator=g) * 0.1
+    test_x[torch.arange(100), test_y] += 1.0
+    assert fit_and_score(x, y, test_x, test_y, 4) == 100.0
+    noise = torch.randn(100, 16, generator=g)           # features that know nothing: about chance
+    assert fit_and_score(x, y, noise, test_y, 4) < 50.0
 
 
 def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
