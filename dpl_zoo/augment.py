@@ -351,7 +351,7 @@ class BatchViews:
         x = images.float()
         fill = self.fill[:c].to(x.device) if c <= 3 else self.fill.to(x.device)
         if crop:  # crop, resize and flip in one resampling
-            grid = _crop_grid(plan.boxes, plan.flip, (h, w), self.size).to(x.device, non_blocking=True)
+            grid = _crop_grid(plan.boxes, plan.flip, (h, w), self.size, x.device)
             x = _quantize(F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False))
         elif plan.flip.any():
             idx = plan.flip.nonzero().flatten().to(x.device, non_blocking=True)
@@ -441,13 +441,18 @@ def normalize_images(x: torch.Tensor, mean, std, channels_last: bool = False) ->
     return torch.addcmul(shift, x, scale, out=out)
 
 
-def _crop_grid(boxes: torch.Tensor, flip: torch.Tensor, in_hw: tuple, size: int) -> torch.Tensor:
+def _crop_grid(boxes: torch.Tensor, flip: torch.Tensor, in_hw: tuple, size: int,
+               device: Optional[torch.device] = None) -> torch.Tensor:
     """grid_sample's grid (B x size x size x 2) for axis-aligned crop boxes resized to ``size``,
-    mirrored where ``flip``: no matrix products, just two coordinate rows per image."""
+    mirrored where ``flip``: no matrix products, just two coordinate rows per image. The rows are
+    computed in float64 on the host (where the plan is) and only they travel to ``device``, where
+    the grid is expanded: B x size numbers cross, not B x size x size x 2."""
     top, left, bh, bw = boxes.double().unbind(1)
     pos = (torch.arange(size, dtype=torch.float64) + 0.5) / size            # output pixel centres in (0, 1)
     fx = torch.where(flip.unsqueeze(1), 1.0 - pos, pos)
     xs = (left.unsqueeze(1) + fx * bw.unsqueeze(1)) * (2.0 / in_hw[1]) - 1.0
     ys = (top.unsqueeze(1) + pos * bh.unsqueeze(1)) * (2.0 / in_hw[0]) - 1.0
     b = len(boxes)
-    return torch.stack([xs.unsqueeze(1).expand(b, size, size), ys.unsqueeze(2).expand(b, size, size)], 3).float()
+    xs = xs.float().to(device, non_blocking=True)
+    ys = ys.float().to(device, non_blocking=True)
+    return torch.stack([xs.unsqueeze(1).expand(b, size, size), ys.unsqueeze(2).expand(b, size, size)], 3)

@@ -237,15 +237,19 @@ class StreamSampler(Sampler):
     def __len__(self) -> int:
         return self.steps * self.per_rank
 
-    def __iter__(self):
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per step, this rank's ``(positions, draws)`` as two tensors."""
         g = torch.Generator().manual_seed(self.seed)
         total = self.steps * self.per_rank * self.world
         stream = torch.cat([torch.randperm(self.size, generator=g) for _ in range(-(-total // self.size))])[:total]
         global_batch = self.per_rank * self.world
         for step in range(self.steps):
             start = step * global_batch + self.rank * self.per_rank
-            for draw in range(start, start + self.per_rank):
-                yield int(stream[draw]), draw
+            yield stream[start:start + self.per_rank], torch.arange(start, start + self.per_rank)
+
+    def __iter__(self):
+        for positions, draws in self.batches():
+            yield from zip(positions.tolist(), draws.tolist())
 
 
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -265,11 +269,9 @@ class ArrayStream:
         return self.sampler.steps
 
     def __iter__(self) -> Iterator[Batch]:
-        items = iter(self.sampler)
-        for _ in range(self.sampler.steps):
-            chunk = torch.tensor([next(items) for _ in range(self.sampler.per_rank)])
-            index = self.indices[chunk[:, 0]]
-            yield Batch([self.pixels[index]], self.targets[index], index, chunk[:, 1], "source")
+        for positions, draws in self.sampler.batches():
+            index = self.indices[positions]
+            yield Batch([self.pixels[index]], self.targets[index], index, draws, "source")
 
 
 def _identity(batch):

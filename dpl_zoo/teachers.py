@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -39,6 +39,7 @@ class Predictions:
     teacher: str = ""
     class_names: Optional[list[str]] = None
     templates: int = 0
+    _digest: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -47,6 +48,18 @@ class Predictions:
     @property
     def confidence(self) -> torch.Tensor:
         return self.probs[:, 0]
+
+    def digest(self) -> str:
+        """sha256 of what training reads (classes, probabilities): a run's checkpoints record it, so
+        a resume with other predictions under the same or a moved path is caught."""
+        if self._digest is not None:
+            return self._digest
+        h = hashlib.sha256(f"{self.num_classes}:{tuple(self.indices.shape)}".encode())
+        for t in (self.indices, self.probs):
+            h.update(str(t.dtype).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        self._digest = h.hexdigest()
+        return self._digest
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file

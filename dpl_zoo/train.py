@@ -513,6 +513,22 @@ def _check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
                                    f"resume with the same recipe, or start a new run")
 
 
+def _check_resume_teacher(saved: dict, run: Run) -> None:
+    """``data.teacher_predictions`` may move between a run and its resume; its content may not."""
+    recorded, preds = saved.get("teacher_predictions_sha256"), run.teacher_predictions
+    had = bool(saved["config"].get("data", {}).get("teacher_predictions"))
+    if had != (preds is not None):
+        raise ckpt.CheckpointError(f"the run started {'with' if had else 'without'} data.teacher_predictions and "
+                                   f"would resume {'without' if had else 'with'} them, which changes what is "
+                                   f"trained; resume with the same setting, or start a new run")
+    if recorded is None or preds is None:   # a run without a teacher, or a checkpoint from before the record
+        return
+    if preds.digest() != recorded:
+        raise ckpt.CheckpointError(f"the teacher predictions {run.cfg.data.teacher_predictions} differ from those "
+                                   f"the run started with (sha256 {recorded[:12]}..., now {preds.digest()[:12]}...); "
+                                   f"resume with the same file, or start a new run")
+
+
 def _state(run: Run, epoch: int, best: dict) -> dict:
     task = run.task
     state = {"epoch": epoch, "step": (epoch + 1) * run.steps_per_epoch, "arch": run.cfg.model,
@@ -524,6 +540,8 @@ def _state(run: Run, epoch: int, best: dict) -> dict:
              "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in run.data_config.items()}}
     if task.has_ema():
         state["state_dict_ema"] = task.get_trainable_module(ema=True).module.state_dict()
+    if run.teacher_predictions is not None:
+        state["teacher_predictions_sha256"] = run.teacher_predictions.digest()
     if run.scaler is not None:
         state["amp_scaler"] = run.scaler.state_dict()
     return state
@@ -592,6 +610,7 @@ def _fit(cfg: TrainConfig, out_dir: Path, saved: Optional[dict], quiet: bool, re
         if (out_dir / "labeled.csv").is_file() and read_split_csv(out_dir / "labeled.csv") != run.split.labeled:
             raise ckpt.CheckpointError(f"the labeled split of {out_dir} differs from this data's: the data changed "
                                        f"since the run started; resume on the same data or start a new run")
+        _check_resume_teacher(saved, run)
         _restore(run, saved)
         start_epoch, best = saved["epoch"] + 1, saved["best"]
     if main:

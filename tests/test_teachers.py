@@ -173,3 +173,27 @@ def test_resumed_parts_must_come_from_the_same_teacher_and_settings(image_data, 
     (parts / "00000.safetensors").write_bytes(b"an old chunk")
     with pytest.raises(DataError, match="without a record of their settings"):
         predict_zero_shot("clip:dpl-tiny-clip", ds, ds.classes, out, chunk=8, workers=0, show_progress=False)
+
+
+def test_resume_checks_the_teacher_predictions_content(image_data, tmp_path, preds_file):
+    from dpl_zoo.checkpoint import CheckpointError
+    last = tmp_path / "runs" / "run" / "last.pth.tar"
+
+    def config(epochs, preds):
+        return load_config(None, tiny_overrides(image_data, tmp_path / "runs", epochs=epochs, **{
+            "data.teacher_predictions": preds, "dpl.clip_threshold": 0.0}))
+
+    fit(config(1, str(preds_file)), quiet=True)
+    assert torch.load(last, weights_only=True)["teacher_predictions_sha256"] == Predictions.load(preds_file).digest()
+    (tmp_path / "runs" / "run" / "summary.json").unlink()
+    moved = tmp_path / "moved.safetensors"                      # the same predictions under another path resume
+    moved.write_bytes(preds_file.read_bytes())
+    assert fit(config(2, str(moved)), resume=str(last), quiet=True)["steps"] == 4
+    (tmp_path / "runs" / "run" / "summary.json").unlink()
+    other = Predictions.load(moved)                             # other content under the same path does not
+    other.probs[0, 0] = 0.5
+    other.save(moved)
+    with pytest.raises(CheckpointError, match="teacher predictions .* differ from those the run started with"):
+        fit(config(3, str(moved)), resume=str(last), quiet=True)
+    with pytest.raises(CheckpointError, match="started with data.teacher_predictions and would resume without"):
+        fit(config(3, None), resume=str(last), quiet=True)
