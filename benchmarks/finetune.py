@@ -95,6 +95,7 @@ def probe_rows(size: dict, args) -> list[dict]:
             model = timm.create_model("efficientnet_lite0", num_classes=len(train.classes))
             if start == "pretrained":
                 load_start_point(model, lite0_weights(args.weights))
+            model.to(args.device)
             labeled = split_labeled(train.targets, len(train.classes), labels_per_class=4, seed=seed).labeled
             test_idx = subsample(range(len(test)), size["test"], seed + 1)   # data.val_max's subset
             scores.append(fit_and_score(pooled_features(model, train.tensor()[labeled], **norm), train_y[labeled],

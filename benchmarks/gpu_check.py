@@ -184,8 +184,10 @@ def part_finetune(minutes: float, out: Path, bundle: Path, quick: bool) -> dict:
     report = json.loads((out / "finetune_full.json").read_text())
     s = report["settings"]
     return {"status": "ok" if s["runs_done"] == s["runs_planned"] else "partial", "table": report["table"],
+            "linear_probe": report.get("linear_probe", []),
             "detail": f"{s['runs_done']}/{s['runs_planned']} runs; " + "; ".join(
-                f"{r['start']} {r['method']} {r['top1_mean']:.1f}" for r in report["table"])}
+                [f"{r['start']} {r['method']} {r['top1_mean']:.1f}" for r in report["table"]] +
+                [f"{r['start']} features, linear probe {r['probe_top1_mean']:.1f}" for r in report.get("linear_probe", [])])}
 
 
 def main(argv=None) -> int:

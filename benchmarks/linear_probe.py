@@ -17,17 +17,19 @@ import torch.nn.functional as F
 @torch.no_grad()
 def pooled_features(model: torch.nn.Module, images: torch.Tensor, img_size: int, mean: Sequence[float],
                     std: Sequence[float], batch: int = 250) -> torch.Tensor:
-    """Pre-logit features of uint8 N x C x H x W ``images`` (grey expanded to RGB), resized to ``img_size``."""
+    """Pre-logit features of uint8 N x C x H x W ``images`` (grey expanded to RGB), resized to
+    ``img_size``, computed on the model's device, returned on the host."""
     model.eval()
-    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
-    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    device = next(model.parameters()).device
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
     out = []
     for i in range(0, len(images), batch):
-        x = images[i:i + batch].float().div(255)
+        x = images[i:i + batch].to(device).float().div(255)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
-        out.append(model.forward_head(model.forward_features((x - mean_t) / std_t), pre_logits=True))
+        out.append(model.forward_head(model.forward_features((x - mean_t) / std_t), pre_logits=True).float().cpu())
     return torch.cat(out).flatten(1)
 
 
