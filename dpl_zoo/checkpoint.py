@@ -7,6 +7,7 @@ checkpoint intact. Everything in it loads with ``torch.load(weights_only=True)``
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -63,5 +64,16 @@ def export_timm(model: torch.nn.Module, out_dir: str | Path, label_names: Option
     if not all(t.is_contiguous() for t in model.state_dict().values()):
         # channels_last training: safetensors stores contiguous tensors only
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True, data_config=data_cfg or None)
+    save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True)
+    if data_cfg:  # the preprocessing trained with; set here, not through save_for_hf(data_config=), which older timm (1.0.29) lacks
+        config_path = out_dir / "config.json"
+        config = json.loads(config_path.read_text())
+        pretrained_cfg = config.setdefault("pretrained_cfg", {})
+        pretrained_cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in data_cfg.items()})
+        if "input_size" in data_cfg:   # the source weights' test-time size no longer applies
+            pretrained_cfg.pop("test_input_size", None)
+            pretrained_cfg.pop("test_pool_size", None)
+        if "crop_pct" in data_cfg:
+            pretrained_cfg.pop("test_crop_pct", None)
+        config_path.write_text(json.dumps(config, indent=4))
     return out_dir

@@ -32,7 +32,8 @@ class DebiasPLTask(TrainingTask):
                  device: Optional[torch.device] = None):
         super().__init__(device=device, verbose=False)
         self.trainable_module = model
-        self.criterion = criterion
+        # the criterion's buffers (qhat, the target prior) must sit where the logits are
+        self.criterion = criterion.to(device) if device is not None else criterion
         self.method = method
         self.weak_views = 2 if multiviews else 1
         if ema_decay is not None:

@@ -56,3 +56,13 @@ def test_task_state_holds_qhat_and_checks_class_count():
 def test_wrong_number_of_views():
     with pytest.raises(ValueError, match="1 weak and 1 strong"):
         _task()(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), [torch.randn(4, 3, 32, 32)])
+
+
+def test_criterion_state_follows_the_task_device():
+    # a loop that builds the task with device=cuda gets qhat and the target prior on that device
+    # (the meta device stands in for a GPU here: no memory, same placement rules)
+    model = timm.create_model("test_resnet", num_classes=3).to("meta")
+    crit = DebiasPLLoss(3, tau=0.4, threshold=0.0, target_prior=[0.5, 0.3, 0.2])
+    task = DebiasPLTask(model, crit, ema_decay=None, device=torch.device("meta"))
+    assert {b.device.type for b in task.criterion.buffers()} == {"meta"}
+    assert {b.device.type for b in _task(ema=None).criterion.buffers()} == {"cpu"}

@@ -310,3 +310,25 @@ def test_cli_list_and_info(capsys):
     out = capsys.readouterr().out
     assert "65.6" in out and "resnet50.dpl_1pct" in out and "1o2MYjkf-G_NGNHqMdXdYQWr2X_catw2Q" in out
     assert main(["info", "nope"]) == 2
+
+
+def test_export_keeps_the_preprocessing_with_a_timm_without_data_config(tmp_path, monkeypatch):
+    # timm 1.0.29's save_for_hf takes no data_config; the export must not depend on it
+    import timm.models
+    real = timm.models.save_for_hf
+
+    def save_for_hf_1_0_29(model, save_directory, model_config=None, model_args=None, safe_serialization=False):
+        return real(model, save_directory, model_config=model_config, model_args=model_args,
+                    safe_serialization=safe_serialization)
+
+    monkeypatch.setattr(timm.models, "save_for_hf", save_for_hf_1_0_29)
+    model = timm.create_model("test_resnet", num_classes=3)
+    out = export_timm(model, tmp_path / "m", ["a", "b", "c"],
+                      data_config={"input_size": (3, 48, 48), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+                                   "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center"})
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 48, 48] and cfg["mean"] == [0.5, 0.5, 0.5] and cfg["std"] == [0.25, 0.25, 0.25]
+    assert cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bilinear"
+    assert "test_input_size" not in cfg and "test_crop_pct" not in cfg
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert timm.data.resolve_data_config({}, model=loaded)["input_size"] == (3, 48, 48)
