@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -122,12 +123,18 @@ def part_host_syncs(bundle: Path, steps: int = 40, log_interval: int = 20) -> di
                     torch.cuda.set_sync_debug_mode("default")
         finally:
             metrics.StepMetrics.read = real_read
-        syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message).lower()]
+        caught = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        syncs = [str(w.message).splitlines()[0][:120] for w in caught]
+        where: dict = {}   # the Python line that made each sync, for finding it
+        for w in caught:
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            where[key] = where.get(key, 0) + 1
         # the epoch's reads: one per log interval plus the end of epoch; the all-reduce of totals at the end
         expected = calls["read"] + 1
         results[label] = {"syncs": len(syncs), "steps": steps, "logging_reads": calls["read"],
                           "syncs_between_logging_steps": max(0, len(syncs) - expected),
-                          "per_step": len(syncs) / steps, "kinds": sorted(set(syncs))[:8]}
+                          "per_step": len(syncs) / steps, "kinds": sorted(set(syncs))[:8],
+                          "where": dict(sorted(where.items(), key=lambda kv: -kv[1])[:12])}
     worst = max(r["syncs_between_logging_steps"] for r in results.values())
     return {"status": "ok" if worst == 0 else "over target", "detail": "; ".join(
         f"{k}: {v['syncs']} syncs in {steps} steps ({v['logging_reads']} logging reads)" for k, v in results.items()),
@@ -174,16 +181,31 @@ def part_finetune(minutes: float, out: Path, bundle: Path, quick: bool) -> dict:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--full", "--device", "cuda", "--data", str(data),
            "--weights", str(weights), "--out", str(out), "--max-minutes", f"{max(0.5, minutes - 1.5):.1f}",
            "--workers", "4"] + (["--seeds", "1"] if quick else [])
+    # its own process group: a run still going at the deadline is killed with its pool worker
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60 * minutes + 60)
+        log, _ = proc.communicate(timeout=60 * minutes)
+        timed_out = False
     except subprocess.TimeoutExpired:
-        return {"status": "timeout", "detail": f"over {minutes:.1f} min"}
-    (out / "finetune_full.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        return {"status": "failed", "detail": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        timed_out = True
+        # the runs that finished are in their folders: report them without the cut-off one
+        at = cmd.index("--max-minutes")
+        report_cmd = cmd[:at] + ["--max-minutes", "0", "--no-probe"] + cmd[at + 2:]
+        done = subprocess.run(report_cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        log += done.stdout + done.stderr
+        if done.returncode:
+            (out / "finetune_full.log").write_text(log)
+            return {"status": "timeout", "detail": f"over {minutes:.1f} min; no finished run could be reported"}
+    (out / "finetune_full.log").write_text(log)
+    if proc.returncode and not timed_out:
+        return {"status": "failed", "detail": (log.strip().splitlines() or ["?"])[-1]}
     report = json.loads((out / "finetune_full.json").read_text())
     s = report["settings"]
-    return {"status": "ok" if s["runs_done"] == s["runs_planned"] else "partial", "table": report["table"],
+    status = "ok" if s["runs_done"] == s["runs_planned"] else "partial"
+    return {"status": status + (" (last run cut off)" if timed_out else ""), "table": report["table"],
             "linear_probe": report.get("linear_probe", []),
             "detail": f"{s['runs_done']}/{s['runs_planned']} runs; " + "; ".join(
                 [f"{r['start']} {r['method']} {r['top1_mean']:.1f}" for r in report["table"]] +

@@ -21,6 +21,7 @@ up to interpolation rounding (tested).
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -254,10 +255,17 @@ def pil_to_uint8(img: Image.Image) -> torch.Tensor:
 _GRAY = (0.299, 0.587, 0.114)
 
 
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant on ``device``, made once: made per call it is a blocking host-to-device
+    copy, which on a GPU stalls the host on every view of every step. Never modified in place."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
-    w = x.new_tensor(_GRAY).view(1, 3, 1, 1)
+    w = _constant(tuple(_GRAY), x.device, x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
 
 
@@ -323,8 +331,8 @@ def _sample(x: torch.Tensor, maps: torch.Tensor, out_hw: tuple, fill: torch.Tens
     b, _, h_in, w_in = x.shape
     h, w = out_hw
     # pixel-coordinate maps -> the normalised maps grid_sample takes (align_corners=False)
-    to_norm = x.new_tensor([[2.0 / w_in, 0, -1], [0, 2.0 / h_in, -1], [0, 0, 1]])
-    from_norm = x.new_tensor([[w / 2.0, 0, w / 2.0], [0, h / 2.0, h / 2.0], [0, 0, 1]])
+    to_norm = _constant(((2.0 / w_in, 0, -1), (0, 2.0 / h_in, -1), (0, 0, 1)), x.device, x.dtype)
+    from_norm = _constant(((w / 2.0, 0, w / 2.0), (0, h / 2.0, h / 2.0), (0, 0, 1)), x.device, x.dtype)
     theta = (to_norm @ maps.to(x) @ from_norm)[:, :2]
     grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
     f = fill.view(1, -1, 1, 1)
@@ -339,7 +347,7 @@ class BatchViews:
         self.size, self.scale, self.ratio, self.hflip, self.strong = size, tuple(scale), tuple(ratio), hflip, strong
         self.mode = "bicubic" if interpolation == "bicubic" else "bilinear"
         self.mean, self.std = tuple(mean), tuple(std)
-        self.fill = torch.tensor(fill_color(mean), dtype=torch.float32)
+        self.fill = tuple(float(v) for v in fill_color(mean))
 
     def __call__(self, images: torch.Tensor, u: torch.Tensor, crop: bool = True, augment: bool = True,
                  normalize: bool = True, channels_last: bool = False) -> torch.Tensor:
@@ -349,7 +357,7 @@ class BatchViews:
         sizes = torch.tensor([[h, w]]).expand(b, 2) if crop else None
         plan = make_plan(u.cpu(), sizes, self.scale, self.ratio, self.hflip, self.strong if augment else None)
         x = images.float()
-        fill = self.fill[:c].to(x.device) if c <= 3 else self.fill.to(x.device)
+        fill = _constant(self.fill[:c] if c <= 3 else self.fill, x.device, torch.float32)
         if crop:  # crop, resize and flip in one resampling
             grid = _crop_grid(plan.boxes, plan.flip, (h, w), self.size, x.device)
             x = _quantize(F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False))
@@ -434,8 +442,9 @@ def normalize_images(x: torch.Tensor, mean, std, channels_last: bool = False) ->
     """0..255 images (grey or colour, any dtype) to the normalised 3-channel float input in one
     op, in the model's memory format."""
     x = x.float()
-    scale = 1.0 / (255.0 * x.new_tensor(std).view(1, 3, 1, 1))
-    shift = -x.new_tensor(mean).view(1, 3, 1, 1) / x.new_tensor(std).view(1, 3, 1, 1)
+    std_t = _constant(tuple(std), x.device, x.dtype).view(1, 3, 1, 1)
+    scale = 1.0 / (255.0 * std_t)
+    shift = -_constant(tuple(mean), x.device, x.dtype).view(1, 3, 1, 1) / std_t
     out = torch.empty((x.shape[0], 3, *x.shape[2:]), device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return torch.addcmul(shift, x, scale, out=out)

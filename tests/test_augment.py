@@ -129,3 +129,23 @@ def test_grey_images_stay_grey_and_expand_to_rgb():
     u = plan_uniforms(0, 0, torch.arange(8), 1, plan_size(SPEC))
     out = BatchViews(32, (0.7, 1), (0.85, 1.18), 0.0, SPEC, (0.5,) * 3, (0.5,) * 3)(g, u)
     assert out.shape == (8, 3, 32, 32) and torch.equal(out[:, 0], out[:, 2])
+
+
+def test_batched_views_make_their_constants_once(monkeypatch):
+    # on a GPU every constant built per call is a blocking host-to-device copy (a host sync per
+    # view per step); after the first batch, BatchViews builds none
+    from dpl_zoo import augment
+    n = 32
+    imgs = _smooth_images(n)
+    bv = BatchViews(32, (0.5, 1.0), (0.75, 1.33), 0.5, SPEC, (0.5,) * 3, (0.25,) * 3)
+    first = bv(imgs, plan_uniforms(1, 0, torch.arange(n), 1, plan_size(SPEC)))
+    made = []   # constants built on the images' device: torch.tensor(..., device=...) or x.new_tensor(...)
+    real_tensor, real_new = torch.tensor, torch.Tensor.new_tensor
+    monkeypatch.setattr(augment.torch, "tensor",
+                        lambda *a, **k: (k.get("device") is not None and made.append(a)) or real_tensor(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "new_tensor", lambda self, *a, **k: made.append(a) or real_new(self, *a, **k))
+    misses = augment._constant.cache_info().misses
+    again = bv(imgs, plan_uniforms(1, 0, torch.arange(n), 1, plan_size(SPEC)))
+    monkeypatch.undo()
+    assert torch.equal(first, again)
+    assert made == [] and augment._constant.cache_info().misses == misses
