@@ -96,7 +96,8 @@ def part_host_syncs(bundle: Path, steps: int = 40, log_interval: int = 20) -> di
     import torch
     from dpl_zoo.config import load_config
     from dpl_zoo.progress import Reporter
-    from dpl_zoo.train import build_run, train_one_epoch
+    from dpl_zoo.run import build_run
+    from dpl_zoo.train import train_one_epoch
     results = {}
     for label, sets in (("fp32", []), ("bf16", ["amp=true", "amp_dtype=bfloat16"]),
                         ("fp16 + GradScaler", ["amp=true", "amp_dtype=float16"])):

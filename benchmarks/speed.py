@@ -233,12 +233,14 @@ def bench_pipeline(augment_on: str, steps: int, device: str, workers: int) -> di
     """Images/s of the embedded recipe's loader alone, step alone and real training."""
     from dpl_zoo.config import load_config
     from dpl_zoo.progress import Reporter
-    from dpl_zoo.train import _loaders, build_run, train_one_epoch
+    from dpl_zoo.inputs import epoch_loaders
+    from dpl_zoo.run import build_run
+    from dpl_zoo.train import train_one_epoch
     cfg = load_config("mnist_demo", [f"steps_per_epoch={steps}", f"data.augment_on={augment_on}",
                                      f"workers={workers}", f"device={device}"])
     run = build_run(cfg)
     sync = _sync(run.device)
-    lab, unl = _loaders(run, epoch=0)
+    lab, unl = epoch_loaders(run, epoch=0)
     t, n = time.perf_counter(), 0
     for a, b in zip(lab, unl):
         views = run.labeled_views(a) + run.unlabeled_views(b)
@@ -246,7 +248,7 @@ def bench_pipeline(augment_on: str, steps: int, device: str, workers: int) -> di
     sync()
     loader_ips = n / (time.perf_counter() - t)
     # the step alone: one batch of finished views held on the device, the recipe's model and method
-    lab, unl = _loaders(run, epoch=1)
+    lab, unl = epoch_loaders(run, epoch=1)
     a, b = next(iter(lab)), next(iter(unl))
     (x,), views = run.labeled_views(a), run.unlabeled_views(b)
     y = a.targets.to(run.device)
@@ -285,7 +287,8 @@ def bench_folder_views(device: str, workers: int, work: Path, per_class: int = 8
     weak + strong views): PIL in ``workers`` loader processes vs decode + crop there and flip +
     RandAugment batched on ``device``. The second epoch is timed (the first starts the workers)."""
     from dpl_zoo.config import load_config
-    from dpl_zoo.train import _loaders, build_run
+    from dpl_zoo.inputs import epoch_loaders
+    from dpl_zoo.run import build_run
     root = _jpeg_folder(work / "jpegs" / "train", per_class)
     _jpeg_folder(work / "jpegs" / "val", per_class=2)
     sync = _sync(torch.device(device))
@@ -299,7 +302,7 @@ def bench_folder_views(device: str, workers: int, work: Path, per_class: int = 8
                                        "dpl.mu=5", "amp=false"])
         run = build_run(cfg)
         for epoch in range(2):
-            lab, unl = _loaders(run, epoch)
+            lab, unl = epoch_loaders(run, epoch)
             sync()
             t, n = time.perf_counter(), 0
             for a, b in zip(lab, unl):

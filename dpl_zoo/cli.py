@@ -119,7 +119,9 @@ def cmd_train(args) -> int:
     from .config import ConfigError, load_config
     from .datasets import DataError
     from .progress import Reporter, summary_table
-    from .train import dry_run, fit, resolve_device
+    from .dry_run import dry_run
+    from .runtime import resolve_device
+    from .train import fit
 
     recipe = args.recipe or DEFAULT_RECIPE
     overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])

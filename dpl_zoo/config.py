@@ -79,6 +79,12 @@ class DataConfig:
     teacher_predictions: Optional[str] = None  # `dpl-zoo pseudo-label` output: enables the CLIP-assisted term
     labels_from: str = "human"         # human | teacher (zero-shot: labeled = confident teacher predictions)
     teacher_label_threshold: float = 0.95  # zero-shot: teacher confidence that makes an image "labeled"
+    # with `freeze`: each training image's K weak and K strong views go through the frozen part once
+    # (cached in the dpl-zoo cache); steps sample among them and run only the trainable rest
+    cached_views: Optional[int] = None
+    # at most this many unlabeled images: the first N of one fixed order of the dataset (the same pool
+    # for every split seed), e.g. to bound the cost of data.cached_views
+    unlabeled_max: Optional[int] = None
 
 
 @dataclass
@@ -93,6 +99,12 @@ class TrainConfig:
     num_classes: Optional[int] = None  # default: from the data
     img_size: Optional[int] = None     # default: the model's pretrained_cfg
     model_kwargs: dict = field(default_factory=dict)
+    # transfer: `backbone` (everything but the classifier) or N (the first N of timm's coarse parameter
+    # groups: the stem, then stages), frozen with timm's freeze (BatchNorm statistics fixed too)
+    freeze: Any = None
+    # the new head: a linear classifier (default), or an MLP with one hidden layer of this width
+    # (Linear, BatchNorm1d, ReLU, Linear)
+    head_hidden_size: Optional[int] = None
     mean: Optional[tuple] = None
     std: Optional[tuple] = None
     crop_pct: Optional[float] = None   # evaluation: resize to img_size / crop_pct, centre crop img_size
@@ -103,6 +115,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     layer_decay: Optional[float] = None  # layer-wise lr decay (timm create_optimizer_v2), for ViTs
+    # lr of every parameter outside the new classifier, as a fraction of lr (0.1: the pretrained
+    # backbone learns 10x slower than the new head, as in TLlib's transfer recipes)
+    backbone_lr_scale: Optional[float] = None
     filter_bias_and_bn: bool = True    # no weight decay on biases and norm layers (timm's default)
     sched: str = "cosine"
     epochs: int = 10
@@ -111,6 +126,7 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
     model_ema_decay: float = 0.999
+    model_ema_warmup: bool = False     # timm's EMA warm-up: the decay ramps up to model_ema_decay (short runs)
     clip_grad: Optional[float] = None
     amp: bool = False
     amp_dtype: str = "float16"         # on CUDA: float16 (with a gradient scaler) or bfloat16; CPU uses bfloat16
@@ -221,6 +237,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if value is not None and value < 0:
             raise ConfigError(f"dpl.{name} must be >= 0, got {value}")
     _validate_start(cfg)
+    _validate_transfer(cfg)
     _validate_target_prior(d.target_prior)
     if cfg.data.augment_on not in AUGMENT_ON:
         raise ConfigError(f"data.augment_on must be one of {', '.join(AUGMENT_ON)}, got {cfg.data.augment_on!r}")
@@ -270,6 +287,29 @@ def _validate_start(cfg: TrainConfig) -> None:
         f"reference start is MoCo-EMAN (800 epochs, licence CC-BY-NC-4.0): --set initial_checkpoint={MOCO_EMAN_URL} "
         f"(downloaded once into the dpl-zoo cache) or a local copy of that file (its module.encoder_q.* keys are "
         f"mapped onto timm's resnet50). To train from random weights instead, --set from_scratch=true")
+
+
+def _validate_transfer(cfg: TrainConfig) -> None:
+    f = cfg.freeze
+    if f == 0:
+        cfg.freeze = f = None
+    if not (f is None or f == "backbone" or (isinstance(f, int) and not isinstance(f, bool) and f > 0)):
+        raise ConfigError(f"freeze must be backbone or a number of leading stages (1 = the stem), got {f!r}")
+    if cfg.backbone_lr_scale is not None and not cfg.backbone_lr_scale > 0:
+        raise ConfigError(f"backbone_lr_scale must be > 0 (e.g. 0.1), got {cfg.backbone_lr_scale}")
+    if cfg.head_hidden_size is not None and cfg.head_hidden_size < 1:
+        raise ConfigError(f"head_hidden_size must be >= 1, got {cfg.head_hidden_size}")
+    k = cfg.data.cached_views
+    if k is not None:
+        if k < 1:
+            raise ConfigError(f"data.cached_views must be >= 1, got {k}")
+        if f is None:
+            raise ConfigError("data.cached_views caches the output of frozen layers: set freeze (backbone, or a "
+                              "number of stages) too")
+        if cfg.dpl.multiviews and k < 2:
+            raise ConfigError("dpl.multiviews draws two weak and two strong views: data.cached_views must be >= 2")
+    if cfg.data.unlabeled_max is not None and cfg.data.unlabeled_max < 1:
+        raise ConfigError(f"data.unlabeled_max must be >= 1, got {cfg.data.unlabeled_max}")
 
 
 def _validate_target_prior(value: Any) -> None:

@@ -285,6 +285,8 @@ def stream_loader(ds: ViewDataset, per_rank: int, steps: int, seed: int, epoch: 
         raise DataError("an empty split cannot be loaded; check the label budget and the data")
     ds.epoch = epoch
     sampler = StreamSampler(len(ds), steps, per_rank, seed, rank, world)
+    if ds.stage == "cached":    # features of cached views (dpl_zoo.view_cache): no images to load
+        return ds.stream(sampler)
     if ds.stage == "source":
         return ArrayStream(ds.base, ds.indices, sampler)
     return DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers, pin_memory=pin_memory,

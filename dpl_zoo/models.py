@@ -24,6 +24,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.img_size and pcfg is not None and pcfg.fixed_input_size:
         kwargs.setdefault("img_size", cfg.img_size)
     model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
+    if cfg.head_hidden_size:
+        set_mlp_head(model, cfg.head_hidden_size, num_classes)
     if cfg.initial_checkpoint:
         from . import distributed as dist_utils
         from .cache import download_to_cache, is_url
@@ -36,6 +38,19 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         info = load_start_point(model, source)
         # a start point brings the preprocessing its weights were trained with
         model.pretrained_cfg = {**model.pretrained_cfg, **info["data_config"]}
+    return model
+
+
+def set_mlp_head(model: nn.Module, hidden: int, num_classes: int) -> nn.Module:
+    """Replace the classifier (timm's ``pretrained_cfg["classifier"]``) by Linear, BatchNorm1d,
+    ReLU, Linear: a head that can bend the frozen features, not only weigh them."""
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    current = model.get_submodule(name) if name else None
+    if not isinstance(current, nn.Linear):
+        raise ConfigError(f"head_hidden_size needs a timm model with a linear classifier named in its pretrained_cfg; "
+                          f"{type(model).__name__} has {type(current).__name__} at {name!r}")
+    model.set_submodule(name, nn.Sequential(nn.Linear(current.in_features, hidden), nn.BatchNorm1d(hidden),
+                                            nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)))
     return model
 
 

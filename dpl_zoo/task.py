@@ -24,12 +24,13 @@ class DebiasPLTask(TrainingTask):
     code with ``tau = 0`` in the criterion. With ``ema_decay`` set, an EMAN teacher
     (timm ``ModelEmaV3``: parameters and BatchNorm statistics averaged) makes the
     pseudo-labels and stays in eval mode; otherwise the student's own weak-view
-    logits, detached, do.
+    logits, detached, do. ``ema_warmup`` ramps the EMA decay up as timm's ``--model-ema-warmup``
+    does.
     """
 
     def __init__(self, model: nn.Module, criterion: DebiasPLLoss, method: str = "debiaspl",
                  ema_decay: Optional[float] = 0.999, multiviews: bool = False,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, ema_warmup: bool = False):
         super().__init__(device=device, verbose=False)
         self.trainable_module = model
         # the criterion's buffers (qhat, the target prior) must sit where the logits are
@@ -37,7 +38,9 @@ class DebiasPLTask(TrainingTask):
         self.method = method
         self.weak_views = 2 if multiviews else 1
         if ema_decay is not None:
-            self.setup_ema(decay=ema_decay)
+            # warm-up (timm's): the decay starts low and rises to ema_decay, so in a short run the
+            # teacher follows the student instead of staying near its random new head
+            self.setup_ema(decay=ema_decay, use_warmup=ema_warmup)
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> "DebiasPLTask":
         """Wrap the student in DistributedDataParallel; the teacher stays unwrapped (no gradients)."""

@@ -93,7 +93,7 @@ def test_resnet50_recipes_evaluate_and_decay_as_the_authors(name):
 
 def test_layer_decay_and_bias_filter_reach_the_optimizer():
     import timm
-    from dpl_zoo.train import build_optimization
+    from dpl_zoo.optim import build_optimization
     vit = load_config("vit_small_dpl_1pct")
     assert vit.layer_decay == 0.75
     model = timm.create_model("test_vit", num_classes=3)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from dpl_zoo.config import load_config
-from dpl_zoo.train import _loaders, build_run, fit, step_inputs, train_step
+from dpl_zoo.inputs import epoch_loaders, step_inputs
+from dpl_zoo.run import build_run
+from dpl_zoo.train import fit, train_step
 
 from conftest import tiny_overrides
 
@@ -25,7 +27,7 @@ def cuda_config(image_data, tmp_path):
 
 
 def _one_step(run, step=0):
-    lab, unl = _loaders(run, 0)
+    lab, unl = epoch_loaders(run, 0)
     run.task.train()
     return train_step(run, step_inputs(run, next(iter(lab)), next(iter(unl)) if unl is not None else None), step)
 

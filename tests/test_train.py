@@ -11,7 +11,8 @@ from dpl_zoo.cli import main
 from dpl_zoo.config import load_config, recipe_dir
 from dpl_zoo.data import DataError
 from dpl_zoo.progress import Reporter
-from dpl_zoo.train import TrainingDiverged, dry_run, fit
+from dpl_zoo.dry_run import dry_run
+from dpl_zoo.train import TrainingDiverged, fit
 
 from conftest import tiny_overrides
 
@@ -284,7 +285,7 @@ def test_checkpoints_hold_no_rng_state_and_a_moved_data_folder_resumes(tiny_conf
     (tmp_path / "runs" / "run" / "summary.json").unlink()
     for p in list((moved / "train" / "cat").iterdir())[:3]:
         p.unlink()
-    with pytest.raises(CheckpointError, match="labeled split .* differs"):
+    with pytest.raises(CheckpointError, match="training data differ"):
         fit(tiny_config(epochs=3, **{"data.root": str(moved / "train")}),
             resume=str(tmp_path / "runs" / "run" / "last.pth.tar"), quiet=True)
 
@@ -353,10 +354,11 @@ def test_balanced_accuracy_is_the_mean_per_class_recall():
 
 
 def test_prefetched_inputs_are_the_inline_inputs(tiny_config):
-    from dpl_zoo.train import _loaders, build_run, prefetched_inputs, step_inputs
+    from dpl_zoo.inputs import epoch_loaders, prefetched_inputs, step_inputs
+    from dpl_zoo.run import build_run
     for augment_on in ("workers", "device"):
         run = build_run(tiny_config(**{"data.augment_on": augment_on}))
-        lab, unl = _loaders(run, 1)
+        lab, unl = epoch_loaders(run, 1)
         inline = [step_inputs(run, a, b) for a, b in zip(lab, unl)]
         ahead = list(prefetched_inputs(run, 1))
         assert len(inline) == len(ahead) == 2
