@@ -314,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .convert import ConversionError
     from .datasets import DataError
     from .train import TrainingDiverged
-    from .zoo import ZooError
+    from .registry import ZooError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional
 
-from .zoo import CONFIG_NAME, WEIGHTS_NAME, ZooEntry, ZooError
+from .registry import CONFIG_NAME, WEIGHTS_NAME, ZooEntry, ZooError
 
 PAPER_URL = "https://arxiv.org/abs/2201.01490"
 STAGING_MARKER = ".dpl-zoo-staging"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .cache import cache_dir, is_url
 from .integrity import FileRecord, IntegrityError, read_json, sha256_of, verified, write_json
-from .zoo import CONFIG_NAME, WEIGHTS_NAME, ZooEntry, ZooError
+from .registry import CONFIG_NAME, WEIGHTS_NAME, ZooEntry, ZooError
 
 MIRROR_ENV = "DPL_ZOO_MIRROR"
 RECORD_NAME = "source.json"
