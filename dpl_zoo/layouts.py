@@ -26,13 +26,11 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 class ConversionError(ValueError):
     """Weights that cannot be mapped onto the model; the message says why."""
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _numpy_safe_globals() -> list:
@@ -190,12 +188,14 @@ register_layout(Layout(
     "debiaspl", "the authors' DebiasPL release: module.main.* (student), module.ema.* (EMA teacher)",
     detect=lambda s: any(k.startswith(("module.main.", "module.ema.")) for k in s),
     filter=_debiaspl_filter, options=("teacher",),
-    data_config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear", crop_pct=0.875)))
+    data_config=dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bilinear",
+                     crop_pct=0.875)))
 register_layout(Layout(
     "moco", "MoCo / MoCo-EMAN backbone: module.encoder_q.* (projection head dropped)",
     detect=lambda s: any(k.startswith(("module.encoder_q.", "encoder_q.")) for k in s),
     filter=_moco_filter,
-    data_config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear", crop_pct=0.875)))
+    data_config=dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bilinear",
+                     crop_pct=0.875)))
 register_layout(Layout(
     "efficientnet_pytorch", "EfficientNet-PyTorch names (_conv_stem, _blocks.N.*, _fc) onto timm EfficientNet",
     detect=lambda s: "_conv_stem.weight" in s and any(k.startswith("_blocks.") for k in s),

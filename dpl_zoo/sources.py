@@ -50,33 +50,29 @@ def weights_file(entry: ZooEntry, force_download: bool = False, keep_release: bo
 def hub_snapshot(repo_id: str, revision: str = "main", force_download: bool = False) -> Path:
     """``config.json`` and ``model.safetensors`` of a Hub repo in the huggingface_hub cache; their folder.
 
-    With a commit-hash revision a cached file is returned without asking the Hub.
+    One ``snapshot_download`` limited to those two files (never pickle weights). With a
+    commit-hash revision a cached snapshot is returned without asking the Hub.
     """
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
-    )
-    paths = {}
-    for filename in (CONFIG_NAME, WEIGHTS_NAME):
-        try:
-            paths[filename] = Path(hf_hub_download(repo_id, filename, revision=revision,
-                                                   force_download=force_download))
-        except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is a subclass
-            offline = constants.HF_HUB_OFFLINE
-            raise ZooError(
-                f"{repo_id}/{filename} is not in the local cache and " +
-                ("HF_HUB_OFFLINE is set: unset it to download, or copy the files into the cache" if offline else
-                 "the Hub cannot be reached: check the network, or load a local folder instead")) from e
-        except EntryNotFoundError as e:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+                                        force_download=force_download))
+    except LocalEntryNotFoundError as e:
+        raise ZooError(
+            f"{repo_id}@{revision} is not in the local cache and " +
+            ("HF_HUB_OFFLINE is set: unset it to download, or copy the files into the cache"
+             if constants.HF_HUB_OFFLINE else
+             "the Hub cannot be reached: check the network, or load a local folder instead")) from e
+    except RepositoryNotFoundError as e:
+        raise ZooError(f"Hub repository {repo_id} not found (or private: log in with `hf auth login`)") from e
+    except RevisionNotFoundError as e:
+        raise ZooError(f"{repo_id} has no revision {revision!r}") from e
+    for filename in (WEIGHTS_NAME, CONFIG_NAME):
+        if not (folder / filename).is_file():
             what = "safetensors weights (dpl-zoo never loads pickle files)" if filename == WEIGHTS_NAME else filename
-            raise ZooError(f"{repo_id}@{revision} has no {filename}: it holds no {what}") from e
-        except RepositoryNotFoundError as e:
-            raise ZooError(f"Hub repository {repo_id} not found (or private: log in with `hf auth login`)") from e
-        except RevisionNotFoundError as e:
-            raise ZooError(f"{repo_id} has no revision {revision!r}") from e
-    if paths[CONFIG_NAME].parent != paths[WEIGHTS_NAME].parent:
-        raise ZooError(f"{repo_id}: config and weights resolved to different snapshots; retry with force_download=True")
-    return paths[WEIGHTS_NAME].parent
+            raise ZooError(f"{repo_id}@{revision} has no {filename}: it holds no {what}")
+    return folder
 
 
 def hub_weights(entry: ZooEntry, force_download: bool = False) -> Path:
