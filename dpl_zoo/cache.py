@@ -7,9 +7,18 @@ download never leaves a file that looks complete.
 """
 from __future__ import annotations
 
+import http.client
 import os
+import urllib.error
 import urllib.parse
 from pathlib import Path
+
+# how to go on without the network, for a start point given as a URL
+LOCAL_ROUTE = "download it by hand, then --set initial_checkpoint=PATH (or pass that local path as initial_checkpoint)"
+
+
+class DownloadError(ValueError):
+    """A file that could not be downloaded; the message names the URL and the way around it."""
 
 
 def cache_dir(*parts: str) -> Path:
@@ -35,5 +44,16 @@ def download_to_cache(url: str, subdir: str = "checkpoints") -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     # torch.hub writes to a temporary file next to dest and renames it when complete
-    torch.hub.download_url_to_file(url, str(dest), progress=True)
+    try:
+        torch.hub.download_url_to_file(url, str(dest), progress=True)
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+        raise DownloadError(f"could not download {url} ({_reason(e)}): {LOCAL_ROUTE}") from e
     return dest
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):
+        return str(error.reason)
+    return f"{type(error).__name__}: {error}"

@@ -309,6 +309,7 @@ def cmd_publish_zoo(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cache import DownloadError
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .convert import ConversionError
@@ -323,7 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "plot": cmd_plot}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ConversionError, ZooError, TrainingDiverged,
+    except (ConfigError, DataError, CheckpointError, ConversionError, DownloadError, ZooError, TrainingDiverged,
             FileExistsError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # unwrapped: paths stay copyable
         return 2

@@ -118,3 +118,28 @@ def test_url_start_points_with_the_same_file_name_are_two_files(tmp_path, monkey
         a, b = download_to_cache(f"{mirror.url}/a/model.pth"), download_to_cache(f"{mirror.url}/b/model.pth")
         assert (a.read_bytes(), b.read_bytes()) == (b"first", b"second") and a.name == b.name == "model.pth"
         assert download_to_cache(f"{mirror.url}/a/model.pth") == a and len(mirror.requests) == 2  # cached
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("failure", ["connection refused", "HTTP 404"])
+def test_an_unreachable_start_point_is_one_line_through_the_cli(failure, image_data, tmp_path, capsys):
+    from conftest import tiny_overrides
+    from drive_server import ReleaseMirror
+
+    from dpl_zoo.cli import main
+    with ReleaseMirror() as mirror:  # serves nothing: every path is a 404
+        url = f"{mirror.url}/res50.pth.tar" if failure == "HTTP 404" else \
+            f"http://127.0.0.1:{_closed_port()}/res50.pth.tar"
+        sets = tiny_overrides(image_data, tmp_path / "runs", epochs=1, initial_checkpoint=url)
+        code = main(["train", "--methods", "debiaspl", *[a for s in sets for a in ("--set", s)]])
+    out = capsys.readouterr().out
+    assert code == 2 and "Traceback" not in out, out
+    error = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and url in error[0] and "--set initial_checkpoint=PATH" in error[0], out
