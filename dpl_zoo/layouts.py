@@ -290,12 +290,33 @@ def map_state(state: dict, model: nn.Module, layout: Optional[str] = None, **opt
     return mapped, found
 
 
-def load_start_point(model: nn.Module, source: str | Path, layout: Optional[str] = None, **options) -> dict:
+def load_start_point(model: nn.Module, source: str | Path, layout: Optional[str] = None,
+                     sha256: Optional[str] = None, **options) -> dict:
     """Load fine-tuning start weights (a path, or an http(s) URL fetched once into the
-    dpl-zoo cache) into ``model``; returns what was done, including the layout's preprocessing."""
+    dpl-zoo cache) into ``model``; returns what was done, including the layout's preprocessing.
+
+    ``sha256``: the file's expected hash (a mismatch is an error). A downloaded file that
+    cannot be read (an HTML page served in its place, a cut-off body) is removed from the
+    cache, so the next attempt downloads it again.
+    """
     from .cache import download_to_cache, is_url
-    path = download_to_cache(str(source)) if is_url(str(source)) else Path(source)
-    state = read_checkpoint(path)
+    if is_url(str(source)):
+        path = download_to_cache(str(source), sha256=sha256)
+        try:
+            state = read_checkpoint(path)
+        except ConversionError as e:
+            path.unlink(missing_ok=True)
+            raise ConversionError(f"{e} (the download of {source} was removed from the cache, so the next run "
+                                  f"downloads it again)") from e
+    else:
+        path = Path(source)
+        if sha256 is not None and path.is_file():
+            from .integrity import IntegrityError, verified
+            try:
+                verified(path, sha256, None, "initial checkpoint", "check where the file came from")
+            except IntegrityError as e:
+                raise ConversionError(str(e)) from e
+        state = read_checkpoint(path)
     mapped, found = map_state(state, model, layout, **options)
     result = model.load_state_dict(mapped, strict=False)
     return {"layout": found.name, "path": str(path), "reset_head": sorted(result.missing_keys),

@@ -143,3 +143,49 @@ def test_an_unreachable_start_point_is_one_line_through_the_cli(failure, image_d
     assert code == 2 and "Traceback" not in out, out
     error = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and url in error[0] and "--set initial_checkpoint=PATH" in error[0], out
+
+
+def _moco_bytes(tmp_path) -> bytes:
+    """A small MoCo-layout checkpoint (test_resnet), as bytes to serve."""
+    torch.manual_seed(1)
+    state = {f"module.encoder_q.{k}": v for k, v in timm.create_model("test_resnet", num_classes=128).state_dict().items()}
+    torch.save({"epoch": 800, "state_dict": state}, tmp_path / "moco.pth.tar")
+    return (tmp_path / "moco.pth.tar").read_bytes()
+
+
+def test_an_unreadable_start_point_download_is_removed_so_the_next_run_downloads_again(tmp_path):
+    from drive_server import ReleaseMirror
+
+    from dpl_zoo.cache import cache_dir
+    model = timm.create_model("test_resnet", num_classes=10)
+    with ReleaseMirror() as mirror:
+        url = f"{mirror.url}/moco.pth.tar"
+        mirror.add("moco.pth.tar", b"", "html")  # a portal or error page, served with 200
+        with pytest.raises(ConversionError, match="HTML page.*removed from the cache.*next run downloads"):
+            load_start_point(model, url)
+        assert not list(cache_dir("checkpoints").rglob("moco.pth.tar"))
+        mirror.add("moco.pth.tar", _moco_bytes(tmp_path))  # the server serves the file again
+        assert load_start_point(model, url)["layout"] == "moco"
+        assert len(mirror.requests) == 2
+
+
+def test_a_pinned_start_point_is_checked_after_download(tmp_path):
+    from drive_server import ReleaseMirror
+
+    from dpl_zoo.cache import DownloadError, cache_dir
+    from dpl_zoo.config import ConfigError, load_config
+    from dpl_zoo.integrity import sha256_of
+    data = _moco_bytes(tmp_path)
+    model = timm.create_model("test_resnet", num_classes=10)
+    with ReleaseMirror() as mirror:
+        url = f"{mirror.url}/moco.pth.tar"
+        mirror.add("moco.pth.tar", data)
+        with pytest.raises(DownloadError, match=f"{url}.*expected 0{{64}}.*removed.*--set initial_checkpoint=PATH"):
+            load_start_point(model, url, sha256="0" * 64)
+        assert not list(cache_dir("checkpoints").rglob("moco.pth.tar"))  # not kept, not reused
+        assert load_start_point(model, url, sha256=sha256_of(tmp_path / "moco.pth.tar"))["layout"] == "moco"
+        assert len(mirror.requests) == 2
+    # recipes pin it with initial_checkpoint_sha256, checked where it enters
+    assert load_config(None, [f"initial_checkpoint={url}", "initial_checkpoint_sha256=" + "a" * 64])
+    with pytest.raises(ConfigError, match="initial_checkpoint_sha256 .* 64 lowercase hex"):
+        load_config(None, [f"initial_checkpoint={url}", "initial_checkpoint_sha256=abc"])
