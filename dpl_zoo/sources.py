@@ -12,12 +12,15 @@ switch to another when it fails):
 Downloads go through gdown, for Drive and mirrors alike: it answers Drive's large-file
 confirm page, keeps Drive's cookies and refuses a download shorter than announced.
 Every verified file gets a :class:`~dpl_zoo.integrity.FileRecord`, so a warm load costs
-a ``stat`` instead of a hash. Each file's ``config.json`` must describe the registry's
+a ``stat`` instead of a hash. One process at a time fetches and converts an entry (a file
+lock per entry): the other DDP ranks wait, then load its conversion. Each file's ``config.json`` must describe the registry's
 model (architecture, classes, preprocessing), or nothing is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,6 +35,7 @@ from .registry import CONFIG_NAME, WEIGHTS_NAME, ZooEntry, ZooError
 
 MIRROR_ENV = "DPL_ZOO_MIRROR"
 RECORD_NAME = "source.json"
+logger = logging.getLogger(__name__)
 
 
 def weights_file(entry: ZooEntry, force_download: bool = False, keep_release: bool = False) -> Path:
@@ -103,9 +107,30 @@ def release_weights(entry: ZooEntry, force_download: bool = False, keep_release:
     if entry.release is None:
         raise ZooError(f"{entry.name} has no released checkpoint")
     folder = cache_dir("zoo", entry.name)
-    if (folder / WEIGHTS_NAME).is_file() and not force_download:
-        return _checked_conversion(entry, folder)
-    return _download_and_convert(entry, folder, force_download, keep_release)
+    with _entry_lock(entry):
+        if (folder / WEIGHTS_NAME).is_file() and not force_download:
+            return _checked_conversion(entry, folder)
+        return _download_and_convert(entry, folder, force_download, keep_release)
+
+
+@contextlib.contextmanager
+def _entry_lock(entry: ZooEntry):
+    """Held while one process checks, downloads or converts ``entry``: without it, processes
+    loading one entry at once (every DDP rank) delete the release file or the conversion folder
+    another one is using. The lock file sits beside the folder, which a conversion replaces."""
+    from filelock import FileLock, Timeout
+    path = cache_dir("zoo", f"{entry.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("%s: another process is fetching or converting it; waiting for it (%s)", entry.name, path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _checked_conversion(entry: ZooEntry, folder: Path) -> Path:
