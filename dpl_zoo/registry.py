@@ -16,6 +16,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
+# Weights that start from the MoCo-EMAN ResNet-50 carry its licence, the stricter one, in every
+# machine-readable field (timm's pretrained cfg, the Hub card's `license`, which Hub filters read)
+MOCO_EMAN_LICENSE = "cc-by-nc-4.0"
+MOCO_EMAN_NOTE = ("These weights start from the MoCo-EMAN ResNet-50 (amazon-research/exponential-moving-average-"
+                  "normalization), licensed CC-BY-NC-4.0, whose non-commercial terms may carry over to them, while "
+                  "the code that trained them is MIT; their licence metadata is therefore the stricter one, "
+                  "CC-BY-NC-4.0.")
+
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

@@ -25,16 +25,14 @@ import torch
 
 from .integrity import sha256_of  # noqa: F401 - part of this module's API since the first release
 from .registry import (  # noqa: F401 - the registry's types, importable from here as before
-    CONFIG_NAME, WEIGHTS_NAME, HubWeights, Metric, Release, ZooEntry, ZooError,
+    CONFIG_NAME, MOCO_EMAN_LICENSE, MOCO_EMAN_NOTE, WEIGHTS_NAME, HubWeights, Metric, Release, ZooEntry, ZooError,
 )
 
 PAPER = "Wang et al., Debiased Learning from Naturally Imbalanced Pseudo-Labels, CVPR 2022"
 AUTHORS_RELEASE = "frank-xwang/debiased-pseudo-labeling README (released checkpoints, authors' re-runs)"
 AUTHORS_ORIGIN = ("the authors' released checkpoint (frank-xwang/debiased-pseudo-labeling, Google Drive): the "
                   "student (module.main.*), converted to safetensors by dpl-zoo on first load")
-MOCO_NOTE = ("DebiasPL code and released checkpoints: MIT (frank-xwang/debiased-pseudo-labeling). The weights "
-             "start from the MoCo-EMAN ResNet-50 (amazon-research/exponential-moving-average-normalization), "
-             "licensed CC-BY-NC-4.0: its non-commercial terms may carry over to these weights.")
+MOCO_NOTE = f"DebiasPL code and released checkpoints: MIT (frank-xwang/debiased-pseudo-labeling). {MOCO_EMAN_NOTE}"
 
 # Converted weights pushed to the Hub: paste the lines `dpl-zoo publish-zoo` prints here. An entry
 # listed here loads from the Hub (pinned commit, checked sha256) instead of the authors' release.
@@ -85,7 +83,7 @@ def _imagenet(name, budget, recipe, tag, drive_id, epochs, top1, paper, baseline
         baseline_method=baseline_method,
         baseline=Metric(baseline, provenance="reported", source=PAPER),
         hub=PUBLISHED.get(name), release=Release(drive_id=drive_id, epochs=epochs), timm_tag=tag,
-        license_note=MOCO_NOTE, origin=AUTHORS_ORIGIN, notes=notes, tags=("imagenet", "semi-supervised"))
+        license=MOCO_EMAN_LICENSE, license_note=MOCO_NOTE, origin=AUTHORS_ORIGIN, notes=notes, tags=("imagenet", "semi-supervised"))
 
 
 _NO_CLIP = "baseline: FixMatch w/ EMAN without CLIP at the same label budget"

@@ -298,7 +298,7 @@ def test_reference_entries_are_timm_tags_with_the_authors_preprocessing():
             reference.input_size, reference.interpolation, reference.crop_pct, reference.mean, reference.std)
         assert cfg.num_classes == 1000 and len(cfg.label_names) == 1000
         assert not cfg.url and not cfg.hf_hub_id and not cfg.file  # weights only through dpl-zoo
-        assert "CC-BY-NC-4.0" in cfg.notes and e.license == "mit"
+        assert "CC-BY-NC-4.0" in cfg.notes and cfg.license == e.license == "cc-by-nc-4.0"
         tags[name] = e.timm_tag
     assert tags["resnet50-dpl-1pct"] == "dpl_1pct" and len(set(tags.values())) == 6
     model = timm.create_model("resnet50.dpl_1pct")  # no download without pretrained=True
