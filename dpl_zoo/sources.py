@@ -13,8 +13,9 @@ Downloads go through gdown, for Drive and mirrors alike: it answers Drive's larg
 confirm page, keeps Drive's cookies and refuses a download shorter than announced.
 Every verified file gets a :class:`~dpl_zoo.integrity.FileRecord`, so a warm load costs
 a ``stat`` instead of a hash. One process at a time fetches and converts an entry (a file
-lock per entry): the other DDP ranks wait, then load its conversion. Each file's ``config.json`` must describe the registry's
-model (architecture, classes, preprocessing), or nothing is loaded.
+lock per entry): the other DDP ranks wait, then load its conversion. Each file's
+``config.json`` must describe the registry's model (architecture, classes, preprocessing),
+or nothing is loaded.
 """
 from __future__ import annotations
 

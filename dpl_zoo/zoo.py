@@ -1,17 +1,18 @@
 """The model zoo: the registry's entries, ``register`` and ``load``.
 
-An entry (its type is in :mod:`dpl_zoo.registry`) carries what torchvision's weight metadata and timm's pretrained_cfg carry:
-where the weights come from (a pinned Hub commit, or the authors' released checkpoint),
-what they classify and how inputs are preprocessed, how they were trained (recipe,
-label budget) and how good they are (top-1 of the delivered file, the paper's number,
-the FixMatch baseline at the same budget, the gain), each number marked *reported*
-(by the authors) or *measured* (by ``dpl-zoo eval`` here).
+An entry (its type is in :mod:`dpl_zoo.registry`) carries what torchvision's weight
+metadata and timm's pretrained_cfg carry: where the weights come from (a pinned Hub
+commit, or the authors' released checkpoint), what they classify and how inputs are
+preprocessed, how they were trained (recipe, label budget) and how good they are (top-1
+of the delivered file, the paper's number, the FixMatch baseline at the same budget, the
+gain), each number marked *reported* (by the authors) or *measured* (by ``dpl-zoo eval``).
 
 Every entry with weights is also a timm pretrained tag (``resnet50.dpl_1pct``), registered
 when this module is imported (``import dpl_zoo.zoo``, or the first ``dpl_zoo.load`` /
 ``dpl_zoo.list_models``; ``import dpl_zoo`` alone leaves timm untouched), so
-``timm.create_model("resnet50.dpl_1pct", pretrained=True)`` works; ``load`` is a thin layer over it. Names follow timm's scheme: a bare name is always a
-registry name; folders need ``local-dir:`` or an explicit path, Hub repos ``hf-hub:``.
+``timm.create_model("resnet50.dpl_1pct", pretrained=True)`` works; ``load`` is a thin layer
+over it. Names follow timm's scheme: a bare name is always a registry name; folders need
+``local-dir:`` or an explicit path, Hub repos ``hf-hub:``.
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def _imagenet(name, budget, recipe, tag, drive_id, epochs, top1, paper, baseline
         baseline_method=baseline_method,
         baseline=Metric(baseline, provenance="reported", source=PAPER),
         hub=PUBLISHED.get(name), release=Release(drive_id=drive_id, epochs=epochs), timm_tag=tag,
-        license=MOCO_EMAN_LICENSE, license_note=MOCO_NOTE, origin=AUTHORS_ORIGIN, notes=notes, tags=("imagenet", "semi-supervised"))
+        license=MOCO_EMAN_LICENSE, license_note=MOCO_NOTE, origin=AUTHORS_ORIGIN, notes=notes,
+        tags=("imagenet", "semi-supervised"))
 
 
 _NO_CLIP = "baseline: FixMatch w/ EMAN without CLIP at the same label budget"

@@ -148,7 +148,8 @@ def test_an_unreachable_start_point_is_one_line_through_the_cli(failure, image_d
 def _moco_bytes(tmp_path) -> bytes:
     """A small MoCo-layout checkpoint (test_resnet), as bytes to serve."""
     torch.manual_seed(1)
-    state = {f"module.encoder_q.{k}": v for k, v in timm.create_model("test_resnet", num_classes=128).state_dict().items()}
+    backbone = timm.create_model("test_resnet", num_classes=128)
+    state = {f"module.encoder_q.{k}": v for k, v in backbone.state_dict().items()}
     torch.save({"epoch": 800, "state_dict": state}, tmp_path / "moco.pth.tar")
     return (tmp_path / "moco.pth.tar").read_bytes()
 
