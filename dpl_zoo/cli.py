@@ -311,12 +311,13 @@ def cmd_publish_zoo(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cache import DownloadError
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .convert import ConversionError
     from .datasets import DataError
     from .train import TrainingDiverged
-    from .zoo import ZooError
+    from .registry import ZooError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
@@ -325,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "plot": cmd_plot}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ConversionError, ZooError, TrainingDiverged,
+    except (ConfigError, DataError, CheckpointError, ConversionError, DownloadError, ZooError, TrainingDiverged,
             FileExistsError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # unwrapped: paths stay copyable
         return 2

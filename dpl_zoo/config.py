@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,7 @@ class TrainConfig:
     model: str = "test_resnet"
     pretrained: bool = False
     initial_checkpoint: Optional[str] = None   # path or http(s) URL; the layout is detected (dpl_zoo.layouts)
+    initial_checkpoint_sha256: Optional[str] = None  # its sha256, checked after download (a mismatch is removed)
     # recipes whose method needs a (self-supervised) start refuse to run without one...
     initial_checkpoint_required: bool = False
     from_scratch: bool = False         # ...unless training from random weights is asked for explicitly
@@ -275,11 +277,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-# where the reference ResNet-50 recipes start from (the authors' scripts, METHOD.md)
+# where the reference ResNet-50 recipes start from (the authors' scripts, METHOD.md). Its sha256 is not
+# pinned (initial_checkpoint_sha256): no copy could be downloaded where dpl-zoo was written (no network) and
+# none is published; a cached download is still removed when it cannot be read.
 MOCO_EMAN_URL = "https://eman-cvpr.s3.amazonaws.com/models/res50_moco_eman_800ep.pth.tar"
 
 
 def _validate_start(cfg: TrainConfig) -> None:
+    pinned = cfg.initial_checkpoint_sha256
+    if pinned is not None and not re.fullmatch(r"[0-9a-f]{64}", str(pinned)):
+        raise ConfigError(f"initial_checkpoint_sha256 {pinned!r} is not a sha256: 64 lowercase hex digits "
+                          f"(sha256sum FILE prints it)")
+    if pinned is not None and not cfg.initial_checkpoint:
+        raise ConfigError("initial_checkpoint_sha256 is set without an initial_checkpoint to check")
     if not cfg.initial_checkpoint_required or cfg.initial_checkpoint or cfg.pretrained or cfg.from_scratch:
         return
     raise ConfigError(

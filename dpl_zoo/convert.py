@@ -12,7 +12,7 @@ from typing import Optional
 from .layouts import ConversionError, get_layout, map_state, read_checkpoint
 
 # the authors' evaluation: resize 256, centre crop 224, bilinear, ImageNet mean/std (timm's resnet50.tv_in1k)
-REFERENCE_DATA_CONFIG = dict(input_size=(3, 224, 224), **get_layout("debiaspl").data_config)
+REFERENCE_DATA_CONFIG = dict(input_size=(3, 224, 224), **get_layout("debiaspl").preprocessing({}))
 
 
 def convert_checkpoint(src: str | Path, out_dir: str | Path, teacher: bool = False,

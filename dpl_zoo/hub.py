@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional
 
-from .zoo import CONFIG_NAME, WEIGHTS_NAME, ZooEntry, ZooError
+from .registry import CONFIG_NAME, MOCO_EMAN_LICENSE, MOCO_EMAN_NOTE, WEIGHTS_NAME, ZooEntry, ZooError
 
 PAPER_URL = "https://arxiv.org/abs/2201.01490"
 STAGING_MARKER = ".dpl-zoo-staging"
@@ -144,6 +144,8 @@ def card_from_run(source: Path, repo_id: str, baseline: Optional[Path] = None,
     method = metrics.get("method") or cfg.get("dpl", {}).get("method", "debiaspl")
     architecture = json.loads((export_folder(source) / CONFIG_NAME).read_text()).get("architecture", "?")
     data = metrics.get("data") or _run_data(cfg, metrics)
+    # a run of the ResNet-50 recipes starts from MoCo-EMAN (its URL, or a copy under its file name)
+    from_moco_eman = "moco_eman" in str(cfg.get("initial_checkpoint") or "").lower()
     return CardInfo(
         model_name=repo_id.split("/")[-1], repo_id=repo_id, architecture=architecture,
         method={"debiaspl": "DebiasPL", "fixmatch": "FixMatch", "supervised": "Supervised"}.get(method, method),
@@ -156,6 +158,7 @@ def card_from_run(source: Path, repo_id: str, baseline: Optional[Path] = None,
         if base else "", baseline_top1=round(base["top1"], 2) if base else None,
         baseline_provenance="measured" if base else "",
         recipe_yaml=_yaml(strip_local_paths(cfg)) if recipe_file.is_file() else "# no recipe recorded",
+        license=MOCO_EMAN_LICENSE if from_moco_eman else "mit", license_note=MOCO_EMAN_NOTE if from_moco_eman else "",
         load_name=f"hf-hub:{repo_id}", tags=("semi-supervised",))
 
 

@@ -20,12 +20,9 @@ class IntegrityError(ValueError):
     """A file whose content is not the one expected; the message says what to do."""
 
 
-def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def sha256_of(path: str | Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)

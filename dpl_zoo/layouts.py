@@ -9,7 +9,8 @@ with (a start point brings its own mean/std). Registered layouts:
   ``module.ema.*`` EMA teacher with ``teacher=True``);
 - ``moco``: MoCo / MoCo-EMAN backbones (``module.encoder_q.*``; projection head dropped);
 - ``efficientnet_pytorch``: EfficientNet-PyTorch names (``_conv_stem``, ``_blocks.N.*``,
-  ``_fc``) onto timm EfficientNet / EfficientNet-Lite;
+  ``_fc``) onto timm EfficientNet / EfficientNet-Lite; B0-B7 (squeeze-excite blocks) onto
+  ``tf_efficientnet_b*`` and ImageNet mean/std, Lite (none) with ``(x - 127) / 128``;
 - ``timm``: plain timm/torchvision names (an optional ``module.`` prefix is dropped).
 
 Every mapping is checked tensor by tensor: a missing, left-over or mis-shaped tensor is
@@ -26,13 +27,11 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 class ConversionError(ValueError):
     """Weights that cannot be mapped onto the model; the message says why."""
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _numpy_safe_globals() -> list:
@@ -103,8 +102,16 @@ class Layout:
     description: str
     detect: Callable[[dict], bool]
     filter: Callable[..., dict]
-    data_config: dict = field(default_factory=dict)   # preprocessing the weights expect, when known
+    # preprocessing the weights expect, when known: fixed, or read from the tensors (variants differ)
+    data_config: dict | Callable[[dict], dict] = field(default_factory=dict)
     options: tuple = ()                                # keyword options ``filter`` accepts
+    # what names and shapes cannot tell: ``check(tensors, model)`` raises ConversionError when the
+    # model would compute something else from these tensors
+    check: Optional[Callable[[dict, nn.Module], None]] = None
+
+    def preprocessing(self, tensors: dict) -> dict:
+        """The preprocessing of a checkpoint in this layout (timm data-config keys)."""
+        return dict(self.data_config(tensors) if callable(self.data_config) else self.data_config)
 
 
 _LAYOUTS: dict[str, Layout] = {}
@@ -182,6 +189,38 @@ def _efficientnet_pytorch_filter(state: dict, model: nn.Module) -> dict:
     return out
 
 
+def _efficientnet_is_lite(state: dict) -> bool:
+    """EfficientNet-Lite drops the squeeze-excite blocks (and uses ReLU6, which has no tensors)."""
+    return not any("._se_reduce." in k for k in state)
+
+
+def _efficientnet_pytorch_preprocessing(state: dict) -> dict:
+    # Lite: TF's Lite preprocessing, (x - 127) / 128 on 0..255 pixels (the Lite0 PyPI file);
+    # B0-B7 (lukemelas): trained on ImageNet mean/std (AdvProp files instead want x * 2 - 1:
+    # same tensors, so set mean/std 0.5 yourself for those)
+    if _efficientnet_is_lite(state):
+        return dict(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    return dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+def _efficientnet_pytorch_check(state: dict, model: nn.Module) -> None:
+    """B0-B7 weights come from TF and EfficientNet-PyTorch computes as TF does: "same" padding
+    (asymmetric at stride 2) and BN eps 1e-3. Only timm's ``tf_efficientnet_*`` ports do the same;
+    ``efficientnet_b*`` pad symmetrically with eps 1e-5 and give other outputs (by several units
+    of logit with trained-size weights), so they are refused. Lite is not checked: the model code
+    of the Lite0 file (efficientnet_lite_pytorch) is not available here to compare outputs with."""
+    if _efficientnet_is_lite(state):
+        return
+    from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+    stem, bn = getattr(model, "conv_stem", None), getattr(model, "bn1", None)
+    if isinstance(stem, (Conv2dSame, Conv2dSameExport)) and getattr(bn, "eps", None) == 1e-3:
+        return
+    arch = str(getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__)
+    fix = f"tf_{arch}" if arch.startswith("efficientnet_") else "the matching timm tf_efficientnet_* model"
+    raise ConversionError(f"EfficientNet-PyTorch B0-B7 weights compute with TensorFlow's 'same' padding and BN "
+                          f"eps 1e-3, which {arch} does not (it would give other outputs): build {fix} instead")
+
+
 def _timm_filter(state: dict, model: nn.Module) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
@@ -190,18 +229,19 @@ register_layout(Layout(
     "debiaspl", "the authors' DebiasPL release: module.main.* (student), module.ema.* (EMA teacher)",
     detect=lambda s: any(k.startswith(("module.main.", "module.ema.")) for k in s),
     filter=_debiaspl_filter, options=("teacher",),
-    data_config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear", crop_pct=0.875)))
+    data_config=dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bilinear",
+                     crop_pct=0.875)))
 register_layout(Layout(
     "moco", "MoCo / MoCo-EMAN backbone: module.encoder_q.* (projection head dropped)",
     detect=lambda s: any(k.startswith(("module.encoder_q.", "encoder_q.")) for k in s),
     filter=_moco_filter,
-    data_config=dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear", crop_pct=0.875)))
+    data_config=dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bilinear",
+                     crop_pct=0.875)))
 register_layout(Layout(
     "efficientnet_pytorch", "EfficientNet-PyTorch names (_conv_stem, _blocks.N.*, _fc) onto timm EfficientNet",
     detect=lambda s: "_conv_stem.weight" in s and any(k.startswith("_blocks.") for k in s),
-    filter=_efficientnet_pytorch_filter,
-    # its preprocessing is (x - 127) / 128 on 0..255 pixels
-    data_config=dict(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)))
+    filter=_efficientnet_pytorch_filter, check=_efficientnet_pytorch_check,
+    data_config=_efficientnet_pytorch_preprocessing))
 register_layout(Layout(
     "timm", "plain timm / torchvision names (a module. prefix is dropped)",
     detect=lambda s: False, filter=_timm_filter))
@@ -242,18 +282,42 @@ def map_state(state: dict, model: nn.Module, layout: Optional[str] = None, **opt
                                               ("shape differs:", wrong)) if keys)
         raise ConversionError(f"a {found.name} checkpoint does not fit {type(model).__name__}: {detail}. Is it for "
                               f"another architecture?")
+    if found.check is not None:
+        found.check(tensors, model)
     for k in head:
         if k in mapped and mapped[k].shape != own[k].shape:
             mapped.pop(k)  # another class count: a fresh head, as timm does
     return mapped, found
 
 
-def load_start_point(model: nn.Module, source: str | Path, layout: Optional[str] = None, **options) -> dict:
+def load_start_point(model: nn.Module, source: str | Path, layout: Optional[str] = None,
+                     sha256: Optional[str] = None, **options) -> dict:
     """Load fine-tuning start weights (a path, or an http(s) URL fetched once into the
-    dpl-zoo cache) into ``model``; returns what was done, including the layout's preprocessing."""
+    dpl-zoo cache) into ``model``; returns what was done, including the layout's preprocessing.
+
+    ``sha256``: the file's expected hash (a mismatch is an error). A downloaded file that
+    cannot be read (an HTML page served in its place, a cut-off body) is removed from the
+    cache, so the next attempt downloads it again.
+    """
     from .cache import download_to_cache, is_url
-    path = download_to_cache(str(source)) if is_url(str(source)) else Path(source)
-    mapped, found = map_state(read_checkpoint(path), model, layout, **options)
+    if is_url(str(source)):
+        path = download_to_cache(str(source), sha256=sha256)
+        try:
+            state = read_checkpoint(path)
+        except ConversionError as e:
+            path.unlink(missing_ok=True)
+            raise ConversionError(f"{e} (the download of {source} was removed from the cache, so the next run "
+                                  f"downloads it again)") from e
+    else:
+        path = Path(source)
+        if sha256 is not None and path.is_file():
+            from .integrity import IntegrityError, verified
+            try:
+                verified(path, sha256, None, "initial checkpoint", "check where the file came from")
+            except IntegrityError as e:
+                raise ConversionError(str(e)) from e
+        state = read_checkpoint(path)
+    mapped, found = map_state(state, model, layout, **options)
     result = model.load_state_dict(mapped, strict=False)
     return {"layout": found.name, "path": str(path), "reset_head": sorted(result.missing_keys),
-            "data_config": dict(found.data_config)}
+            "data_config": found.preprocessing(_tensors(state))}

@@ -30,12 +30,12 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         from . import distributed as dist_utils
         from .cache import download_to_cache, is_url
         from .layouts import load_start_point
-        source = cfg.initial_checkpoint
+        source, sha256 = cfg.initial_checkpoint, cfg.initial_checkpoint_sha256
         if is_url(source):  # one download, by rank 0, that the other ranks then read from the cache
             if dist_utils.is_main():
-                download_to_cache(source)
+                download_to_cache(source, sha256=sha256)
             dist_utils.barrier()
-        info = load_start_point(model, source)
+        info = load_start_point(model, source, sha256=sha256)
         # a start point brings the preprocessing its weights were trained with
         model.pretrained_cfg = {**model.pretrained_cfg, **info["data_config"]}
     return model

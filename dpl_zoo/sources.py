@@ -12,12 +12,16 @@ switch to another when it fails):
 Downloads go through gdown, for Drive and mirrors alike: it answers Drive's large-file
 confirm page, keeps Drive's cookies and refuses a download shorter than announced.
 Every verified file gets a :class:`~dpl_zoo.integrity.FileRecord`, so a warm load costs
-a ``stat`` instead of a hash. Each file's ``config.json`` must describe the registry's
-model (architecture, classes, preprocessing), or nothing is loaded.
+a ``stat`` instead of a hash. One process at a time fetches and converts an entry (a file
+lock per entry): the other DDP ranks wait, then load its conversion. Each file's
+``config.json`` must describe the registry's model (architecture, classes, preprocessing),
+or nothing is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,10 +32,11 @@ from pathlib import Path
 
 from .cache import cache_dir, is_url
 from .integrity import FileRecord, IntegrityError, read_json, sha256_of, verified, write_json
-from .zoo import CONFIG_NAME, WEIGHTS_NAME, ZooEntry, ZooError
+from .registry import CONFIG_NAME, WEIGHTS_NAME, ZooEntry, ZooError
 
 MIRROR_ENV = "DPL_ZOO_MIRROR"
 RECORD_NAME = "source.json"
+logger = logging.getLogger(__name__)
 
 
 def weights_file(entry: ZooEntry, force_download: bool = False, keep_release: bool = False) -> Path:
@@ -50,33 +55,29 @@ def weights_file(entry: ZooEntry, force_download: bool = False, keep_release: bo
 def hub_snapshot(repo_id: str, revision: str = "main", force_download: bool = False) -> Path:
     """``config.json`` and ``model.safetensors`` of a Hub repo in the huggingface_hub cache; their folder.
 
-    With a commit-hash revision a cached file is returned without asking the Hub.
+    One ``snapshot_download`` limited to those two files (never pickle weights). With a
+    commit-hash revision a cached snapshot is returned without asking the Hub.
     """
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
-    )
-    paths = {}
-    for filename in (CONFIG_NAME, WEIGHTS_NAME):
-        try:
-            paths[filename] = Path(hf_hub_download(repo_id, filename, revision=revision,
-                                                   force_download=force_download))
-        except LocalEntryNotFoundError as e:  # before EntryNotFoundError: it is a subclass
-            offline = constants.HF_HUB_OFFLINE
-            raise ZooError(
-                f"{repo_id}/{filename} is not in the local cache and " +
-                ("HF_HUB_OFFLINE is set: unset it to download, or copy the files into the cache" if offline else
-                 "the Hub cannot be reached: check the network, or load a local folder instead")) from e
-        except EntryNotFoundError as e:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+                                        force_download=force_download))
+    except LocalEntryNotFoundError as e:
+        raise ZooError(
+            f"{repo_id}@{revision} is not in the local cache and " +
+            ("HF_HUB_OFFLINE is set: unset it to download, or copy the files into the cache"
+             if constants.HF_HUB_OFFLINE else
+             "the Hub cannot be reached: check the network, or load a local folder instead")) from e
+    except RepositoryNotFoundError as e:
+        raise ZooError(f"Hub repository {repo_id} not found (or private: log in with `hf auth login`)") from e
+    except RevisionNotFoundError as e:
+        raise ZooError(f"{repo_id} has no revision {revision!r}") from e
+    for filename in (WEIGHTS_NAME, CONFIG_NAME):
+        if not (folder / filename).is_file():
             what = "safetensors weights (dpl-zoo never loads pickle files)" if filename == WEIGHTS_NAME else filename
-            raise ZooError(f"{repo_id}@{revision} has no {filename}: it holds no {what}") from e
-        except RepositoryNotFoundError as e:
-            raise ZooError(f"Hub repository {repo_id} not found (or private: log in with `hf auth login`)") from e
-        except RevisionNotFoundError as e:
-            raise ZooError(f"{repo_id} has no revision {revision!r}") from e
-    if paths[CONFIG_NAME].parent != paths[WEIGHTS_NAME].parent:
-        raise ZooError(f"{repo_id}: config and weights resolved to different snapshots; retry with force_download=True")
-    return paths[WEIGHTS_NAME].parent
+            raise ZooError(f"{repo_id}@{revision} has no {filename}: it holds no {what}")
+    return folder
 
 
 def hub_weights(entry: ZooEntry, force_download: bool = False) -> Path:
@@ -107,9 +108,30 @@ def release_weights(entry: ZooEntry, force_download: bool = False, keep_release:
     if entry.release is None:
         raise ZooError(f"{entry.name} has no released checkpoint")
     folder = cache_dir("zoo", entry.name)
-    if (folder / WEIGHTS_NAME).is_file() and not force_download:
-        return _checked_conversion(entry, folder)
-    return _download_and_convert(entry, folder, force_download, keep_release)
+    with _entry_lock(entry):
+        if (folder / WEIGHTS_NAME).is_file() and not force_download:
+            return _checked_conversion(entry, folder)
+        return _download_and_convert(entry, folder, force_download, keep_release)
+
+
+@contextlib.contextmanager
+def _entry_lock(entry: ZooEntry):
+    """Held while one process checks, downloads or converts ``entry``: without it, processes
+    loading one entry at once (every DDP rank) delete the release file or the conversion folder
+    another one is using. The lock file sits beside the folder, which a conversion replaces."""
+    from filelock import FileLock, Timeout
+    path = cache_dir("zoo", f"{entry.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("%s: another process is fetching or converting it; waiting for it (%s)", entry.name, path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _checked_conversion(entry: ZooEntry, folder: Path) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from .zoo import ZooEntry, ZooError
+from .registry import ZooEntry, ZooError
 
 PAPER_NAME = "Debiased Learning from Naturally Imbalanced Pseudo-Labels (CVPR 2022)"
 PAPER_ID = "arXiv:2201.01490"

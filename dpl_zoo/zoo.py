@@ -1,174 +1,39 @@
-"""The model zoo: registry entries (metadata as data) and ``load``.
+"""The model zoo: the registry's entries, ``register`` and ``load``.
 
-An entry carries what torchvision's weight metadata and timm's pretrained_cfg carry:
-where the weights come from (a pinned Hub commit, or the authors' released checkpoint),
-what they classify and how inputs are preprocessed, how they were trained (recipe,
-label budget) and how good they are (top-1 of the delivered file, the paper's number,
-the FixMatch baseline at the same budget, the gain), each number marked *reported*
-(by the authors) or *measured* (by ``dpl-zoo eval`` here).
+An entry (its type is in :mod:`dpl_zoo.registry`) carries what torchvision's weight
+metadata and timm's pretrained_cfg carry: where the weights come from (a pinned Hub
+commit, or the authors' released checkpoint), what they classify and how inputs are
+preprocessed, how they were trained (recipe, label budget) and how good they are (top-1
+of the delivered file, the paper's number, the FixMatch baseline at the same budget, the
+gain), each number marked *reported* (by the authors) or *measured* (by ``dpl-zoo eval``).
 
-Every entry with weights is also a timm pretrained tag (``resnet50.dpl_1pct``), so
-``timm.create_model("resnet50.dpl_1pct", pretrained=True)`` works after ``import dpl_zoo``;
-``load`` is a thin layer over it. Names follow timm's scheme: a bare name is always a
-registry name; folders need ``local-dir:`` or an explicit path, Hub repos ``hf-hub:``.
+Every entry with weights is also a timm pretrained tag (``resnet50.dpl_1pct``), registered
+when this module is imported (``import dpl_zoo.zoo``, or the first ``dpl_zoo.load`` /
+``dpl_zoo.list_models``; ``import dpl_zoo`` alone leaves timm untouched), so
+``timm.create_model("resnet50.dpl_1pct", pretrained=True)`` works; ``load`` is a thin layer
+over it. Names follow timm's scheme: a bare name is always a registry name; folders need
+``local-dir:`` or an explicit path, Hub repos ``hf-hub:``.
 """
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import functools
 import os
-import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .integrity import sha256_of  # noqa: F401 - part of this module's API since the first release
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class ZooError(ValueError):
-    """A model that cannot be loaded as asked; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Metric:
-    top1: float
-    top5: Optional[float] = None
-    provenance: str = "reported"        # "reported" (paper / authors) or "measured" (dpl-zoo eval here)
-    source: str = ""                    # the citation, or the command that measured it
-
-
-@dataclass(frozen=True)
-class HubWeights:
-    """Converted weights on the Hub, pinned: a commit hash (no moving branch) and the
-    sha256 of its ``model.safetensors``. ``dpl-zoo publish-zoo`` prints these lines."""
-    repo_id: str
-    revision: str
-    sha256: str
-
-    def __post_init__(self):
-        if not _COMMIT.fullmatch(self.revision):
-            raise ZooError(f"{self.repo_id}: revision {self.revision!r} is not a 40-hex commit hash; pin the "
-                           f"commit (a branch such as main can move and would change the weights silently)")
-        if not _SHA256.fullmatch(self.sha256):
-            raise ZooError(f"{self.repo_id}: sha256 {self.sha256!r} is not 64 lowercase hex digits")
-
-
-@dataclass(frozen=True)
-class Release:
-    """The authors' original checkpoint (a ``.pth.tar`` in their layout) on Google Drive."""
-    drive_id: str
-    epochs: int
-    sha256: Optional[str] = None        # of the .pth.tar; the authors publish none, so unknown until pinned here
-
-    def __post_init__(self):
-        if self.sha256 is not None and not _SHA256.fullmatch(self.sha256):
-            raise ZooError(f"release {self.drive_id}: sha256 {self.sha256!r} is not 64 lowercase hex digits")
-
-    @property
-    def url(self) -> str:
-        return f"https://drive.google.com/file/d/{self.drive_id}/view"
-
-
-@dataclass(frozen=True)
-class ZooEntry:
-    name: str
-    architecture: str                   # timm architecture
-    num_classes: int
-    label_set: str                      # e.g. "imagenet-1k", "mnist"
-    dataset: str                        # what it was trained and evaluated on
-    label_budget: str                   # e.g. "1% labels", "2 labels per class"
-    recipe: str                         # shipped recipe name in recipes/
-    method: str = "DebiasPL"
-    metrics: Optional[Metric] = None    # of the weights this entry delivers
-    paper: Optional[Metric] = None      # the paper's table, where it differs from the delivered file
-    baseline_method: str = "FixMatch w/ EMAN"
-    baseline: Optional[Metric] = None
-    hub: Optional[HubWeights] = None    # source 1: the Hub, pinned
-    release: Optional[Release] = None   # source 2: the authors' release (or DPL_ZOO_MIRROR)
-    timm_tag: Optional[str] = None      # "dpl_1pct" -> timm.create_model("resnet50.dpl_1pct", pretrained=True)
-    repo_id: str = ""                   # where `dpl-zoo publish-zoo` pushes (default dpl-zoo/NAME)
-    input_size: tuple = (3, 224, 224)
-    interpolation: str = "bilinear"     # the authors' evaluation: resize 256, centre crop 224, bilinear
-    crop_pct: float = 0.875
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
-    label_names: Optional[tuple] = None  # None: ImageNet synsets for imagenet-1k, else unnamed
-    license: str = "mit"
-    license_note: str = ""
-    origin: str = ""                    # where the weights come from before conversion
-    reproduce: str = ""                 # how to make the weights when no source delivers them
-    notes: str = ""
-    tags: tuple = field(default=())
-
-    def __post_init__(self):
-        if (self.hub or self.release) and not self.timm_tag:
-            raise ZooError(f"{self.name}: an entry with weights needs a timm_tag (its name in timm)")
-        if self.timm_tag and "." in self.timm_tag:
-            raise ZooError(f"{self.name}: timm_tag {self.timm_tag!r} must not contain '.'")
-        if not self.repo_id:
-            object.__setattr__(self, "repo_id", f"dpl-zoo/{self.name}")
-
-    @property
-    def gain(self) -> Optional[float]:
-        if self.metrics is None or self.baseline is None:
-            return None
-        return round(self.metrics.top1 - self.baseline.top1, 2)
-
-    @property
-    def published(self) -> bool:
-        return self.hub is not None
-
-    @property
-    def source(self) -> str:
-        """Where ``load`` takes the weights from: the first source the entry has (timm's order)."""
-        return "hub" if self.hub else "authors' release" if self.release else "none"
-
-    @property
-    def timm_name(self) -> Optional[str]:
-        return f"{self.architecture}.{self.timm_tag}" if self.timm_tag else None
-
-    def resolved_label_names(self) -> Optional[tuple]:
-        if self.label_names is not None:
-            return tuple(self.label_names)
-        if self.label_set == "imagenet-1k" and self.num_classes == 1000:
-            return _imagenet_synsets()
-        return None
-
-    def data_config(self) -> dict:
-        """The preprocessing the weights were evaluated with (timm's data-config keys)."""
-        return dict(input_size=tuple(self.input_size), interpolation=self.interpolation, crop_pct=self.crop_pct,
-                    mean=tuple(self.mean), std=tuple(self.std))
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out.update(gain=self.gain, source=self.source, timm_name=self.timm_name)
-        return out
-
-
-@functools.lru_cache(maxsize=1)
-def _imagenet_synsets() -> tuple:
-    """timm's ImageNet-1k class ids (n01440764, ...): read once, 50 ms a read."""
-    from timm.data import ImageNetInfo
-    return tuple(ImageNetInfo().label_names())
-
+from .registry import (  # noqa: F401 - the registry's types, importable from here as before
+    CONFIG_NAME, MOCO_EMAN_LICENSE, MOCO_EMAN_NOTE, WEIGHTS_NAME, HubWeights, Metric, Release, ZooEntry, ZooError,
+)
 
 PAPER = "Wang et al., Debiased Learning from Naturally Imbalanced Pseudo-Labels, CVPR 2022"
 AUTHORS_RELEASE = "frank-xwang/debiased-pseudo-labeling README (released checkpoints, authors' re-runs)"
 AUTHORS_ORIGIN = ("the authors' released checkpoint (frank-xwang/debiased-pseudo-labeling, Google Drive): the "
                   "student (module.main.*), converted to safetensors by dpl-zoo on first load")
-MOCO_NOTE = ("DebiasPL code and released checkpoints: MIT (frank-xwang/debiased-pseudo-labeling). The weights "
-             "start from the MoCo-EMAN ResNet-50 (amazon-research/exponential-moving-average-normalization), "
-             "licensed CC-BY-NC-4.0: its non-commercial terms may carry over to these weights.")
+MOCO_NOTE = f"DebiasPL code and released checkpoints: MIT (frank-xwang/debiased-pseudo-labeling). {MOCO_EMAN_NOTE}"
 
 # Converted weights pushed to the Hub: paste the lines `dpl-zoo publish-zoo` prints here. An entry
 # listed here loads from the Hub (pinned commit, checked sha256) instead of the authors' release.
@@ -219,7 +84,8 @@ def _imagenet(name, budget, recipe, tag, drive_id, epochs, top1, paper, baseline
         baseline_method=baseline_method,
         baseline=Metric(baseline, provenance="reported", source=PAPER),
         hub=PUBLISHED.get(name), release=Release(drive_id=drive_id, epochs=epochs), timm_tag=tag,
-        license_note=MOCO_NOTE, origin=AUTHORS_ORIGIN, notes=notes, tags=("imagenet", "semi-supervised"))
+        license=MOCO_EMAN_LICENSE, license_note=MOCO_NOTE, origin=AUTHORS_ORIGIN, notes=notes,
+        tags=("imagenet", "semi-supervised"))
 
 
 _NO_CLIP = "baseline: FixMatch w/ EMAN without CLIP at the same label budget"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import ssl
+import threading
 import uuid
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlparse
@@ -161,6 +162,7 @@ class DriveProxy(LoopbackServer):
 class _MirrorHandler(_quiet_handler(BaseHTTPRequestHandler)):
     files: dict
     requests: list
+    together: threading.Barrier
 
     def do_GET(self):
         self.requests.append(("GET", self.path))
@@ -169,6 +171,11 @@ class _MirrorHandler(_quiet_handler(BaseHTTPRequestHandler)):
         if entry is None:
             return self._html(404, "<html><body>404 Not Found</body></html>")
         data, mode = entry
+        if mode == "together":  # answer two clients at the same moment: hold the first until the second asks
+            try:
+                self.together.wait()
+            except threading.BrokenBarrierError:  # no second client within the timeout: serve the one there is
+                pass
         if mode == "html":  # a captive portal or an error page answered with 200
             return self._html(200, _page("Sign in", "<p>Please sign in to access this network.</p>"))
         if mode == "unsized":  # close-delimited body: the client cannot tell it was cut short
@@ -185,12 +192,14 @@ class _MirrorHandler(_quiet_handler(BaseHTTPRequestHandler)):
 
 class ReleaseMirror(LoopbackServer):
     """A plain HTTP file server: ``mirror.add("name.pth.tar", data, mode)`` with mode
-    "file", "html" (a page instead of the file), "truncated" (short body, full Content-Length)
-    or "unsized" (short body without Content-Length)."""
+    "file", "html" (a page instead of the file), "truncated" (short body, full Content-Length),
+    "unsized" (short body without Content-Length) or "together" (the file, sent to two clients
+    at once: the first request waits up to ``together_timeout`` seconds for the second)."""
 
-    def __init__(self):
+    def __init__(self, together_timeout: float = 3.0):
         self.files: dict[str, tuple[bytes, str]] = {}
-        handler = type("Mirror", (_MirrorHandler,), {"files": self.files})
+        handler = type("Mirror", (_MirrorHandler,), {"files": self.files,
+                                                     "together": threading.Barrier(2, timeout=together_timeout)})
         super().__init__(handler)
         handler.requests = self.requests
 

@@ -175,6 +175,53 @@ def test_mirror_failures_are_clear_errors(entry, mirror, cache, mode, message):
     assert not (cache / "zoo" / "tiny-dpl").exists() and not (cache / "releases" / "tiny-dpl.pth.tar").exists()
 
 
+LOAD_AT_ONCE = """
+import sys, time
+from pathlib import Path
+import dpl_zoo
+from dpl_zoo.zoo import Metric, Release, ZooEntry, register
+register(ZooEntry(name="tiny-dpl", architecture="test_resnet", num_classes=10, label_set="synthetic",
+                  dataset="synthetic", label_budget="1 label", recipe="mnist_demo",
+                  metrics=Metric(50.0, provenance="reported", source="a synthetic checkpoint"),
+                  release=Release(drive_id="%s", epochs=1), timm_tag="tiny_dpl"))
+Path(sys.argv[1]).touch()  # imports done: ready
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.01)
+dpl_zoo.load("tiny-dpl")
+""" % DRIVE_ID
+
+
+def test_two_processes_loading_one_entry_at_once_do_not_break_each_other(release, cache, tmp_path):
+    """Every DDP rank calling timm.create_model("resnet50.dpl_1pct", pretrained=True): the first
+    process downloads and converts under a file lock, the other waits and loads the conversion.
+    The mirror answers two requests at the same moment, so without the lock both downloads run at
+    once and one process deletes the release file or the conversion folder the other one uses."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    with ReleaseMirror(together_timeout=3) as mirror:
+        mirror.add("tiny-dpl.pth.tar", release[0].read_bytes(), "together")
+        env = {**os.environ, "DPL_ZOO_CACHE": str(cache), "DPL_ZOO_MIRROR": mirror.url,
+               "HOME": str(tmp_path / "home"),  # gdown keeps its cookies under the home folder
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+        ready = [tmp_path / f"ready-{i}" for i in range(2)]
+        go = tmp_path / "go"
+        procs = [subprocess.Popen([sys.executable, "-c", LOAD_AT_ONCE, str(r), str(go)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in ready]
+        deadline = time.monotonic() + 240
+        while not all(r.exists() for r in ready) and time.monotonic() < deadline and \
+                all(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        go.touch()
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert mirror.requests == [("GET", "/tiny-dpl.pth.tar")]  # one download; the other process waited
+    assert (cache / "zoo" / "tiny-dpl" / "model.safetensors").is_file()
+
+
 def test_mirror_must_be_a_url(entry, cache, monkeypatch):
     entry()
     monkeypatch.setenv("DPL_ZOO_MIRROR", "/srv/releases")
@@ -251,7 +298,7 @@ def test_reference_entries_are_timm_tags_with_the_authors_preprocessing():
             reference.input_size, reference.interpolation, reference.crop_pct, reference.mean, reference.std)
         assert cfg.num_classes == 1000 and len(cfg.label_names) == 1000
         assert not cfg.url and not cfg.hf_hub_id and not cfg.file  # weights only through dpl-zoo
-        assert "CC-BY-NC-4.0" in cfg.notes and e.license == "mit"
+        assert "CC-BY-NC-4.0" in cfg.notes and cfg.license == e.license == "cc-by-nc-4.0"
         tags[name] = e.timm_tag
     assert tags["resnet50-dpl-1pct"] == "dpl_1pct" and len(set(tags.values())) == 6
     model = timm.create_model("resnet50.dpl_1pct")  # no download without pretrained=True

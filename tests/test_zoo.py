@@ -1,5 +1,8 @@
 """Registry, load, publish and model cards, end to end against a loopback Hub."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,58 @@ def test_registry_has_the_reference_entries():
     assert list_models("resnet50-dpl-clip-*") == ["resnet50-dpl-clip-0.2pct", "resnet50-dpl-clip-0.2pct-100ep",
                                                   "resnet50-dpl-clip-1pct"]
     assert model_info("test_resnet-dpl-mnist").source == "none"
+
+
+IMPORT_ORDER = """
+import sys
+import dpl_zoo.method
+assert "timm" not in sys.modules, "import dpl_zoo.method imported timm"
+import dpl_zoo
+assert "timm" not in sys.modules, "import dpl_zoo imported timm"
+import dpl_zoo.registry
+assert not {"dpl_zoo.zoo", "dpl_zoo.sources", "dpl_zoo.timm_tags"} & set(sys.modules), "registry imports its users"
+import dpl_zoo.sources
+assert not {"dpl_zoo.zoo", "dpl_zoo.timm_tags"} & set(sys.modules), "sources imports the zoo"
+import timm
+assert not timm.list_pretrained("*.dpl_*"), "timm tags registered before the zoo was used"
+assert "resnet50-dpl-1pct" in dpl_zoo.list_models()
+assert "resnet50.dpl_1pct" in timm.list_pretrained("resnet50.*"), "the zoo did not register its timm tags"
+"""
+
+
+def test_the_method_core_leaves_timm_alone_and_the_registry_imports_nothing_above_it():
+    """``import dpl_zoo.method`` (the loss, for any loop) neither imports timm nor touches its registry;
+    the registry's types import none of their users; the first zoo call registers the timm tags."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", IMPORT_ORDER], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_weights_from_the_moco_eman_backbone_carry_its_non_commercial_licence(tmp_path):
+    """The stricter licence goes into every machine-readable field (Hub filters read the card's
+    `license`); the card text keeps why: DebiasPL code MIT, MoCo-EMAN backbone CC-BY-NC-4.0."""
+    from dpl_zoo.config import MOCO_EMAN_URL
+    from dpl_zoo.hub import card_from_entry, card_from_run, model_card
+    for name in list_models("resnet50-*"):
+        e = model_info(name)
+        assert e.license == "cc-by-nc-4.0", name
+        assert timm.models.get_pretrained_cfg(e.timm_name).license == "cc-by-nc-4.0"
+        card = model_card(card_from_entry(e))
+        assert card.data.license == "cc-by-nc-4.0"
+        assert "CC-BY-NC-4.0" in card.text and "MIT" in card.text
+    assert model_info("test_resnet-dpl-mnist").license == "mit"  # our own code and data only
+    # a run of the ResNet-50 recipes started from MoCo-EMAN too
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "config.json").write_text(json.dumps({"architecture": "resnet50"}))
+    (run / "export" / "model.safetensors").write_bytes(b"")  # the card reads the config only
+    (run / "summary.json").write_text(json.dumps({"top1": 60.0, "top5": 80.0, "labeled": 12811}))
+    for start, licence in ((MOCO_EMAN_URL, "cc-by-nc-4.0"), (None, "mit")):
+        (run / "config.yaml").write_text(f"model: resnet50\ninitial_checkpoint: {start or 'null'}\n")
+        info = card_from_run(run, "me/r50")
+        assert info.license == licence and model_card(info).data.license == licence
+        assert ("CC-BY-NC-4.0" in model_card(info).text) == (start is not None)
 
 
 def test_hub_revisions_must_be_commit_hashes():
