@@ -24,8 +24,6 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.img_size and pcfg is not None and pcfg.fixed_input_size:
         kwargs.setdefault("img_size", cfg.img_size)
     model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
-    if cfg.head_hidden_size:
-        set_mlp_head(model, cfg.head_hidden_size, num_classes)
     if cfg.initial_checkpoint:
         from . import distributed as dist_utils
         from .cache import download_to_cache, is_url
@@ -38,6 +36,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         info = load_start_point(model, source, sha256=sha256)
         # a start point brings the preprocessing its weights were trained with
         model.pretrained_cfg = {**model.pretrained_cfg, **info["data_config"]}
+    if cfg.head_hidden_size:    # after the start point, which brings a linear head's names
+        set_mlp_head(model, cfg.head_hidden_size, num_classes)
     return model
 
 

@@ -224,8 +224,8 @@ def _cached_views(cfg, data, split, model, data_config, device, val_indices, ssl
         if dist_utils.is_main():   # one process fills; the others wait and read
             train_store.fill(rows, train_view_features(data.train, spec, k, stage, prefix, device, tf, cfg.workers,
                                                        autocast, cfg.channels_last), progress)
-            val_store.fill(val_indices, eval_view_features(data.val, prefix, device, tf, cfg.workers, autocast),
-                           progress)
+            val_store.fill(val_indices, eval_view_features(data.val, prefix, device, tf, cfg.workers, autocast,
+                                                           cfg.channels_last), progress)
         dist_utils.barrier()
     cached = CachedViews(train_store.read(rows), rows, [data.train.targets[i] for i in rows], k)
     val_features = val_store.read(val_indices)[:, 0]

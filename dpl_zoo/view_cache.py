@@ -44,7 +44,7 @@ def weights_digest(model: nn.Module, trainable: nn.Module) -> str:
             continue
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # logical order, any layout
     return h.hexdigest()
 
 
@@ -155,10 +155,7 @@ def train_view_features(base, spec: ViewSpec, k: int, stage: str, prefix: Callab
         with autocast():
             for x in views_of(positions):
                 out.append(prefix(x).float())
-            ev = EvalDataset(base, positions, eval_tf)
-            xs = torch.cat([x for x, _, _ in eval_loader(ev, len(positions), workers, False)])
-            xs = xs.to(device).contiguous(memory_format=torch.channels_last) if channels_last else xs.to(device)
-            out.append(prefix(xs).float())
+            out.append(prefix(_eval_batch(base, positions, eval_tf, workers, device, channels_last)).float())
         return torch.stack(out, 1)
 
     return compute
@@ -166,14 +163,20 @@ def train_view_features(base, spec: ViewSpec, k: int, stage: str, prefix: Callab
 
 @torch.no_grad()
 def eval_view_features(base, prefix: Callable, device: torch.device, eval_tf: Callable, workers: int = 0,
-                       autocast=nullcontext) -> Callable[[list[int]], torch.Tensor]:
+                       autocast=nullcontext, channels_last: bool = False) -> Callable[[list[int]], torch.Tensor]:
     """``compute(positions)`` for a one-view store of evaluation images."""
     def compute(positions: list[int]) -> torch.Tensor:
-        ev = EvalDataset(base, positions, eval_tf)
-        xs = torch.cat([x for x, _, _ in eval_loader(ev, len(positions), workers, False)]).to(device)
         with autocast():
-            return prefix(xs).float().unsqueeze(1)
+            return prefix(_eval_batch(base, positions, eval_tf, workers, device, channels_last)).float().unsqueeze(1)
     return compute
+
+
+def _eval_batch(base, positions: list[int], eval_tf: Callable, workers: int, device: torch.device,
+                channels_last: bool) -> torch.Tensor:
+    """The evaluation views of ``positions`` (the run's evaluation transform) on ``device``."""
+    ev = EvalDataset(base, positions, eval_tf)
+    xs = torch.cat([x for x, _, _ in eval_loader(ev, len(positions), workers, False)]).to(device)
+    return xs.contiguous(memory_format=torch.channels_last) if channels_last else xs
 
 
 # --- training on cached views ----------------------------------------------------------------
@@ -181,9 +184,8 @@ def eval_view_features(base, prefix: Callable, device: torch.device, eval_tf: Ca
 class CachedViews:
     """The cached features of a set of dataset positions, as training streams draw them.
 
-    Per step and per view the slot is drawn from the counter hash of ``(seed, epoch, draw,
-    view)``: the ``v``-th weak view of a sample is one of its ``K`` weak slots, a strong view
-    one of its ``K`` strong slots; the evaluation view (slot ``2K``) is used for diagnostics.
+    A weak view of a sample is one of its ``K`` weak slots, a strong view one of its ``K`` strong
+    slots (:class:`CachedViewMaker`); the evaluation view (slot ``2K``) serves the diagnostics.
     """
 
     stage = "cached"
@@ -191,11 +193,16 @@ class CachedViews:
     def __init__(self, features: torch.Tensor, positions: Sequence[int], targets: Sequence[int], k: int):
         self.features, self.k = features, k
         self.positions = torch.tensor(list(positions), dtype=torch.int64)
-        self.row_of = {int(p): r for r, p in enumerate(self.positions.tolist())}
+        self._row_of = torch.full((int(self.positions.max()) + 1 if len(self.positions) else 0,), -1,
+                                  dtype=torch.int64)
+        self._row_of[self.positions] = torch.arange(len(self.positions))
         self.targets = torch.tensor(list(targets), dtype=torch.int64)
 
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([self.row_of[int(p)] for p in positions.tolist()], dtype=torch.int64)
+        rows = self._row_of[positions]
+        if (rows < 0).any():
+            raise KeyError(f"positions {positions[rows < 0][:3].tolist()} are not in the cached set")
+        return rows
 
     def eval_set(self, positions: Sequence[int]) -> "FeatureEvalSet":
         rows = self.rows(torch.tensor(list(positions), dtype=torch.int64))
@@ -222,7 +229,9 @@ class CachedSplit:
 
 
 class CachedViewMaker:
-    """The step's views of a cached-split batch, on the training device."""
+    """The step's views of a cached-split batch, on the training device: view ``v`` of a sample is
+    slot ``floor(K u_v)`` of its weak (or strong) views, ``u`` from the counter hash of
+    ``(seed, epoch, draw)``, so a resumed epoch draws the same views."""
 
     def __init__(self, cached: CachedViews, kinds: Sequence[str], seed: int, device: torch.device):
         self.cached, self.kinds, self.seed, self.device = cached, list(kinds), seed, device
@@ -231,11 +240,11 @@ class CachedViewMaker:
     def __call__(self, batch: Batch) -> list[torch.Tensor]:
         rows = self.cached.rows(batch.indices)
         k = self.cached.k
+        # one uniform per view from the counter hash of (seed, epoch, draw): slot of view v = u[:, v]
+        slots = (plan_uniforms(self.seed, self.epoch, batch.draws, 0, len(self.kinds)) * k).long().clamp_max(k - 1)
         out = []
         for v, kind in enumerate(self.kinds):
-            slot = (plan_uniforms(self.seed, self.epoch, batch.draws, v, 1)[:, 0] * k).long().clamp_max(k - 1)
-            if kind == "strong":
-                slot = slot + k
+            slot = slots[:, v] + (k if kind == "strong" else 0)
             out.append(self.cached.features[rows, slot].to(self.device, non_blocking=True).float())
         return out
 
