@@ -92,23 +92,56 @@ def load(report: dict) -> str:
     return "\n".join(rows)
 
 
-def finetune(report: dict) -> str:
+def _gain(r: dict) -> str:
+    return f"{r['gain_mean']:+.2f} ± {r['gain_sd']:.2f}" if "gain_mean" in r else "-"
+
+
+def _won(r: dict) -> str:
+    return f"{r['wins']}/{r['seeds']}" if "wins" in r else "-"
+
+
+def finetune_probe(report: dict) -> str:
     s = report["settings"]
-    lines = [f"Fashion-MNIST, 4 labels per class, EfficientNet-Lite0 at {s['img_size']} px, batch {s['batch']} + "
-             f"{s['mu']} x {s['batch']} unlabeled, {s['steps']} steps, {s['seeds']} seeds ({_when(report)}):", "",
-             "| start | method | test top-1 (mean ± sd) | per seed | accepted PL acc. | PL KL(uniform) | s / run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Linear probe of frozen `{s['model']}` features (logistic regression on each draw's labeled images, "
+             f"{s['test']} test images, {s['seeds']} label draws; {_when(report)}):", "",
+             "| px | labels/class | ImageNet start | random start | lead |", "|---|---|---|---|---|"]
+    rows = report["table"]
+    for r in [r for r in rows if r["start"] == "pretrained"]:
+        o = next(x for x in rows if x["start"] == "scratch" and x["img_size"] == r["img_size"]
+                 and x["labels_per_class"] == r["labels_per_class"])
+        lines.append(f"| {r['img_size']} | {r['labels_per_class']} | {_pm((r['top1_mean'], r['top1_sd']))} | "
+                     f"{_pm((o['top1_mean'], o['top1_sd']))} | {r['top1_mean'] - o['top1_mean']:+.2f} |")
+    return "\n".join(lines)
+
+
+def finetune_frozen(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"Frozen `{s['model']}` at {s['img_size']} px, {s['cached_views']} weak + {s['cached_views']} strong "
+             f"cached views per image, {s['unlabeled'] or 'all'} unlabeled images, {s['steps']} steps of "
+             f"{s['batch']} + {s['mu']} x {s['batch']}, all {s['test']} test images; {report['runs_done']} runs, "
+             f"caching {report['cache_seconds'] / 60:.1f} min ({_when(report)}):", "",
+             "| labels/class | frozen | head | method | tau | threshold | test top-1 | vs FixMatch | seeds won | "
+             "accepted PL acc. | mask | PL KL(uniform) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["table"]:
-        sup = r["method"] == "supervised"
-        lines.append(f"| {r['start']} | {r['method']} | {r['top1_mean']:.2f} ± {r['top1_sd']:.2f} | "
-                     f"{', '.join(f'{v:.1f}' for v in r['top1_per_seed'])} | {'-' if sup else _f(r['pl_acc_mean'])} | "
-                     f"{'-' if sup else _f(r['pl_kl_mean'], '.3f')} | {r['seconds_mean']:.0f} |")
-    if "run_seconds_total" in report:   # a resumed benchmark's own time leaves out the runs it read back
-        lines += ["", f"Run time of the {s['runs_done']} runs: {report['run_seconds_total'] / 60:.0f} min "
-                      f"(single-process minutes, {s.get('parallel', 1)} side by side)."]
-    if report.get("linear_probe"):
-        lines += ["", "Linear probe of the frozen start points' features on the labeled images: " + ", ".join(
-            f"{r['start']} {_pm((r['probe_top1_mean'], r['probe_top1_sd']))}" for r in report["linear_probe"]) + "."]
+        lines.append(f"| {r['budget']} | {r['freeze']} | {'linear' if r['head'] is None else 'MLP ' + str(r['head'])} | "
+                     f"{r['method']} | {'-' if r['tau'] is None else format(r['tau'], 'g')} | "
+                     f"{'-' if r['threshold'] is None else format(r['threshold'], 'g')} | "
+                     f"{_pm((r['top1_mean'], r['top1_sd']))} | {_gain(r)} | {_won(r)} | {_f(r['pl_acc_mean'], '.1f')} | "
+                     f"{_f(r['mask_rate_mean'])} | {_f(r['pl_kl_mean'], '.3f')} | {r['seconds_mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def finetune_full(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"Full fine-tuning of `{s['model']}` at {s['img_size']} px, {s['labels']} labels per class, "
+             f"{s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, all {s['test']} test images "
+             f"({_when(report)}):", "",
+             "| start | method | test top-1 | per seed | vs FixMatch | seeds won | accepted PL acc. | PL KL(uniform) | "
+             "s / run |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["table"]:
+        lines.append(f"| {r['start']} | {r['method']} | {_pm((r['top1_mean'], r['top1_sd']))} | "
+                     f"{', '.join(f'{v:.1f}' for v in r['top1_per_seed'])} | {_gain(r)} | {_won(r)} | "
+                     f"{_f(r['pl_acc_mean'], '.1f')} | {_f(r['pl_kl_mean'], '.3f')} | {r['seconds_mean']:.0f} |")
     return "\n".join(lines)
 
 
@@ -139,7 +172,8 @@ def vit(report: dict) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"gain": gain, "speed": speed, "load": load, "finetune": finetune, "imbalanced": imbalanced, "vit": vit}
+RENDER = {"gain": gain, "speed": speed, "load": load, "finetune-probe": finetune_probe,
+          "finetune-frozen": finetune_frozen, "finetune-full": finetune_full, "imbalanced": imbalanced, "vit": vit}
 
 
 def main(paths) -> int:

@@ -105,7 +105,7 @@ class TrainConfig:
     # groups: the stem, then stages), frozen with timm's freeze (BatchNorm statistics fixed too)
     freeze: Any = None
     # the new head: a linear classifier (default), or an MLP with one hidden layer of this width
-    # (Linear, BatchNorm1d, ReLU, Linear)
+    # (Linear, ReLU, Linear)
     head_hidden_size: Optional[int] = None
     mean: Optional[tuple] = None
     std: Optional[tuple] = None

@@ -42,15 +42,17 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def set_mlp_head(model: nn.Module, hidden: int, num_classes: int) -> nn.Module:
-    """Replace the classifier (timm's ``pretrained_cfg["classifier"]``) by Linear, BatchNorm1d,
-    ReLU, Linear: a head that can bend the frozen features, not only weigh them."""
+    """Replace the classifier (timm's ``pretrained_cfg["classifier"]``) by Linear, ReLU, Linear: a
+    head that can bend frozen features, not only weigh them. No BatchNorm: with an EMA teacher
+    the student's batches hold labeled and strong views only, and running statistics of strong
+    views do not fit the clean views it is evaluated on."""
     name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     current = model.get_submodule(name) if name else None
     if not isinstance(current, nn.Linear):
         raise ConfigError(f"head_hidden_size needs a timm model with a linear classifier named in its pretrained_cfg; "
                           f"{type(model).__name__} has {type(current).__name__} at {name!r}")
-    model.set_submodule(name, nn.Sequential(nn.Linear(current.in_features, hidden), nn.BatchNorm1d(hidden),
-                                            nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)))
+    model.set_submodule(name, nn.Sequential(nn.Linear(current.in_features, hidden), nn.ReLU(inplace=True),
+                                            nn.Linear(hidden, num_classes)))
     return model
 
 

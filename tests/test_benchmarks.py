@@ -73,13 +73,22 @@ def test_finetune_toy(tmp_path):
     from conftest import make_fashion_folder
     folder, _, _ = make_fashion_folder(tmp_path / "fm", per_class=6, test_per_class=2)
     _run("finetune.py", "--toy", "--out", str(tmp_path), "--data", str(folder))
-    report = json.loads((tmp_path / "finetune_toy.json").read_text())
-    _rendered(tmp_path / "finetune_toy.json")
-    assert {(r["start"], r["method"]) for r in report["table"]} == {
+    probe = json.loads((tmp_path / "finetune_probe_toy.json").read_text())
+    assert {r["start"] for r in probe["table"]} == {"pretrained", "scratch"}
+    assert all(0 <= r["top1_mean"] <= 100 for r in probe["table"])
+    frozen = json.loads((tmp_path / "finetune_frozen_toy.json").read_text())
+    arms = {(r["freeze"], r["head"], r["method"]) for r in frozen["table"]}
+    assert arms == {("backbone", h, m) for h in (None, 8) for m in ("supervised", "fixmatch", "debiaspl")} | {
+        (8, None, m) for m in ("supervised", "fixmatch", "debiaspl")}
+    dpl = [r for r in frozen["table"] if r["method"] == "debiaspl"]
+    assert all("gain_mean" in r and r["wins"] in (0, 1) for r in dpl)   # each against its own FixMatch arm
+    assert (tmp_path / "finetune_frozen_toy.png").stat().st_size > 1000
+    full = json.loads((tmp_path / "finetune_full_toy.json").read_text())
+    assert {(r["start"], r["method"]) for r in full["table"]} == {
         (s, m) for s in ("pretrained", "scratch") for m in ("supervised", "fixmatch", "debiaspl")}
-    assert [r["start"] for r in report["linear_probe"]] == ["pretrained", "scratch"]
-    assert all(0 <= r["probe_top1_mean"] <= 100 for r in report["linear_probe"])
-    assert report["run_seconds_total"] == pytest.approx(sum(r["seconds"] for r in report["runs"]))
+    assert full["run_seconds_total"] == pytest.approx(sum(r["seconds"] for r in full["runs"]))
+    for name in ("finetune_probe_toy.json", "finetune_frozen_toy.json", "finetune_full_toy.json"):
+        _rendered(tmp_path / name)
 
 
 def test_linear_probe_scores_what_the_features_know(monkeypatch):

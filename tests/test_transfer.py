@@ -198,7 +198,7 @@ def test_mlp_head_trains_on_cached_views_and_its_export_says_so(tiny_config, tmp
     summary = fit(cached_config(tiny_config, head_hidden_size=16), quiet=True)
     config = json.loads((tmp_path / "runs" / "run" / "export" / "config.json").read_text())
     assert config["dpl_zoo"] == {"head_hidden_size": 16}
-    assert summary["trainable_params"] == 96 * 16 + 16 + 2 * 16 + 16 * 3 + 3
+    assert summary["trainable_params"] == 96 * 16 + 16 + 16 * 3 + 3
 
 
 def test_ema_warmup_lets_the_teacher_follow_a_short_run(tiny_config):
