@@ -1,0 +1,125 @@
+"""What a resume may change and what it compares (dpl_zoo.resume), and resumes that used to go wrong."""
+import json
+import threading
+
+import pytest
+import torch
+
+from dpl_zoo.checkpoint import CheckpointError
+from dpl_zoo.train import fit
+
+
+def _rows(run_dir, kind="train"):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == kind]
+
+
+def test_resume_with_more_epochs_continues_the_schedule_instead_of_training_at_lr_0(tiny_config, tmp_path):
+    run = tmp_path / "runs" / "run"
+    fit(tiny_config(epochs=2, sched="cosine"), quiet=True)
+    (run / "summary.json").unlink()          # as if it had stopped after its last checkpoint
+    summary = fit(tiny_config(epochs=4, sched="cosine"), resume=str(run / "last.pth.tar"), quiet=True)
+    assert summary["steps"] == 8
+    lrs = {r["step"]: r["lr"] for r in _rows(run)}
+    # the cosine of 4 epochs (8 steps) continues from step 4: lr(t) = 0.01 * (1 + cos(pi t / 8)) / 2 after step t
+    for step in (5, 6, 7):
+        assert lrs[step] == pytest.approx(0.01 * (1 + torch.cos(torch.tensor(torch.pi * step / 8)).item()) / 2,
+                                          rel=1e-5), step
+    assert lrs[5] > 0 and lrs[6] > 0
+
+
+def test_auto_resume_of_a_finished_run_with_more_epochs_trains_on(tiny_config, tmp_path):
+    first = fit(tiny_config(epochs=2), resume="auto", quiet=True)
+    assert first["steps"] == 4
+    again = fit(tiny_config(epochs=2), resume="auto", quiet=True)       # finished with this recipe: its summary
+    assert again["steps"] == 4 and again["seconds"] == first["seconds"] and not again["resumed"]
+    longer = fit(tiny_config(epochs=3), resume="auto", quiet=True)
+    assert longer["steps"] == 6 and longer["resumed"]
+    assert [r["step"] for r in _rows(tmp_path / "runs" / "run")] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(CheckpointError, match="has trained 3 epochs"):
+        fit(tiny_config(epochs=2), resume="auto", quiet=True)
+
+
+def test_resume_after_a_labeled_csv_run_checks_the_data(tiny_config, image_data, tmp_path):
+    from PIL import Image
+    import shutil
+    first = tiny_config(epochs=1)
+    fit(first, quiet=True)
+    run = tmp_path / "runs" / "run"
+    split = tmp_path / "split.csv"
+    shutil.copy(run / "labeled.csv", split)
+    shutil.rmtree(run)
+    fit(tiny_config(epochs=1, **{"data.labels_per_class": None, "data.labeled_csv": str(split)}), quiet=True)
+    (run / "summary.json").unlink()
+    # an image added to the data folder shifts the positions the split file points at
+    Image.new("RGB", (16, 16), "red").save(image_data / "train" / "cat" / "000a.png")
+    with pytest.raises(CheckpointError, match="training data differ"):
+        fit(tiny_config(epochs=2, **{"data.labels_per_class": None, "data.labeled_csv": str(split)}),
+            resume=str(run / "last.pth.tar"), quiet=True)
+
+
+def test_prefetch_thread_leaves_the_process_thread_setting_alone(tiny_config):
+    from dpl_zoo.inputs import prefetched_inputs
+    from dpl_zoo.run import build_run
+    run = build_run(tiny_config(**{"data.augment_on": "device"}))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        list(prefetched_inputs(run, 0))
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert torch.get_num_threads() == 2 and seen == [2]
+    finally:
+        torch.set_num_threads(saved)
+
+
+# --- the rules, as a table ---------------------------------------------------------------------------
+
+def _saved(cfg, **evidence):
+    base = {"data": "d", "labeled": "l", "teacher_predictions": None}
+    base.update(evidence)
+    return {"config": json.loads(json.dumps(cfg.to_dict())), "epoch": 1, "evidence": base}
+
+
+CONFIG_CASES = [
+    # (override on resume, allowed)
+    ({"epochs": 5}, True), ({"output": "elsewhere"}, True), ({"workers": 3}, True), ({"log_interval": 7}, True),
+    ({"device": "cpu"}, True), ({"compile": True}, True), ({"data.root": "/moved/train"}, True),
+    ({"data.verify_images": False}, True), ({"eval_interval": 2}, True),
+    ({"lr": 0.5}, False), ({"dpl.tau": 1.0}, False), ({"seed": 3}, False), ({"data.split_seed": 1}, False),
+    ({"batch_size": 4}, False), ({"freeze": "backbone"}, False), ({"backbone_lr_scale": 0.1}, False),
+    ({"data.cached_views": 2, "freeze": "backbone"}, False), ({"model_ema_warmup": True}, False),
+    ({"epochs": 1}, False),   # ends before the epochs already trained
+]
+
+
+@pytest.mark.parametrize("change,allowed", CONFIG_CASES, ids=[",".join(c) for c, _ in CONFIG_CASES])
+def test_what_a_resume_may_change(tiny_config, tmp_path, change, allowed):
+    from dpl_zoo import resume
+    saved = _saved(tiny_config(epochs=3))
+    now = tiny_config(**{"epochs": 3, **change})
+    if allowed:
+        resume.check(saved, now, tmp_path)
+    else:
+        with pytest.raises(CheckpointError):
+            resume.check(saved, now, tmp_path)
+
+
+EVIDENCE_CASES = [("data", "other", "training data differ"), ("labeled", "other", "labeled split differs"),
+                  ("teacher_predictions", "abc", "started without data.teacher_predictions")]
+
+
+@pytest.mark.parametrize("key,value,message", EVIDENCE_CASES, ids=[k for k, _, _ in EVIDENCE_CASES])
+def test_what_a_resume_compares(tiny_config, tmp_path, key, value, message):
+    from dpl_zoo import resume
+    cfg = tiny_config(epochs=3)
+    saved = _saved(cfg)
+    now = dict(saved["evidence"])
+    resume.check(saved, cfg, tmp_path, now=now)
+    now[key] = value
+    with pytest.raises(CheckpointError, match=message):
+        resume.check(saved, cfg, tmp_path, now=now)
+    assert set(resume.EVIDENCE) == {k for k, _, _ in EVIDENCE_CASES}   # every recorded item has a case
+    assert not set(resume.MAY_CHANGE) - set(resume._flatten(cfg.to_dict()))   # every rule names a real key
