@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import mean_sd, run_jobs, write_report  # noqa: E402
+from _common import add_rerun_argument, mean_sd, run_jobs, write_report  # noqa: E402
 from linear_probe import fit_and_score, pooled_features  # noqa: E402
 
 console = Console()
@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int)
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe of the start points' features")
     p.add_argument("--out", default="benchmarks/results")
+    add_rerun_argument(p)
     args = p.parse_args(argv)
     kind = "full" if args.full else "toy" if args.toy else "cpu"
     size = dict(SIZES[kind])
@@ -167,7 +168,8 @@ def main(argv=None) -> int:
     jobs = jobs_for(size, args, runs)
     # seed by seed, so a time limit still leaves whole comparisons
     jobs.sort(key=lambda j: (j["seed"], j["start"] != "pretrained"))
-    results = run_jobs(jobs, parallel=args.parallel or size["parallel"], console=console,
+    results = run_jobs(jobs, rerun_changed=args.rerun_changed, parallel=args.parallel or size["parallel"],
+                       console=console,
                        deadline=time.time() + 60 * args.max_minutes if args.max_minutes is not None else None,
                        on_done=lambda r: console.print(f"{r['job']['name']}: top-1 {r['top1']:.2f} "
                                                        f"({r['seconds']:.0f} s)"))
