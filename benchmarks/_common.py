@@ -4,6 +4,14 @@ Training runs go through :func:`run_jobs`: ``parallel`` single-thread processes 
 (on a small CPU machine two single-thread processes do more work than one two-thread
 process), each run in its own folder; a run whose ``summary.json`` exists is read back
 instead of trained again, so an interrupted benchmark continues where it stopped.
+
+A run folder is reused only for the settings it was made with: its ``config.yaml`` (and the
+device its summary records) must equal the config the job builds now, up to
+``NEUTRAL_SETTINGS``. Run names leave most settings out (steps, label budget, device, start
+weights, ...), so a rerun with other flags finds folders of the same name made under other
+settings: that is an error naming the folder and the keys, and with ``rerun_changed``
+(``--rerun-changed`` on every benchmark) the job runs in ``NAME-<settings hash>`` next to it,
+where later calls find it without the flag.
 """
 from __future__ import annotations
 
@@ -82,21 +90,121 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_job(job: dict) -> dict:
-    """One training run in this process; the summary plus its evaluated curve."""
-    import resource
+# Settings that change neither what a run trains nor the numbers it reports (the augmentation is
+# seeded per sample, so the number of loader workers does not change the images): a finished run
+# made under other values of these is reused. Every other key of the config must match, and so
+# must the device type (``device: null`` resolves to CUDA when there is one). Seconds and CPU time
+# of a reused run are those of the run that made it.
+NEUTRAL_SETTINGS = frozenset({"output", "experiment", "workers", "pin_memory", "log_interval"})
+
+
+class RunSettingsChanged(SystemExit):
+    """Run folders hold runs made with other settings; the message says which and what to do
+    (a ``SystemExit``: a benchmark script stops with that one line, no traceback)."""
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key in ("dpl", "data"):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _job_config(job: dict, folder: str):
     from dpl_zoo.config import load_config
+    return load_config(job["recipe"], [*job["overrides"], f"output={job['output']}", f"experiment={folder}"])
+
+
+def _device_type(cfg) -> str:
+    import torch
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+
+
+def _settings(config: dict, device: Optional[str]) -> dict:
+    """What a run's results depend on: its config without ``NEUTRAL_SETTINGS``, as JSON values
+    (tuples and lists alike), and the device type it ran on (None: not recorded)."""
+    flat = {k: json.loads(json.dumps(v, default=str)) for k, v in _flatten(config).items()
+            if k not in NEUTRAL_SETTINGS}
+    return {**flat, "device type": device}
+
+
+def _saved_settings(folder: Path) -> Optional[dict]:
+    """The settings of the run in ``folder``; None when no run started there (nothing to reuse
+    or resume: a folder without a checkpoint or summary is started over by training)."""
+    import yaml
+    if not ((folder / "summary.json").is_file() or (folder / "last.pth.tar").is_file()):
+        return None
+    if not (folder / "config.yaml").is_file():
+        return {}   # a run without its config: no setting can be shown to match
+    summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+    return _settings(yaml.safe_load((folder / "config.yaml").read_text()) or {}, summary.get("device"))
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    keys = sorted(set(saved) | set(now))
+    diffs = [k for k in keys if k != "device type" and saved.get(k) != now.get(k)]
+    recorded = saved.get("device type")
+    if recorded is not None and recorded != now["device type"]:   # older runs did not record it
+        diffs.append("device")
+    return diffs
+
+
+def _settings_tag(settings: dict) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def resolve_folders(jobs: list[dict], rerun_changed: bool = False) -> list[dict]:
+    """Each job with the run folder (``folder``) it reuses, resumes or starts: its ``name`` when
+    that holds no run or one made with the same settings, else ``name-<settings hash>`` when that
+    holds such a run or ``rerun_changed``. Otherwise :class:`RunSettingsChanged`, naming every
+    folder that differs and in what, before any run starts."""
+    resolved, changed = [], []
+    for job in jobs:
+        cfg = _job_config(job, job["name"])
+        now = _settings(cfg.to_dict(), _device_type(cfg))
+        saved = _saved_settings(Path(job["output"]) / job["name"])
+        if saved is None or not _differences(saved, now):
+            resolved.append({**job, "folder": job["name"]})
+            continue
+        fresh = f"{job['name']}-{_settings_tag(now)}"
+        fresh_saved = _saved_settings(Path(job["output"]) / fresh)
+        if fresh_saved is not None and _differences(fresh_saved, now):   # a hash collision, or edited by hand
+            changed.append((Path(job["output"]) / fresh, _differences(fresh_saved, now), None))
+        elif fresh_saved is not None or rerun_changed:
+            resolved.append({**job, "folder": fresh})
+        else:
+            changed.append((Path(job["output"]) / job["name"], _differences(saved, now), fresh))
+    if changed:
+        folder, diffs, fresh = changed[0]
+        more = f" ({len(changed) - 1} more run folders differ too)" if len(changed) > 1 else ""
+        what = ", ".join(diffs) if diffs else "no config.yaml to compare"
+        todo = (f"rerun with --rerun-changed to train these settings in fresh folders next to it (here {fresh}), "
+                f"or delete the folder" if fresh else "delete the folder")
+        raise RunSettingsChanged(f"{folder} holds a run made with other settings (differs in: {what}), whose results "
+                                 f"would be reported under these settings{more}; {todo}")
+    return resolved
+
+
+def _run_job(job: dict) -> dict:
+    """One training run in this process (in ``job["folder"]``, see :func:`resolve_folders`); the
+    summary plus its evaluated curve."""
+    import resource
     from dpl_zoo.train import fit
-    folder = Path(job["output"]) / job["name"]
+    folder = Path(job["output"]) / job["folder"]
     if (folder / "summary.json").is_file():
         summary = json.loads((folder / "summary.json").read_text())
         summary["reused"] = True
     else:
-        cfg = load_config(job["recipe"], [*job["overrides"], f"output={job['output']}", f"experiment={job['name']}"])
+        cfg = _job_config(job, job["folder"])
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         summary = fit(cfg, resume="auto", quiet=True)  # a run cut off at an epoch end continues
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         summary["cpu_seconds"] = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+        summary["device"] = _device_type(cfg)   # what a later reuse compares (device: null depends on the machine)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary["curve"] = [{"step": r["step"], "top1": r["eval"]["student"]["top1"],
@@ -107,13 +215,23 @@ def _run_job(job: dict) -> dict:
     return summary
 
 
+def add_rerun_argument(parser) -> None:
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="run folders made with other settings: train these settings in fresh folders next "
+                             "to them (NAME-<settings hash>) instead of stopping with an error")
+
+
 def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None,
-             on_done: Optional[Callable[[dict], None]] = None, deadline: Optional[float] = None) -> list[dict]:
+             on_done: Optional[Callable[[dict], None]] = None, deadline: Optional[float] = None,
+             rerun_changed: bool = False) -> list[dict]:
     """Run ``jobs`` (``name``, ``recipe``, ``overrides``, ``output``) ``parallel`` at a time;
-    results in job order. Runs that finished before (their ``summary.json`` exists) are read, not
-    rerun. A failed run stops the benchmark with its error. After ``deadline`` (a
-    ``time.time()``) no new run starts and the finished ones are returned."""
+    results in job order. Runs that finished before with the same settings (their ``summary.json``
+    exists) are read, not rerun; runs made with other settings are an error, or with
+    ``rerun_changed`` run again in fresh folders (:func:`resolve_folders`). A failed run stops the
+    benchmark with its error. After ``deadline`` (a ``time.time()``) no new run starts and the
+    finished ones are returned."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    jobs = resolve_folders(jobs, rerun_changed)
     results: dict[int, dict] = {}
     ctx = get_context("spawn")
     with Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -122,7 +240,7 @@ def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None
         task = progress.add_task("runs", total=len(jobs))
         pending = []
         for i, job in enumerate(jobs):
-            if (Path(job["output"]) / job["name"] / "summary.json").is_file():  # finished: read, not rerun
+            if (Path(job["output"]) / job["folder"] / "summary.json").is_file():  # finished: read, not rerun
                 results[i] = result = _run_job(job)
                 progress.advance(task)
                 if on_done:

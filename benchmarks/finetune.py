@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import mean_sd, run_jobs, write_report  # noqa: E402
+from _common import add_rerun_argument, mean_sd, run_jobs, write_report  # noqa: E402
 from linear_probe import fit_and_score, pooled_features  # noqa: E402
 
 console = Console()
@@ -300,7 +300,8 @@ def frozen_part(size: dict, args, runs: Path) -> dict:
                         size["stage_seeds"])
     cache_seconds = fill_caches(jobs)
     console.print(f"view caches ready ({cache_seconds:.0f} s)")
-    results = run_jobs(jobs, parallel=args.parallel or size["parallel"], console=console,
+    results = run_jobs(jobs, rerun_changed=args.rerun_changed, parallel=args.parallel or size["parallel"],
+                       console=console,
                        deadline=time.time() + 60 * args.max_minutes if args.max_minutes is not None else None)
     rows = arm_rows(results)
     _frozen_table(rows, size)
@@ -392,7 +393,8 @@ def full_jobs(size: dict, args, out: Path) -> list[dict]:
 
 def full_part(size: dict, args, runs: Path) -> dict:
     jobs = full_jobs(size, args, runs)
-    results = run_jobs(jobs, parallel=args.parallel or size["parallel"], console=console,
+    results = run_jobs(jobs, rerun_changed=args.rerun_changed, parallel=args.parallel or size["parallel"],
+                       console=console,
                        deadline=time.time() + 60 * args.max_minutes if args.max_minutes is not None else None,
                        on_done=lambda r: console.print(f"{r['job']['name']}: top-1 {r['top1']:.2f} "
                                                        f"({r['seconds']:.0f} s)"))
@@ -444,6 +446,7 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int)
     p.add_argument("--stage-tau", type=float, help="tau of the freeze: N arms (default: the third tau of the grid)")
     p.add_argument("--out", default="benchmarks/results")
+    add_rerun_argument(p)
     args = p.parse_args(argv)
     kind = "full" if args.full else "toy" if args.toy else "cpu"
     suffix = {"cpu": "", "full": "_full", "toy": "_toy"}[kind]

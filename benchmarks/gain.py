@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import mean_sd, run_jobs, write_report  # noqa: E402
+from _common import add_rerun_argument, mean_sd, run_jobs, write_report  # noqa: E402
 
 console = Console()
 
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--ablation", action="store_true", help="also the tau x momentum and component ablation")
     p.add_argument("--parallel", type=int, default=2, help="single-thread runs side by side")
     p.add_argument("--out", default="benchmarks/results")
+    add_rerun_argument(p)
     p.add_argument("--toy", action="store_true", help="smoke run: 1 budget, 1 seed, 2 steps")
     args = p.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
                                 **overrides}, base)
             j["label"] = label
             ablation_jobs.append(j)
-    done = run_jobs(jobs + ablation_jobs, parallel=parallel, console=console,
+    done = run_jobs(jobs + ablation_jobs, rerun_changed=args.rerun_changed, parallel=parallel, console=console,
                     on_done=lambda r: console.print(f"{r['job']['name']}: top-1 {r['top1']:.2f} ({r['seconds']:.0f} s)"))
     results = []
     for r in done[:len(jobs)]:

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import mean_sd, run_jobs, write_report  # noqa: E402
+from _common import add_rerun_argument, mean_sd, run_jobs, write_report  # noqa: E402
 
 console = Console()
 ARMS = {"fixmatch": ["dpl.method=fixmatch"],
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="folder with the four Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results")
+    add_rerun_argument(p)
     p.add_argument("--toy", action="store_true")
     args = p.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
                              "overrides": [*base, *sets, f"data.long_tail_ratio={ratio}", f"seed={seed}",
                                            f"data.split_seed={seed}"], "ratio": ratio, "arm": arm, "seed": seed})
     t0 = time.perf_counter()
-    results = run_jobs(jobs, parallel=parallel, console=console,
+    results = run_jobs(jobs, rerun_changed=args.rerun_changed, parallel=parallel, console=console,
                        on_done=lambda r: console.print(f"{r['job']['name']}: balanced top-1 {r['top1']:.2f} "
                                                        f"({r['seconds']:.0f} s)"))
     rows = []

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import mean_sd, run_jobs, write_report  # noqa: E402
+from _common import add_rerun_argument, mean_sd, run_jobs, write_report  # noqa: E402
 
 console = Console()
 METHODS = ("supervised", "fixmatch", "debiaspl")
@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results")
+    add_rerun_argument(p)
     p.add_argument("--toy", action="store_true")
     args = p.parse_args(argv)
     seeds, steps, parallel = args.seeds, args.steps, args.parallel
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
              "overrides": [*base, f"dpl.method={m}", f"seed={s}", f"data.split_seed={s}"]}
             for s in range(seeds) for m in METHODS]
     t0 = time.perf_counter()
-    results = run_jobs(jobs, parallel=parallel, console=console,
+    results = run_jobs(jobs, rerun_changed=args.rerun_changed, parallel=parallel, console=console,
                        on_done=lambda r: console.print(f"{r['job']['name']}: top-1 {r['top1']:.2f} ({r['seconds']:.0f} s)"))
     rows = []
     for m in METHODS:

@@ -16,8 +16,12 @@ The plan is drawn either
   workers only decode and crop).
 
 Both implement timm's ``rand-mM-nN[-pP][-inc1]`` RandAugment (``_RAND_TRANSFORMS`` or the
-increasing set) after RandomResizedCrop + horizontal flip, and match each other op by op
-up to interpolation rounding (tested).
+increasing set) after RandomResizedCrop + horizontal flip. The crop + resize + flip of the
+batched path is PIL's ``Image.resize(box=...)`` arithmetic (Pillow's separable, antialiased
+filters with 22-bit fixed-point coefficients and a rounded horizontal pass), done as two
+per-sample matrix products in float64, where integer sums are exact: the two paths give the
+same pixels, bit for bit, downscaling (antialiased) or upscaling, for every PIL filter. The
+RandAugment ops match op by op up to the interpolation rounding of the geometric ones (tested).
 """
 from __future__ import annotations
 
@@ -344,7 +348,11 @@ class BatchViews:
 
     def __init__(self, size: int, scale, ratio, hflip: float, strong: Optional[RandAugmentSpec],
                  mean, std, interpolation: str = "bilinear"):
+        if interpolation not in PIL_FILTERS and interpolation != "nearest":
+            raise ValueError(f"interpolation {interpolation!r}: use one of nearest, {', '.join(PIL_FILTERS)}")
         self.size, self.scale, self.ratio, self.hflip, self.strong = size, tuple(scale), tuple(ratio), hflip, strong
+        self.interpolation = interpolation
+        # RandAugment's geometric ops sample through grid_sample, which has these two modes
         self.mode = "bicubic" if interpolation == "bicubic" else "bilinear"
         self.mean, self.std = tuple(mean), tuple(std)
         self.fill = tuple(float(v) for v in fill_color(mean))
@@ -358,9 +366,8 @@ class BatchViews:
         plan = make_plan(u.cpu(), sizes, self.scale, self.ratio, self.hflip, self.strong if augment else None)
         x = images.float()
         fill = _constant(self.fill[:c] if c <= 3 else self.fill, x.device, torch.float32)
-        if crop:  # crop, resize and flip in one resampling
-            grid = _crop_grid(plan.boxes, plan.flip, (h, w), self.size, x.device)
-            x = _quantize(F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False))
+        if crop:  # crop, resize and flip as PIL's resize(box=...) + transpose compute them
+            x = resize_boxes(images, plan.boxes, plan.flip, self.size, self.interpolation)
         elif plan.flip.any():
             idx = plan.flip.nonzero().flatten().to(x.device, non_blocking=True)
             x[idx] = x[idx].flip(3)
@@ -450,18 +457,158 @@ def normalize_images(x: torch.Tensor, mean, std, channels_last: bool = False) ->
     return torch.addcmul(shift, x, scale, out=out)
 
 
-def _crop_grid(boxes: torch.Tensor, flip: torch.Tensor, in_hw: tuple, size: int,
-               device: Optional[torch.device] = None) -> torch.Tensor:
-    """grid_sample's grid (B x size x size x 2) for axis-aligned crop boxes resized to ``size``,
-    mirrored where ``flip``: no matrix products, just two coordinate rows per image. The rows are
-    computed in float64 on the host (where the plan is) and only they travel to ``device``, where
-    the grid is expanded: B x size numbers cross, not B x size x size x 2."""
-    top, left, bh, bw = boxes.double().unbind(1)
-    pos = (torch.arange(size, dtype=torch.float64) + 0.5) / size            # output pixel centres in (0, 1)
-    fx = torch.where(flip.unsqueeze(1), 1.0 - pos, pos)
-    xs = (left.unsqueeze(1) + fx * bw.unsqueeze(1)) * (2.0 / in_hw[1]) - 1.0
-    ys = (top.unsqueeze(1) + pos * bh.unsqueeze(1)) * (2.0 / in_hw[0]) - 1.0
-    b = len(boxes)
-    xs = xs.float().to(device, non_blocking=True)
-    ys = ys.float().to(device, non_blocking=True)
-    return torch.stack([xs.unsqueeze(1).expand(b, size, size), ys.unsqueeze(2).expand(b, size, size)], 3)
+# --- crop + resize with PIL's arithmetic ----------------------------------------------------------
+# Pillow's resize (libImaging/Resample.c) is separable: per output pixel, a filter centred on
+# in0 + (i + 0.5) * scale, widened by the downscaling factor (antialiasing), cut to the image,
+# normalised to sum 1 and rounded to 22-bit fixed point; a horizontal pass rounded to uint8, then a
+# vertical one. Below, the same coefficients for every sample of a batch, summed a tap at a time
+# in int32 as Pillow sums them: integer arithmetic, so the result is PIL's to the bit on any
+# device, and a sample's pixels never depend on the rest of the batch. The cost grows with the
+# taps: 3 per pass when upscaling with bilinear (the embedded default: 28 -> 32 px), 2 x the
+# downscaling factor + 1 when downscaling (7 at 96 -> 32 px), where the antialiasing is.
+
+_PRECISION = float(1 << 22)          # Pillow's PRECISION_BITS (22) for 8-bit images
+_HAMMING_A, _HAMMING_B = float(np.float32(0.54)), float(np.float32(0.46))   # float literals in Pillow's C
+
+
+def _box_filter(x: torch.Tensor) -> torch.Tensor:
+    return ((x > -0.5) & (x <= 0.5)).to(x.dtype)
+
+
+def _bilinear_filter(x: torch.Tensor) -> torch.Tensor:
+    return (1.0 - x.abs()).clamp(min=0.0)
+
+
+def _hamming_filter(x: torch.Tensor) -> torch.Tensor:
+    a = x.abs()
+    t = a * math.pi
+    out = torch.sin(t) / t * (_HAMMING_A + _HAMMING_B * torch.cos(t))
+    return torch.where(a == 0, 1.0, torch.where(a >= 1, 0.0, out))
+
+
+def _bicubic_filter(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    x = x.abs()
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, 0.0))
+
+
+def _sinc(x: torch.Tensor) -> torch.Tensor:
+    t = x * math.pi
+    return torch.where(x == 0, 1.0, torch.sin(t) / t)
+
+
+def _lanczos_filter(x: torch.Tensor) -> torch.Tensor:
+    return torch.where((x >= -3.0) & (x < 3.0), _sinc(x) * _sinc(x / 3), 0.0)
+
+
+# name -> (kernel, support at scale 1), as Pillow defines them
+PIL_FILTERS = {"box": (_box_filter, 0.5), "bilinear": (_bilinear_filter, 1.0), "hamming": (_hamming_filter, 1.0),
+               "bicubic": (_bicubic_filter, 2.0), "lanczos": (_lanczos_filter, 3.0)}
+
+
+def _taps(longest: float, out_size: int, name: str) -> int:
+    """Pillow's ``ksize``: how many source pixels one output pixel reads at most, resizing spans
+    of at most ``longest`` pixels."""
+    return int(math.ceil(PIL_FILTERS[name][1] * max(1.0, longest / out_size))) * 2 + 1
+
+
+def _resize_taps(start: torch.Tensor, length: torch.Tensor, in_size: torch.Tensor, out_size: int, name: str,
+                 taps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's resize of ``[start, start + length)`` out of ``in_size`` pixels, for each row of a
+    batch (B, float64): per output pixel the ``taps`` source positions it reads (B x out x taps,
+    kept inside the image) and their int32 fixed-point coefficients (0 outside its window)."""
+    kernel, support = PIL_FILTERS[name]
+    scale = (length / out_size).unsqueeze(1)
+    filterscale = scale.clamp(min=1.0)                     # downscaling widens the filter: antialiasing
+    reach = support * filterscale
+    center = start.unsqueeze(1) + (torch.arange(out_size, dtype=torch.float64, device=start.device) + 0.5) * scale
+    lo = (center - reach + 0.5).long().clamp_(min=0)      # C's (int) truncation, as Pillow rounds the window
+    hi = (center + reach + 0.5).long().minimum(in_size.long().unsqueeze(1))
+    pos = lo.unsqueeze(2) + torch.arange(taps, device=start.device)
+    w = kernel((pos - center.unsqueeze(2) + 0.5) * (1.0 / filterscale).unsqueeze(2))
+    w = w.masked_fill_(pos >= hi.unsqueeze(2), 0.0)
+    total = w.sum(2, keepdim=True)
+    w = w / total.masked_fill_(total == 0, 1.0)
+    fixed = (w * _PRECISION + torch.where(w < 0, -0.5, 0.5)).int()
+    return pos.minimum(in_size.long().view(-1, 1, 1) - 1), fixed
+
+
+_TABLE_ENTRIES = 1 << 20   # largest span table kept (8 bytes an entry) per (source size, output size, filter, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _span_table(in_size: int, out_size: int, name: str, device: torch.device) -> Optional[tuple]:
+    """:func:`_resize_taps` of every span ``[start, start + length)`` of an ``in_size`` line,
+    made once: a batch then looks its spans up (row ``start * (in_size + 1) + length``) instead
+    of computing them, which on small images (the embedded MNIST digits) costs more than the
+    resampling itself. None when the table would be large (big sources): computed per batch."""
+    taps = _taps(in_size, out_size, name)
+    if in_size * (in_size + 1) * out_size * taps > _TABLE_ENTRIES:
+        return None
+    start = torch.arange(in_size, dtype=torch.float64, device=device).repeat_interleave(in_size + 1)
+    length = torch.arange(in_size + 1, dtype=torch.float64, device=device).repeat(in_size)
+    index, coefficients = _resize_taps(start, length, torch.full_like(start, in_size), out_size, name, taps)
+    return index.int(), coefficients
+
+
+def _spans(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, name: str, taps: int,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_resize_taps` of the spans of a batch (``start``, ``length``: B on the host), on ``device``."""
+    table = _span_table(in_size, out_size, name, device)
+    if table is None:
+        start, length = start.to(device, non_blocking=True).double(), length.to(device, non_blocking=True).double()
+        return _resize_taps(start, length, torch.full_like(start, in_size), out_size, name, taps)
+    rows = (start * (in_size + 1) + length).to(device, non_blocking=True)
+    return table[0][rows, :, :taps], table[1][rows, :, :taps]
+
+
+def _nearest_rows(start: torch.Tensor, length: torch.Tensor, out_size: int) -> torch.Tensor:
+    """B x out_size source indices of Pillow's nearest resize, whose positions are a running sum
+    (``x += step``, rounding included): a sequential cumulative sum, on the host."""
+    step = length.double().cpu().numpy()[:, None] / out_size
+    steps = np.concatenate([start.double().cpu().numpy()[:, None] + step * 0.5,
+                            np.broadcast_to(step, (len(step), out_size - 1))], axis=1)
+    return torch.from_numpy(np.floor(np.cumsum(steps, axis=1))).long()
+
+
+def _fixed_point_pass(x: torch.Tensor, index: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """One pass of Pillow's resize along dim 1 of a batch ``B x N x ...`` (uint8 or int32 values):
+    each output line the fixed-point sum of its taps (``index``, ``coefficients``: B x out x
+    taps), summed in int32 as Pillow sums them, rounded and clipped as Pillow does. A tap is a
+    whole line of the batch: one row-wise ``index_select`` per tap, no B x out x taps x ... temporary."""
+    b, n = x.shape[:2]
+    out, taps = index.shape[1:]
+    lines = x.reshape(b * n, -1).int()
+    index = (index + (torch.arange(b, device=x.device) * n).view(b, 1, 1)).permute(2, 0, 1).reshape(taps, -1)
+    coefficients = coefficients.permute(2, 0, 1).reshape(taps, -1, 1)
+    acc = torch.full((b * out, lines.shape[1]), 1 << 21, dtype=torch.int32, device=x.device)
+    for k in range(taps):
+        acc.addcmul_(lines.index_select(0, index[k]), coefficients[k])
+    return (acc >> 22).clamp_(0, 255).view(b, out, *x.shape[2:])
+
+
+def resize_boxes(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
+                 interpolation: str = "bilinear") -> torch.Tensor:
+    """Each image's box (B x 4 on the host: top, left, height, width) resized to ``size`` x
+    ``size`` and mirrored where ``flip``: PIL's ``img.resize((size, size), filter, box=...)``
+    then ``transpose(FLIP_LEFT_RIGHT)``, to the bit. ``images``: B x C x H x W uint8 on any
+    device; returns float32 0..255 on that device. Only the boxes travel to the device."""
+    b, c, h, w = images.shape
+    device = images.device
+    if b == 0:
+        return images.new_zeros((0, c, size, size), dtype=torch.float32)
+    top, left, bh, bw = boxes.unbind(1)
+    if interpolation == "nearest":
+        rows = _nearest_rows(top, bh, size).to(device, non_blocking=True)
+        cols = _nearest_rows(left, bw, size)
+        cols = torch.where(flip.unsqueeze(1), cols.flip(1), cols).to(device, non_blocking=True)
+        x = images.gather(2, rows.view(b, 1, size, 1).expand(b, c, size, w))
+        return x.gather(3, cols.view(b, 1, 1, size).expand(b, c, size, size)).float()
+    cols, across = _spans(left, bw, w, size, interpolation, _taps(float(bw.max()), size, interpolation), device)
+    rows, down = _spans(top, bh, h, size, interpolation, _taps(float(bh.max()), size, interpolation), device)
+    flip = flip.to(device, non_blocking=True).view(b, 1, 1)
+    cols, across = torch.where(flip, cols.flip(1), cols), torch.where(flip, across.flip(1), across)
+    x = _fixed_point_pass(images.permute(0, 3, 1, 2), cols, across)        # horizontal: B x size x C x H
+    x = _fixed_point_pass(x.permute(0, 3, 2, 1), rows, down)                   # vertical: B x size x C x size
+    return x.permute(0, 2, 1, 3).float().contiguous()

@@ -310,6 +310,13 @@ def cmd_publish_zoo(args) -> int:
     return 0
 
 
+def configure_logging() -> None:
+    """Our own log lines (``--quiet`` progress) at INFO; other libraries' only from WARNING up, so
+    their INFO chatter (matplotlib's "generated new fontManager" on its first use) stays out."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("dpl_zoo").setLevel(logging.INFO)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .cache import DownloadError
     from .checkpoint import CheckpointError
@@ -319,7 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .train import TrainingDiverged
     from .registry import ZooError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_info, "convert": cmd_convert,
                 "publish": cmd_publish, "publish-zoo": cmd_publish_zoo, "pseudo-label": cmd_pseudo_label,

@@ -2,13 +2,13 @@
 ``evaluate_model`` behind ``dpl-zoo eval`` (a checkpoint, an exported folder or a zoo name)."""
 from __future__ import annotations
 
-import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .config import TrainConfig
 from .data import EvalDataset, eval_loader
 from .datasets import class_balance
 from .method import debiased_pseudo_labels
@@ -79,6 +79,21 @@ def pseudo_label_from_counts(counts: torch.Tensor, target=None) -> dict:
             **{f"pl_{k}": v for k, v in class_balance(hist, target).items()}}
 
 
+# What evaluating a run checkpoint reads from the run's config: the architecture and its
+# preprocessing. Nothing else is read or validated again, so a checkpoint evaluates anywhere,
+# without the files only training needed (dpl.target_prior, data.labeled_csv,
+# data.teacher_predictions, initial_checkpoint, data.root).
+EVAL_KEYS = ("model", "model_kwargs", "img_size", "mean", "std", "crop_pct", "interpolation")
+
+
+def eval_config(saved: dict) -> TrainConfig:
+    """The model-building part of a saved run config (``EVAL_KEYS``), with no start weights."""
+    if not isinstance(saved, dict) or "model" not in saved:
+        from .checkpoint import CheckpointError
+        raise CheckpointError("the checkpoint's config names no model; it was not written by dpl-zoo train")
+    return TrainConfig(**{k: saved[k] for k in EVAL_KEYS if k in saved}, pretrained=False, initial_checkpoint=None)
+
+
 def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
     """A model from a run checkpoint (``.pth.tar``), an exported timm folder (``local-dir:DIR``
     or an explicit path), ``hf-hub:ORG/NAME`` or a zoo name; a registry name always means the
@@ -91,9 +106,8 @@ def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
         if "arch" not in state or "state_dict" not in state:
             raise ckpt.CheckpointError(f"{path} is not a dpl-zoo run checkpoint; convert authors' checkpoints with "
                                        f"`dpl-zoo convert` first")
-        from .config import config_from_dict
         from .models import build_model, resolve_data_config
-        cfg = dataclasses.replace(config_from_dict(state["config"]), pretrained=False, initial_checkpoint=None)
+        cfg = eval_config(state["config"])
         model = build_model(cfg, len(state["classes"]))
         model.load_state_dict(state["state_dict"])
         data_config = state.get("data_config") or resolve_data_config(cfg, model)  # older checkpoints: none saved

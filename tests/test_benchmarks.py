@@ -124,3 +124,44 @@ def test_vit_toy(tmp_path):
     _rendered(tmp_path / "vit_toy.json")
     assert [r["method"] for r in report["table"]] == ["supervised", "fixmatch", "debiaspl"]
     assert report["table"][0]["params"] == 692458
+
+
+def _finished_run(folder, job, top1, **summary):
+    """A run folder as training leaves it: config.yaml, metrics.jsonl with an evaluated epoch, summary.json."""
+    from dpl_zoo.config import load_config, save_config
+    folder.mkdir(parents=True)
+    save_config(load_config(job["recipe"], [*job["overrides"], f"output={job['output']}",
+                                            f"experiment={folder.name}"]), folder / "config.yaml")
+    row = {"kind": "epoch", "step": 2, "eval": {"student": {"top1": top1}}}
+    (folder / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (folder / "summary.json").write_text(json.dumps({"top1": top1, **summary}))
+
+
+def test_finished_runs_are_reused_only_under_the_settings_they_were_made_with(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _common import RunSettingsChanged, run_jobs
+    tiny = ["epochs=1", "steps_per_epoch=2", "batch_size=4", "eval_interval=1", "data.eval_unlabeled_max=20"]
+    old = {"name": "k2-debiaspl-s0", "recipe": "mnist_demo", "output": str(tmp_path), "overrides": tiny}
+    _finished_run(tmp_path / old["name"], old, top1=12.5)
+    # settings that change neither what is trained nor what is measured: the run is reused
+    same = {**old, "overrides": [*tiny, "workers=3", "log_interval=7"]}
+    assert [r["top1"] for r in run_jobs([same], parallel=1)] == [12.5]
+    # a rerun with more steps would report the old run under the new settings: refused, naming keys and folder
+    more = {**old, "overrides": [*tiny[:1], "steps_per_epoch=3", *tiny[2:]]}
+    with pytest.raises(RunSettingsChanged, match=r"k2-debiaspl-s0 holds a run made with other settings "
+                                                 r"\(differs in: steps_per_epoch\).*--rerun-changed"):
+        run_jobs([more], parallel=1)
+    # ...or run into a fresh folder next to it, which a later call finds without the flag
+    first = run_jobs([more], parallel=1, rerun_changed=True)[0]
+    folder = Path(first["output"])
+    assert folder.parent == tmp_path and folder.name.startswith("k2-debiaspl-s0-") and first["steps"] == 3
+    assert not first.get("reused") and json.loads((tmp_path / old["name"] / "summary.json").read_text())["top1"] == 12.5
+    again = run_jobs([more], parallel=1)[0]
+    assert again["reused"] and again["output"] == first["output"] and again["top1"] == first["top1"]
+    # a run made on another device is another result, though the recipe leaves the device unset
+    other = {**old, "name": "made-on-a-gpu"}
+    _finished_run(tmp_path / other["name"], other, top1=30.0, device="cuda")
+    import torch
+    if not torch.cuda.is_available():
+        with pytest.raises(RunSettingsChanged, match=r"made-on-a-gpu .*\(differs in: device\)"):
+            run_jobs([other], parallel=1)

@@ -104,3 +104,17 @@ def test_nccl_process_group_at_world_size_one(monkeypatch):
     finally:
         dist.destroy_process_group()
     assert os.environ["WORLD_SIZE"] == "1" and not dist_utils.is_distributed()
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_batched_crops_on_cuda_are_the_cpu_crops(interpolation):
+    # PIL's resize arithmetic in integers (dpl_zoo.augment.resize_boxes): the same pixels on any device
+    from dpl_zoo.augment import BatchViews, RandAugmentSpec, plan_size, plan_uniforms
+    n, spec = 64, RandAugmentSpec.parse("rand-m10-n2")
+    g = torch.Generator().manual_seed(0)
+    for source in (96, 28):
+        imgs = torch.randint(0, 256, (n, 3, source, source), generator=g, dtype=torch.uint8)
+        u = plan_uniforms(0, 0, torch.arange(n), 0, plan_size(spec))
+        bv = BatchViews(32, (0.08, 1.0), (3 / 4, 4 / 3), 0.5, spec, (0.5,) * 3, (0.5,) * 3, interpolation)
+        cpu = bv(imgs, u, augment=False, normalize=False)
+        assert torch.equal(bv(imgs.cuda(), u, augment=False, normalize=False).cpu(), cpu)
