@@ -1,12 +1,12 @@
 """The tests' smoke subset against the lowest versions pyproject.toml allows (not part of CI).
 
-Makes a fresh virtual environment with the floor of ``requires-python`` (``python3.10``),
+Makes a fresh virtual environment with the floor of ``requires-python`` (``python3.11``),
 installs every dependency of ``[project] dependencies`` and of the extras the smoke tests use
 at its floor (``pip install --upgrade --force-reinstall "torch==2.6" ...``), the project itself
 without dependencies, and runs the smoke subset there: each floor is then a version the code
 was run with, not a guess.
 
-    python benchmarks/lowest_versions.py                  # the floors, python3.10; downloads torch
+    python benchmarks/lowest_versions.py                  # the floors, python3.11; downloads torch
     python benchmarks/lowest_versions.py --python python3.11 --pin pillow==9.3.0 \
         --borrow ~/venv/lib/python3.11/site-packages       # every floor but torch's
 
