@@ -83,7 +83,8 @@ def pseudo_label_from_counts(counts: torch.Tensor, target=None) -> dict:
 # preprocessing. Nothing else is read or validated again, so a checkpoint evaluates anywhere,
 # without the files only training needed (dpl.target_prior, data.labeled_csv,
 # data.teacher_predictions, initial_checkpoint, data.root).
-EVAL_KEYS = ("model", "model_kwargs", "img_size", "mean", "std", "crop_pct", "interpolation")
+EVAL_KEYS = ("model", "model_kwargs", "img_size", "mean", "std", "crop_pct", "interpolation", "head_hidden_size",
+             "freeze")
 
 
 def eval_config(saved: dict) -> TrainConfig:
@@ -109,6 +110,9 @@ def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
         from .models import build_model, resolve_data_config
         cfg = eval_config(state["config"])
         model = build_model(cfg, len(state["classes"]))
+        if cfg.freeze is not None:   # the checkpoint holds frozen layers' tensors under their frozen names
+            from .freeze import freeze
+            freeze(model, cfg.freeze)
         model.load_state_dict(state["state_dict"])
         data_config = state.get("data_config") or resolve_data_config(cfg, model)  # older checkpoints: none saved
         model.pretrained_cfg = {**model.pretrained_cfg, **data_config}

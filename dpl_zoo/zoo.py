@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -189,11 +190,36 @@ def _from_folder(folder: Path, num_classes: Optional[int], **timm_kwargs) -> tor
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     try:
+        hidden = json.loads((folder / CONFIG_NAME).read_text()).get("dpl_zoo", {}).get("head_hidden_size")
+        if hidden:
+            return _with_mlp_head(folder, hidden, num_classes, kwargs)
         model = timm.create_model(f"local-dir:{folder}", pretrained=True, **kwargs)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:  # unreadable or mismatched weights
         raise ZooError(f"cannot load {folder}: {type(e).__name__}: {e}. The weights may be truncated or "
                        f"corrupt; download them again (force_download=True), or for a folder of your own, "
                        f"write it again") from e
+    return model
+
+
+def _with_mlp_head(folder: Path, hidden: int, num_classes: Optional[int], kwargs: dict) -> torch.nn.Module:
+    """An export whose head is an MLP (``head_hidden_size``, recorded in its config.json), which
+    plain timm cannot build: the architecture from timm, the MLP head, then the weights."""
+    import timm
+    from safetensors.torch import load_file
+    from .models import set_mlp_head
+    model = timm.create_model(f"local-dir:{folder}", pretrained=False, **kwargs)
+    state = load_file(str(folder / WEIGHTS_NAME))
+    head = model.pretrained_cfg["classifier"]
+    trained_classes = state[f"{head}.2.weight"].shape[0]
+    set_mlp_head(model, hidden, model.num_classes)
+    if num_classes is not None and num_classes != trained_classes:   # a new last layer, as timm does
+        state = {k: v for k, v in state.items() if not k.startswith(f"{head}.2.")}
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys or any(not k.startswith(f"{head}.2.") for k in result.missing_keys):
+            raise ValueError(f"weights do not fit the model: missing {result.missing_keys[:3]}, "
+                             f"unexpected {result.unexpected_keys[:3]}")
+    else:
+        model.load_state_dict(state)
     return model
 
 

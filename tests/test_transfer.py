@@ -194,11 +194,20 @@ def test_frozen_backbone_run_through_the_cli_exports_a_plain_timm_model(image_da
     assert result["top1"] == pytest.approx(summary["top1"])
 
 
-def test_mlp_head_trains_on_cached_views_and_its_export_says_so(tiny_config, tmp_path):
+def test_mlp_head_run_exports_and_evaluates(tiny_config, image_data, tmp_path):
+    import dpl_zoo
+    from dpl_zoo.evaluate import evaluate_model
     summary = fit(cached_config(tiny_config, head_hidden_size=16), quiet=True)
-    config = json.loads((tmp_path / "runs" / "run" / "export" / "config.json").read_text())
+    out = tmp_path / "runs" / "run"
+    config = json.loads((out / "export" / "config.json").read_text())
     assert config["dpl_zoo"] == {"head_hidden_size": 16}
     assert summary["trainable_params"] == 96 * 16 + 16 + 16 * 3 + 3
+    model = dpl_zoo.load(f"local-dir:{out / 'export'}")       # plain timm cannot build the MLP head; dpl_zoo can
+    assert isinstance(model.fc, torch.nn.Sequential)
+    assert dpl_zoo.load(f"local-dir:{out / 'export'}", num_classes=5).fc[2].out_features == 5
+    for ref in (str(out / "last.pth.tar"), f"local-dir:{out / 'export'}"):   # checkpoint and export evaluate alike
+        result = evaluate_model(ref, str(image_data / "val"), batch_size=8, workers=0, device="cpu")
+        assert result["top1"] == pytest.approx(summary["top1"]), ref
 
 
 def test_ema_warmup_lets_the_teacher_follow_a_short_run(tiny_config):
