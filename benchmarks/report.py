@@ -150,11 +150,11 @@ def imbalanced(report: dict) -> str:
     lines = [f"Long-tailed Fashion-MNIST (head class {s['head']} images), {s['label_fraction']:.0%} labeled, "
              f"`test_resnet` from scratch, {s['steps']} steps, {s['seeds']} seeds, mean ± sd ({_when(report)}):", "",
              "| IR | arm | LT test top-1 | balanced test top-1 | balanced acc. | tail recall | head recall | "
-             "PL KL from p* |", "|---|---|---|---|---|---|---|---|"]
+             "PL KL from the training profile |", "|---|---|---|---|---|---|---|---|"]
     for r in report["table"]:
         lines.append(f"| {r['ratio']:g} | {r['arm']} | {_pm(r['lt_top1'])} | {_pm(r['balanced_top1'])} | "
                      f"{_pm(r['balanced_acc'])} | {_pm(r['tail_recall'])} | {_pm(r['head_recall'])} | "
-                     f"{_pm(r['pl_kl_target'], '.3f')} |")
+                     f"{_pm(r.get('pl_kl_profile', (float('nan'), float('nan'))), '.3f')} |")
     return "\n".join(lines)
 
 

@@ -45,7 +45,7 @@ class DPLConfig:
     ema_teacher: bool = True           # EMAN: the EMA model makes the pseudo-labels
     clip_threshold: float = 0.4
     # the class distribution pseudo-labels are debiased towards: uniform (the paper), labeled
-    # (the labeled split's class frequencies, add-one smoothed), or C numbers (a list or a file)
+    # (the labeled split's class frequencies; 1/2 for a class without labels), or C numbers (a list or a file)
     target_prior: Any = "uniform"
 
 

@@ -336,13 +336,26 @@ def test_labeled_target_prior_is_estimated_saved_and_reported(tmp_path):
                                                                 "data.label_fraction": 0.5,
                                                                 "dpl.target_prior": "labeled", "batch_size": 2})
     summary = fit(load_config(None, sets), quiet=True)
-    # labeled per class round(0.5 x [12, 6, 3]) = [6, 3, 2]; add-one smoothing: [7, 4, 3] / 14
-    assert summary["target_prior"] == pytest.approx([0.5, 4 / 14, 3 / 14])
+    # labeled per class round(0.5 x [12, 6, 3]) = [6, 3, 2]: the prior is their frequencies
+    assert summary["target_prior"] == pytest.approx([6 / 11, 3 / 11, 2 / 11])
     state = torch.load(tmp_path / "runs" / "run" / "last.pth.tar", weights_only=True)
-    assert torch.allclose(state["task_state"]["target_prior"], torch.tensor([[0.5, 4 / 14, 3 / 14]]))
+    assert torch.allclose(state["task_state"]["target_prior"], torch.tensor([[6 / 11, 3 / 11, 2 / 11]]))
     assert summary["pl_kl_target"] is not None and 0 <= summary["balanced_top1"] <= 100
     uniform = fit(load_config(None, sets + ["dpl.target_prior=uniform", "experiment=u"]), quiet=True)
     assert uniform["target_prior"] == pytest.approx([1 / 3] * 3)
+
+
+def test_labeled_prior_does_not_inflate_rare_classes():
+    from dpl_zoo.config import load_config as load
+    from dpl_zoo.run import target_prior
+    cfg = load(None, ["dpl.target_prior=labeled"])
+    # long-tailed Fashion-MNIST at IR 100, 1% labeled: [30, 18, 11, 6, 4, 2, 1, 1, 1, 1] labels
+    counts = [30, 18, 11, 6, 4, 2, 1, 1, 1, 1]
+    prior = target_prior(cfg, [c for c, n in enumerate(counts) for _ in range(n)], 10)
+    assert prior[-1] == pytest.approx(1 / 75)            # add-one smoothing made it 2 / 85
+    # a class without labels keeps a finite share: a pseudo-count of 1/2
+    prior = target_prior(cfg, [0, 0, 0, 1], 3)
+    assert prior == pytest.approx([3 / 4.5, 1 / 4.5, 0.5 / 4.5])
 
 
 def test_balanced_accuracy_is_the_mean_per_class_recall():
