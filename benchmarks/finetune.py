@@ -185,7 +185,8 @@ def frozen_jobs(size: dict, args, out: Path, arms: list[dict], budgets, seeds) -
               f"data.eval_unlabeled_max={min(size['test'], 2000)}",
               f"data.unlabeled_max={size['unlabeled'] if size['unlabeled'] else 'null'}"]
     jobs = []
-    for budget, seed, arm in itertools.product(budgets, range(seeds), arms):
+    # seed-major: whatever is finished when a time limit stops the study is a whole grid with fewer seeds
+    for seed, budget, arm in itertools.product(range(seeds), budgets, arms):
         over = [f"data.labels_per_class={budget}", f"seed={seed}", f"data.split_seed={seed}",
                 f"dpl.method={arm['method']}", f"freeze={arm['freeze']}",
                 f"head_hidden_size={arm['head'] if arm['head'] else 'null'}",
