@@ -172,7 +172,22 @@ def vit(report: dict) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"gain": gain, "speed": speed, "load": load, "finetune-probe": finetune_probe,
+def two_class(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"Two classes at 2:1 (Fashion-MNIST {' and '.join(s['classes'])}), 3% labeled, `{s['model']}` at "
+             f"{s['img_size']} px, {s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, {s['seeds']} seeds "
+             f"({_when(report)}):", "",
+             "| recipe | arm | top-1 | balanced acc. | per seed | mask | accepted PL acc. | seeds below supervised |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["table"]:
+        below = "-" if r["below_supervised_seeds"] is None else f"{r['below_supervised_seeds']}/{r['seeds']}"
+        lines.append(f"| {r['settings']} | {r['arm']} | {_pm(r['top1'])} | {_pm(r['balanced'])} | "
+                     f"{', '.join(f'{v:.1f}' for v in r['top1_per_seed'])} | {_pm(r['mask_rate'])} | "
+                     f"{_pm(r['pl_acc'], '.1f')} | {below} |")
+    return "\n".join(lines)
+
+
+RENDER = {"two-class": two_class, "gain": gain, "speed": speed, "load": load, "finetune-probe": finetune_probe,
           "finetune-frozen": finetune_frozen, "finetune-full": finetune_full, "imbalanced": imbalanced, "vit": vit}
 
 

