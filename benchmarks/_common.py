@@ -103,16 +103,6 @@ class RunSettingsChanged(SystemExit):
     (a ``SystemExit``: a benchmark script stops with that one line, no traceback)."""
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key in ("dpl", "data"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _job_config(job: dict, folder: str):
     from dpl_zoo.config import load_config
     return load_config(job["recipe"], [*job["overrides"], f"output={job['output']}", f"experiment={folder}"])
@@ -126,7 +116,8 @@ def _device_type(cfg) -> str:
 def _settings(config: dict, device: Optional[str]) -> dict:
     """What a run's results depend on: its config without ``NEUTRAL_SETTINGS``, as JSON values
     (tuples and lists alike), and the device type it ran on (None: not recorded)."""
-    flat = {k: json.loads(json.dumps(v, default=str)) for k, v in _flatten(config).items()
+    from dpl_zoo.config import flatten
+    flat = {k: json.loads(json.dumps(v, default=str)) for k, v in flatten(config).items()
             if k not in NEUTRAL_SETTINGS}
     return {**flat, "device type": device}
 

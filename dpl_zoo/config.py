@@ -388,6 +388,18 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A config dict with dotted keys (``dpl.tau``, ``data.root``): what resume rules and run
+    comparisons name."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key in ("dpl", "data"):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}

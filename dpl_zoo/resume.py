@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import CheckpointError
+from .config import flatten
 
 # config keys (dotted) that may change on resume, and why that is safe
 MAY_CHANGE = {
@@ -40,16 +41,6 @@ EVIDENCE = {
 }
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key in ("dpl", "data"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
@@ -69,7 +60,7 @@ def check(saved: dict, cfg, where: Path, now: Optional[dict] = None, finished: b
     """Refuse a resume of ``saved`` (a checkpoint, or ``{"config": ...}`` of a finished run) with
     ``cfg`` that would train something else. ``now``: this run's :func:`evidence`, compared when
     given. ``finished``: ``saved`` is a finished run, so a shorter ``epochs`` is no resume either."""
-    before, after = _flatten(saved["config"]), _flatten(cfg.to_dict())
+    before, after = flatten(saved["config"]), flatten(cfg.to_dict())
     diffs = [k for k in sorted(set(before) | set(after)) if k not in MAY_CHANGE and not _same(before.get(k),
                                                                                                after.get(k))]
     if diffs:

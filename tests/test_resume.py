@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dpl_zoo.checkpoint import CheckpointError
+from dpl_zoo.config import flatten
 from dpl_zoo.train import fit
 
 
@@ -122,4 +123,4 @@ def test_what_a_resume_compares(tiny_config, tmp_path, key, value, message):
     with pytest.raises(CheckpointError, match=message):
         resume.check(saved, cfg, tmp_path, now=now)
     assert set(resume.EVIDENCE) == {k for k, _, _ in EVIDENCE_CASES}   # every recorded item has a case
-    assert not set(resume.MAY_CHANGE) - set(resume._flatten(cfg.to_dict()))   # every rule names a real key
+    assert not set(resume.MAY_CHANGE) - set(flatten(cfg.to_dict()))   # every rule names a real key
