@@ -222,3 +222,30 @@ def test_ema_warmup_lets_the_teacher_follow_a_short_run(tiny_config):
         teacher = run.task.teacher().fc.weight
         gaps[warmup] = (teacher - run.model.fc.weight).abs().sum().item()
     assert gaps[True] < 0.5 * gaps[False]   # without warm-up the teacher stays near its random new head
+
+
+def test_freeze_and_lr_scale_in_your_own_loop_with_the_task():
+    """The pieces without dpl-zoo's loop: timm model + freeze + param_groups + DebiasPLTask."""
+    from timm.optim import create_optimizer_v2
+    from dpl_zoo import DebiasPLLoss
+    from dpl_zoo.optim import param_groups
+    from dpl_zoo.task import DebiasPLTask
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    freeze(model, 2)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    head, layer4 = model.fc.weight.detach().clone(), model.layer4[0].conv1.weight.detach().clone()
+    opt = create_optimizer_v2(param_groups(model, weight_decay=1e-4, backbone_lr_scale=0.1), "sgd", lr=0.1)
+    task = DebiasPLTask(model, DebiasPLLoss(3, tau=2.0, threshold=0.0), ema_decay=0.99, ema_warmup=True)
+    task.train()
+    x, y, u = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), [torch.randn(8, 3, 32, 32)] * 2
+    for _ in range(2):
+        out = task(x, y, u)
+        opt.zero_grad()
+        out["loss"].backward()
+        for group in opt.param_groups:     # no scheduler here: apply the scale as timm's schedulers do
+            group["lr"] = 0.1 * group.get("lr_scale", 1.0)
+        opt.step()
+        task.update_ema()
+    assert frozen and all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert not torch.equal(model.fc.weight, head) and not torch.equal(model.layer4[0].conv1.weight, layer4)
