@@ -86,8 +86,9 @@ def _data(args) -> list[str]:
 
 
 def _start(start: str, args) -> list[str]:
+    # from scratch there is no pretrained backbone to protect: every layer at the recipe's lr
     return ([f"initial_checkpoint={lite0_weights(args.weights)}", "pretrained=false"] if start == "pretrained"
-            else ["initial_checkpoint=null", "pretrained=false"])
+            else ["initial_checkpoint=null", "pretrained=false", "backbone_lr_scale=null"])
 
 
 # --- probe ---------------------------------------------------------------------------------------------
