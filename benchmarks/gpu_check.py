@@ -28,8 +28,8 @@ target``), unless ``--redo PART``; the finished runs of a cut-off ``finetune`` o
 are kept (``RESULTS/finished/<part>.tar.gz``, same key) and continue in the next run. So a
 second short window finishes what the first could not.
 
-The GPU machine is offline and bare. Prepare here once (data, weights, USB's wheels; about
-52 MB into the git-ignored ``.gpu/``)::
+The GPU machine is offline and bare. Prepare here once (data, weights, USB's wheels; 51 MB
+into the git-ignored ``.gpu/``)::
 
     python benchmarks/gpu_check.py --prepare
 
