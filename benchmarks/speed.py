@@ -64,11 +64,14 @@ def card_peak(name: str):
     return None
 
 
-def make_batch(b: int, mu: int, size: int, classes: int, views: int, device):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, 3, size, size, generator=g).to(device)
-    y = torch.randint(0, classes, (b,), generator=g).to(device)
-    unl = [torch.randn(mu * b, 3, size, size, generator=g).to(device) for _ in range(2 * views)]
+def make_batch(b: int, mu: int, size: int, classes: int, views: int, device, on_device: bool = False):
+    """A fixed random batch (drawn on the CPU, the same on every device; ``on_device``: drawn
+    there, for the large batches of the MFU sweep)."""
+    where = device if on_device else "cpu"
+    g = torch.Generator(device=where).manual_seed(0)
+    x = torch.randn(b, 3, size, size, generator=g, device=where).to(device)
+    y = torch.randint(0, classes, (b,), generator=g, device=where).to(device)
+    unl = [torch.randn(mu * b, 3, size, size, generator=g, device=where).to(device) for _ in range(2 * views)]
     return x, y, unl
 
 
@@ -358,7 +361,7 @@ def print_profile(prof: dict, console_=None) -> None:
 # --- what a bigger per-device batch buys (MFU) ------------------------------------------------------
 
 def _mfu_point(name, size, classes, b, mu, views, device, amp, rounds, flops_per_image, compiled) -> dict:
-    batch = make_batch(b, mu, size, classes, views, device)
+    batch = make_batch(b, mu, size, classes, views, device, on_device=True)
     fn = dpl_step_fn(build_model(name, size, classes, device), 0.4, classes, batch, amp,
                      compile_criterion=compiled, compile_student=compiled)
     t = time.perf_counter()
