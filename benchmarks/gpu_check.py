@@ -35,7 +35,7 @@ into the git-ignored ``.gpu/``)::
 
 then, through the device tool, from the repository root, carrying ``.gpu``::
 
-    pip install -q --no-deps --no-index --no-build-isolation -e . && python benchmarks/gpu_check.py
+    python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . && python3 benchmarks/gpu_check.py
 
 It writes ``$OUT/gpu_check.json`` and ``$OUT/gpu_results.tar.gz`` (the updated ``RESULTS``
 folder with logs); unpack the archive into ``benchmarks/results/gpu`` here and commit it, so
