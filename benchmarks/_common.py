@@ -12,6 +12,8 @@ weights, ...), so a rerun with other flags finds folders of the same name made u
 settings: that is an error naming the folder and the keys, and with ``rerun_changed``
 (``--rerun-changed`` on every benchmark) the job runs in ``NAME-<settings hash>`` next to it,
 where later calls find it without the flag.
+With ``DPL_BENCH_PIN=1`` in the environment each of the ``parallel`` processes is pinned to its own
+slice of the cores this process may use (the GPU check pins its parts so).
 """
 from __future__ import annotations
 
@@ -85,9 +87,21 @@ def mean_sd(values) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _init_worker(threads: int) -> None:
+def core_slices(n: int, cores=None) -> list[list[int]]:
+    """``n`` slices of ``cores`` (default: those this process may run on), as even as they come;
+    more slices than cores share them round robin."""
+    cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+    if n >= len(cores):
+        return [[cores[i % len(cores)]] for i in range(n)]
+    k = len(cores) // n
+    return [cores[i * k:(i + 1) * k] if i < n - 1 else cores[i * k:] for i in range(n)]
+
+
+def _init_worker(threads: int, slices=None) -> None:
     import torch
     torch.set_num_threads(threads)
+    if slices is not None:   # DPL_BENCH_PIN: this worker's own cores (its loader workers inherit them)
+        os.sched_setaffinity(0, slices.get())
 
 
 # Settings that change neither what a run trains nor the numbers it reports (the augmentation is
@@ -225,9 +239,15 @@ def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None
     jobs = resolve_folders(jobs, rerun_changed)
     results: dict[int, dict] = {}
     ctx = get_context("spawn")
+    slices = None
+    if os.environ.get("DPL_BENCH_PIN") == "1":
+        slices = ctx.Queue()
+        for cores in core_slices(parallel):
+            slices.put(cores)
     with Progress(TextColumn("runs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress, \
-            ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+            ProcessPoolExecutor(parallel, mp_context=ctx, initializer=_init_worker,
+                                initargs=(threads, slices)) as pool:
         task = progress.add_task("runs", total=len(jobs))
         pending = []
         for i, job in enumerate(jobs):

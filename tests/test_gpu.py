@@ -79,6 +79,23 @@ def test_compiled_student(cuda_config):
     assert summary["steps"] == 2
 
 
+@pytest.mark.parametrize("views", [1, 2])
+def test_compiled_criterion_matches_eager_on_cuda(views):
+    from dpl_zoo.method import DebiasPLLoss
+    eager, compiled = DebiasPLLoss(10, tau=0.4).cuda(), DebiasPLLoss(10, tau=0.4).cuda()
+    compiled.compile()
+    for step in range(3):
+        g = torch.Generator(device="cuda").manual_seed(step)
+        weak = [torch.randn(40, 10, device="cuda", generator=g) * 4 for _ in range(views)]
+        strong = [torch.randn(40, 10, device="cuda", generator=g, requires_grad=True) for _ in range(views)]
+        lx, y = torch.randn(8, 10, device="cuda", generator=g), torch.randint(0, 10, (8,), device="cuda", generator=g)
+        a, b = eager(weak, strong, lx, y), compiled(weak, strong, lx, y)
+        assert torch.allclose(a.loss, b.loss, rtol=1e-5, atol=1e-6) and torch.equal(a.targets, b.targets)
+        assert torch.equal(a.mask, b.mask) and torch.allclose(a.qhat, b.qhat, rtol=1e-6, atol=1e-7)
+        ga, gb = torch.autograd.grad(a.loss, strong), torch.autograd.grad(b.loss, strong)
+        assert all(torch.allclose(u, v, rtol=1e-4, atol=1e-7) for u, v in zip(ga, gb))
+
+
 def test_deterministic_run_on_cuda(cuda_config):
     a = fit(cuda_config(deterministic=True, epochs=1, experiment="a"), quiet=True)
     b = fit(cuda_config(deterministic=True, epochs=1, experiment="b"), quiet=True)

@@ -66,3 +66,30 @@ def test_criterion_state_follows_the_task_device():
     task = DebiasPLTask(model, crit, ema_decay=None, device=torch.device("meta"))
     assert {b.device.type for b in task.criterion.buffers()} == {"meta"}
     assert {b.device.type for b in _task(ema=None).criterion.buffers()} == {"cpu"}
+
+
+def test_ema_update_equals_timm_model_ema_v3_bit_for_bit():
+    # the task's update finds its tensor pairs once; it must give timm's ModelEmaV3.update exactly,
+    # with the warm-up decay, integer buffers, and after .to()-style swaps of the student's tensors
+    import copy
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    ours = DebiasPLTask(copy.deepcopy(model), DebiasPLLoss(3), ema_decay=0.9, ema_warmup=True)
+    ref = DebiasPLTask(copy.deepcopy(model), DebiasPLLoss(3), ema_decay=0.9, ema_warmup=True)
+    x, y, unl = torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), [torch.randn(4, 3, 32, 32)] * 2
+    for step in range(6):
+        if step == 3:
+            for task in (ours, ref):   # new tensor objects for every parameter's data and buffer
+                task.trainable_module._apply(lambda t: t.clone())
+        for task in (ours, ref):
+            torch.manual_seed(step)
+            task.train()(x, y, unl)["loss"].backward()
+            with torch.no_grad():
+                for p in task.trainable_module.parameters():
+                    p.sub_(0.1 * p.grad)
+                    p.grad = None
+        ours.update_ema(step=step)
+        ref.get_trainable_module(ema=True).update(ref.trainable_module, step=step)
+        a, b = ours.teacher().state_dict(), ref.teacher().state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), step
+    assert int(a["bn1.num_batches_tracked"]) == 6
