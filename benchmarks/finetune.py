@@ -49,12 +49,12 @@ SIZES = {
                        test=10000, stage_freeze=8, stage_budgets=[4], stage_seeds=3, parallel=2),
         "full": dict(img_size=64, batch=8, mu=4, steps=600, evals=3, labels=4, seeds=3, test=10000, parallel=2),
     },
-    "full": {   # one GPU
-        "probe": dict(img_sizes=[96, 160, 224], labels=[4, 10], seeds=3, test=10000),
-        "frozen": dict(img_size=224, cached_views=4, unlabeled=None, budgets=[1, 2, 4, 10], taus=[0.5, 1, 2, 3],
-                       thresholds=[0.95, 0.7], heads=[None, 256], seeds=5, steps=2000, evals=2, batch=32, mu=7,
-                       test=10000, stage_freeze=7, stage_budgets=[1, 4], stage_seeds=5, parallel=8),
-        "full": dict(img_size=224, batch=32, mu=7, steps=3000, evals=6, labels=4, seeds=3, test=10000, parallel=6),
+    "full": {   # one GPU, sized for the GPU check: each part within about 4.5 minutes
+        "probe": dict(img_sizes=[96, 160, 224], labels=[4, 10], seeds=2, test=5000),
+        "frozen": dict(img_size=224, cached_views=4, unlabeled=None, budgets=[1, 4], taus=[1, 2],
+                       thresholds=[0.95], heads=[None, 256], seeds=3, steps=1000, evals=2, batch=32, mu=7,
+                       test=10000, stage_freeze=7, stage_budgets=[4], stage_seeds=3, parallel=6),
+        "full": dict(img_size=128, batch=16, mu=7, steps=400, evals=2, labels=4, seeds=3, test=10000, parallel=5),
     },
     "toy": {
         "probe": dict(img_sizes=[32], labels=[2], seeds=1, test=20),

@@ -11,8 +11,9 @@ to its own CPU cores (the GPU has room for all of them):
   by CUDA time, DebiasPL vs the hand-written step); ``mfu-resnet50``, ``mfu-vit_s16`` (model
   FLOP utilisation as the per-GPU batch doubles until it no longer fits, then compiled);
   ``data`` (views at 224 px: augmentation on the GPU vs PIL in CPU workers);
-- phase 2: ``finetune`` (``benchmarks/finetune.py --full``, its arms as concurrent processes,
-  each pinned to its own cores), ``usb`` (``benchmarks/usb_peer.py --full``: USB's FixMatch,
+  ``finetune-probe`` (the fine-tuning study's linear probe at three resolutions);
+- phase 2: ``finetune-frozen`` and ``finetune-full`` (``benchmarks/finetune.py --full --part
+  frozen`` / ``full``, the study's arms as concurrent processes, each pinned to its own cores), ``usb`` (``benchmarks/usb_peer.py --full``: USB's FixMatch,
   FreeMatch, SoftMatch and DebiasPL beside ours), ``tests`` (``pytest -m gpu``), ``syncs``
   (host syncs per training step).
 
@@ -24,7 +25,7 @@ benchmarks report their finished runs.
 Results accumulate. Each part writes ``RESULTS/parts/<part>.json`` with a key: the sha256 of
 its settings, the machine (GPU, torch, timm) and the content of the files it depends on. A
 later run skips a part whose stored result has the same key and is complete (``ok`` or ``over
-target``), unless ``--redo PART``; the finished runs of a cut-off ``finetune`` or ``usb`` part
+target``), unless ``--redo PART``; the finished runs of a cut-off ``finetune-*`` or ``usb`` part
 are kept (``RESULTS/finished/<part>.tar.gz``, same key) and continue in the next run. So a
 second short window finishes what the first could not.
 
@@ -320,39 +321,52 @@ def _fashion(ctx: Ctx) -> list[str]:
             str(ctx.bundle / "data" / "efficientnet-lite0.pth")]
 
 
-FINETUNE = dict(parallel=12, workers=1)   # arms side by side (GPU memory: about 7 GB each at --full)
+# benchmarks/finetune.py --full, one check part per study part, each its arms as concurrent processes
+FINETUNE = {"probe": dict(parallel=1, workers=2), "frozen": dict(parallel=6, workers=1),
+            "full": dict(parallel=5, workers=1)}
 
 
 def _size_device(ctx: Ctx) -> list[str]:
     return ["--toy", "--device", "cpu"] if ctx.rehearse else ["--full", "--device", "cuda"]
 
 
-def finetune_cmd(ctx: Ctx) -> list[str]:
-    start_none_after = max(0.5, (ctx.seconds - 90) / 60)   # no arm starts in the last 90 s
-    return [ctx.python, str(ROOT / "benchmarks" / "finetune.py"), *_size_device(ctx), *_fashion(ctx),
-            "--out", str(ctx.work / "finetune"), "--parallel", str(FINETUNE["parallel"]),
-            "--workers", str(FINETUNE["workers"]), "--max-minutes", f"{start_none_after:.1f}"]
+def _finetune_file(ctx: Ctx, part: str) -> Path:
+    return ctx.work / "finetune" / f"finetune_{part}{'_toy' if ctx.rehearse else '_full'}.json"
 
 
-def finetune_report(ctx: Ctx) -> list[str]:
-    return [ctx.python, str(ROOT / "benchmarks" / "finetune.py"), *_size_device(ctx), *_fashion(ctx),
-            "--out", str(ctx.work / "finetune"), "--max-minutes", "0", "--no-probe"]
+def finetune_cmd(part: str):
+    def cmd(ctx: Ctx) -> list[str]:
+        start_none_after = max(0.5, (ctx.seconds - 90) / 60)   # no arm starts in the last 90 s
+        return [ctx.python, str(ROOT / "benchmarks" / "finetune.py"), *_size_device(ctx), *_fashion(ctx),
+                "--part", part, "--out", str(ctx.work / "finetune"), "--parallel", str(FINETUNE[part]["parallel"]),
+                "--workers", str(FINETUNE[part]["workers"]), "--max-minutes", f"{start_none_after:.1f}"]
+    return cmd
 
 
-def collect_finetune(ctx: Ctx, rc: int, stopped: bool) -> dict:
-    path = ctx.work / "finetune" / ("finetune_toy.json" if ctx.rehearse else "finetune_full.json")
-    if not path.is_file():
-        return {"status": "timeout" if stopped else "failed", "detail": _last_line(ctx)}
-    report = json.loads(path.read_text())
-    s = report["settings"]
-    per_run = [r["seconds"] for r in report.get("runs", []) if not r.get("reused")]
-    status = "ok" if s["runs_done"] == s["runs_planned"] else "partial"
-    return {"status": status, "table": report["table"], "linear_probe": report.get("linear_probe", []),
-            "settings": s, "seconds_per_run": per_run, "detail": f"{s['runs_done']}/{s['runs_planned']} runs"
-            + (f", {sum(per_run) / len(per_run):.0f} s per arm" if per_run else "") + "; " + "; ".join(
-                [f"{r['start']} {r['method']} {r['top1_mean']:.1f}" for r in report["table"]] +
-                [f"{r['start']} features, linear probe {r['probe_top1_mean']:.1f}"
-                 for r in report.get("linear_probe", [])])}
+def finetune_report(part: str):
+    def cmd(ctx: Ctx) -> list[str]:
+        return [ctx.python, str(ROOT / "benchmarks" / "finetune.py"), *_size_device(ctx), *_fashion(ctx),
+                "--part", part, "--out", str(ctx.work / "finetune"), "--max-minutes", "0"]
+    return cmd
+
+
+def collect_finetune(part: str):
+    def collect(ctx: Ctx, rc: int, stopped: bool) -> dict:
+        path = _finetune_file(ctx, part)
+        if not path.is_file():
+            return {"status": "timeout" if stopped else "failed", "detail": _last_line(ctx)}
+        report = json.loads(path.read_text())
+        if part == "probe":
+            return {"status": "ok", "table": report["table"], "settings": report["settings"],
+                    "detail": "; ".join(f"{r['img_size']} px {r['start']} {r['labels_per_class']}/class "
+                                        f"{r['top1_mean']:.1f}" for r in report["table"])}
+        per_run = [r["seconds"] for r in report.get("runs", []) if not r.get("reused")]
+        status = "ok" if report["runs_done"] == report["runs_planned"] else "partial"
+        return {"status": status, "table": report["table"], "verdicts": report.get("verdicts"),
+                "settings": report["settings"], "seconds_per_run": per_run,
+                "detail": f"{report['runs_done']}/{report['runs_planned']} runs"
+                + (f", {sum(per_run) / len(per_run):.0f} s per arm" if per_run else "")}
+    return collect
 
 
 def usb_cmd(ctx: Ctx) -> list[str]:
@@ -411,13 +425,22 @@ PARTS: list[Part] = [
          collect_mfu(False), tuple(SPEED), {**REFERENCE, "max_batch": 1024, "rounds": 5, "compile": False}),
     Part("data", "data: GPU augmentation vs CPU workers, 224 px", 1, 30, inner_cmd("data"), collect_inner,
          ("benchmarks/speed.py", *LIBRARY), {"img_size": 224, "per_class": 160, "steps": 20}, inner=inner_data),
-    Part("finetune", "fine-tuning --full, arms side by side", 2, 285, finetune_cmd, collect_finetune,
-         ("benchmarks/finetune.py", "benchmarks/linear_probe.py", "benchmarks/_common.py", *LIBRARY),
-         dict(FINETUNE), cores=9, env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report,
+    Part("finetune-probe", "fine-tuning study: linear probe at 96, 160, 224 px", 1, 20, finetune_cmd("probe"),
+         collect_finetune("probe"), ("benchmarks/finetune.py", "benchmarks/linear_probe.py", *LIBRARY),
+         dict(FINETUNE["probe"])),
+    Part("finetune-frozen", "fine-tuning study: frozen backbone, cached views, 224 px, all 60,000 images", 2, 270,
+         finetune_cmd("frozen"), collect_finetune("frozen"),
+         ("benchmarks/finetune.py", "benchmarks/_common.py", *LIBRARY), dict(FINETUNE["frozen"]), cores=5,
+         env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("frozen"),
+         keep=("finetune/runs/*/*/summary.json", "finetune/runs/*/*/metrics.jsonl")),
+    Part("finetune-full", "fine-tuning study: full fine-tuning, pretrained vs scratch, arms side by side", 2, 270,
+         finetune_cmd("full"), collect_finetune("full"),
+         ("benchmarks/finetune.py", "benchmarks/_common.py", *LIBRARY), dict(FINETUNE["full"]), cores=5,
+         env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("full"),
          keep=("finetune/runs/*/*/summary.json", "finetune/runs/*/*/metrics.jsonl")),
     Part("usb", "peers: USB FixMatch, FreeMatch, SoftMatch, DebiasPL vs ours", 2, 270, usb_cmd, collect_usb,
          ("benchmarks/usb_peer.py", "benchmarks/_common.py", "benchmarks/finetune.py", ".gpu/usb/wheels/*.whl",
-          *LIBRARY), {"size": "full"}, cores=4, reserve=25, report=usb_report,
+          *LIBRARY), {"size": "full"}, cores=3, reserve=25, report=usb_report,
          keep=("usb/usb_peer-*/runs/*.json",)),
     Part("tests", "pytest -m gpu", 2, 240, tests_cmd, collect_tests,
          ("tests/test_gpu.py", "tests/conftest.py", *LIBRARY), cores=2),
@@ -685,7 +708,7 @@ def check(parts: list[Part], results: Path, work: Path, bundle: Path, out: Optio
                 n = _restore(p, work / p.name, results, keys[p.name][0])
                 if n:
                     console.print(f"{p.name}: continuing from {n} files of runs finished in an earlier run")
-        if any(p.name in ("finetune", "usb") for p in to_run):
+        if any(p.name.startswith("finetune") or p.name == "usb" for p in to_run):
             _warm_fashion_cache(bundle)
         run_parts(to_run, scale, work, bundle, cores, on_done, rehearse)
 
