@@ -309,6 +309,8 @@ def load_start_point(model: nn.Module, source: str | Path, layout: Optional[str]
                                   f"downloads it again)") from e
     else:
         path = Path(source)
+        if path.is_dir():
+            return _load_folder(model, path, layout, sha256, **options)
         if sha256 is not None and path.is_file():
             from .integrity import IntegrityError, verified
             try:
@@ -320,3 +322,28 @@ def load_start_point(model: nn.Module, source: str | Path, layout: Optional[str]
     result = model.load_state_dict(mapped, strict=False)
     return {"layout": found.name, "path": str(path), "reset_head": sorted(result.missing_keys),
             "data_config": found.preprocessing(_tensors(state))}
+
+
+# preprocessing keys a timm folder's config.json carries for its weights (dpl_zoo exports write them)
+FOLDER_DATA_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
+
+
+def _load_folder(model: nn.Module, folder: Path, layout: Optional[str], sha256: Optional[str], **options) -> dict:
+    """A timm folder (``model.safetensors`` + ``config.json``, e.g. the export of ``dpl-zoo
+    pretrain`` or ``dpl-zoo train``) as a start point: its tensors through the layouts (every
+    one checked), its preprocessing from ``config.json``. Weights made for another architecture
+    are refused even where names and shapes would fit."""
+    import json
+    weights, config_path = folder / "model.safetensors", folder / "config.json"
+    if not weights.is_file():
+        raise ConversionError(f"{folder} is a folder without model.safetensors; give a weights file or a timm "
+                              f"folder (model.safetensors + config.json, as dpl-zoo exports write)")
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    theirs = config.get("architecture")
+    ours = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if theirs and ours and theirs != ours:
+        raise ConversionError(f"{folder} holds {theirs} weights; the run builds {ours} (set model: {theirs})")
+    info = load_start_point(model, weights, layout=layout, sha256=sha256, **options)
+    pretrained_cfg = config.get("pretrained_cfg") or {}
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained_cfg.items() if k in FOLDER_DATA_KEYS}
+    return {**info, "path": str(folder), "data_config": {**info["data_config"], **data_config}}
