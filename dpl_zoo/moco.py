@@ -83,11 +83,13 @@ class KeyQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, k: torch.Tensor) -> None:
-        """Replace the ``len(k)`` oldest keys by ``k`` (only the last ``size`` when ``k`` is longer)."""
+        """Replace the ``len(k)`` oldest keys by ``k``, as writing them one by one would (a batch
+        longer than the queue leaves its last ``size`` keys)."""
+        n = len(k)
         k = k.detach().to(self.keys.dtype)[-self.size:]
-        rows = (self.ptr + torch.arange(len(k), device=self.keys.device)) % self.size
+        rows = (self.ptr + (n - len(k)) + torch.arange(len(k), device=self.keys.device)) % self.size
         self.keys[rows] = k
-        self.ptr.copy_((self.ptr + len(k)) % self.size)
+        self.ptr.copy_((self.ptr + n) % self.size)
 
     def snapshot(self) -> torch.Tensor:
         """The keys as the loss must see them: a copy, so enqueueing cannot touch a saved tensor."""
