@@ -235,6 +235,26 @@ def verdicts(rows: list[dict], probes: list[dict], wall_seconds: float, complete
 
 # --- the estimate ------------------------------------------------------------------------------------
 
+def schedule(jobs: list[dict], seconds: dict, parallel: int) -> float:
+    """When the last of ``jobs`` (taking ``seconds[name]`` each) ends on ``parallel`` processes,
+    scheduled as ``run_jobs`` does: a free process takes the first job whose ``after`` are done."""
+    slots, done_at, pending, now = [0.0] * parallel, {}, list(jobs), 0.0
+    while pending:
+        slot = min(range(parallel), key=lambda i: slots[i])
+        now = max(now, slots[slot])
+        ready = [j for j in pending if all(done_at.get(a, float("inf")) <= now for a in j.get("after", ()))]
+        if not ready:    # idle until the next job ends
+            later = [t for t in list(done_at.values()) + slots if t > now]
+            if not later:
+                raise ValueError(f"jobs wait for jobs that never run: {[j['name'] for j in pending]}")
+            now = slots[slot] = min(later)
+            continue
+        job = ready[0]
+        pending.remove(job)
+        done_at[job["name"]] = slots[slot] = now + seconds[job["name"]]
+    return max(slots)
+
+
 def estimate(size: dict, args, out: Path, n: int) -> dict:
     """CPU seconds (this process, one thread) of ``n`` steps of each kind of run and one evaluation,
     extrapolated to every job, then the jobs scheduled on ``parallel`` processes as run_jobs does.
@@ -298,8 +318,9 @@ def _estimate(size: dict, args, out: Path, n: int) -> dict:
             cost[f"{kind}-{method}"] = {"step_s": step, "eval_s": ev, "build_s": build, "total_s": total}
             console.print(f"{kind} {method}: build {build:.1f} s, {step:.3f} s/step x {size['steps']}, evaluation "
                           f"{ev:.1f} s x {size['evals']}: {total:.0f} s per run")
-    if size["lite0"] == "frozen":   # the first Lite0 run fills the feature cache; its build time above did
-        cost["lite0-cache_s"] = cost["lite0-supervised"]["build_s"]
+    if size["lite0"] == "frozen":   # the Lite0 builds above filled the feature cache: labeled and test rows, then
+        # the unlabeled ones; counted once, on the first Lite0 run (the others wait for it)
+        cost["lite0-cache_s"] = sum(max(0.0, cost[f"lite0-{m}"]["build_s"] - 5.0) for m in METHODS)
     # list scheduling, as run_jobs: a free slot takes the first job whose `after` are done
     seconds = {}
     for job in jobs:
@@ -311,20 +332,9 @@ def _estimate(size: dict, args, out: Path, n: int) -> dict:
     if size["lite0"] == "frozen":
         first = next(j["name"] for j in jobs if j.get("start") == "imagenet")
         seconds[first] += cost["lite0-cache_s"]
-    slots, done_at, pending, now = [0.0] * size["parallel"], {}, list(jobs), 0.0
-    while pending:
-        slot = min(range(len(slots)), key=lambda s: slots[s])
-        now = max(now, slots[slot])
-        ready = [j for j in pending if all(done_at.get(a, float("inf")) <= now for a in j.get("after", ()))]
-        if not ready:    # wait for the next job to finish
-            now = min(t for t in list(done_at.values()) + slots if t > now)
-            slots[slot] = max(slots[slot], now)
-            continue
-        job = ready[0]
-        pending.remove(job)
-        done_at[job["name"]] = slots[slot] = now + seconds[job["name"]]
+    finish = schedule(jobs, seconds, size["parallel"])
     probes = 60.0   # features of 10,000 test images per start and the probes' fits, measured about a minute
-    wall = max(slots) + probes
+    wall = finish + probes
     console.print(f"estimated wall time on {size['parallel']} processes: {wall / 60:.1f} min "
                   f"(single-process total {(sum(seconds.values()) + probes) / 60:.1f} min)")
     return {"costs": cost, "jobs": len(jobs), "wall_s": wall, "process_s": sum(seconds.values()) + probes}
@@ -354,12 +364,12 @@ def main(argv=None) -> int:
     size["parallel"] = args.parallel or size["parallel"]
     out = Path(args.out)
     runs = out / "runs" / f"pretrain-{kind}"
+    t0 = time.perf_counter()
     if args.estimate:
         result = estimate(size, args, runs, args.estimate_steps)
-        write_report(out, f"pretrain_estimate_{kind}.json", "pretrain_estimate", {"size": kind, **size},
-                     time.perf_counter(), console, **result)
+        write_report(out, f"pretrain_estimate_{kind}.json", "pretrain_estimate",
+                     {"size": kind, **size, "estimate_steps": args.estimate_steps}, t0, console, **result)
         return 0
-    t0 = time.perf_counter()
     jobs = jobs_for(size, args, runs)
     results = run_jobs(jobs, parallel=size["parallel"], console=console,
                        deadline=time.time() + 60 * args.max_minutes if args.max_minutes is not None else None,

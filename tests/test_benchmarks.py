@@ -131,6 +131,18 @@ def test_run_jobs_waits_for_what_a_job_comes_after(tmp_path, monkeypatch):
     assert order == ["c", "a", "b"] and [r["job"]["name"] for r in results] == ["b", "c", "a"]
 
 
+def test_pretrain_estimate_schedules_as_run_jobs(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from pretrain import schedule
+    jobs = [{"name": "pre"}, {"name": "r1"}, {"name": "m1", "after": ["pre"]}, {"name": "m2", "after": ["pre"]}]
+    seconds = {"pre": 10.0, "r1": 4.0, "m1": 3.0, "m2": 3.0}
+    # process 1: pre 0-10, then m1 10-13; process 2: r1 0-4, idle until 10, m2 10-13
+    assert schedule(jobs, seconds, 2) == 13.0
+    assert schedule(jobs, seconds, 1) == 20.0
+    with pytest.raises(ValueError, match="never run"):
+        schedule([{"name": "x", "after": ["missing"]}], {"x": 1.0}, 2)
+
+
 def test_linear_probe_scores_what_the_features_know(monkeypatch):
     import torch
     monkeypatch.syspath_prepend(str(BENCH))
