@@ -333,11 +333,17 @@ def _estimate(size: dict, args, out: Path, n: int) -> dict:
         first = next(j["name"] for j in jobs if j.get("start") == "imagenet")
         seconds[first] += cost["lite0-cache_s"]
     finish = schedule(jobs, seconds, size["parallel"])
-    probes = 60.0   # features of 10,000 test images per start and the probes' fits, measured about a minute
+    # the probes: timed for one seed of the ImageNet and random starts, scaled to every seed and three starts
+    # (an upper bound: the pretrained starts' test features are computed once, not per seed)
+    t = clock()
+    probed = probe_rows({**size, "seeds": 1}, args, out / "estimate-none")
+    probes = (clock() - t) * size["seeds"] * 1.5
+    console.print(f"probes: {probes:.0f} s")
     wall = finish + probes
     console.print(f"estimated wall time on {size['parallel']} processes: {wall / 60:.1f} min "
                   f"(single-process total {(sum(seconds.values()) + probes) / 60:.1f} min)")
-    return {"costs": cost, "jobs": len(jobs), "wall_s": wall, "process_s": sum(seconds.values()) + probes}
+    return {"costs": cost, "jobs": len(jobs), "wall_s": wall, "process_s": sum(seconds.values()) + probes,
+            "probes_s": probes, "probes_seed0": probed}
 
 
 def main(argv=None) -> int:

@@ -164,8 +164,25 @@ def pretrain(report: dict) -> str:
     return "\n".join(lines)
 
 
+def pretrain_estimate(report: dict) -> str:
+    s, c = report["settings"], report["costs"]
+    lines = [f"`benchmarks/pretrain.py --estimate`: CPU seconds of {s['estimate_steps']} steps of each kind of run, one "
+             f"thread ({report['date']}, {report['machine']['cpu_count']} CPU cores, load average "
+             f"{report['machine']['load_average'][0]:.1f}):", "",
+             "| run | s / step | steps | evaluation s | s / run |", "|---|---|---|---|---|",
+             f"| pretraining (batch {s['pre_batch']}) | {c['pretrain']['step_s']:.3f} | {c['pretrain']['steps']} | "
+             f"{c['pretrain']['knn_s']:.1f} (kNN) | {c['pretrain']['total_s']:.0f} |"]
+    for key, v in c.items():
+        if key != "pretrain" and isinstance(v, dict):
+            lines.append(f"| {key} | {v['step_s']:.3f} | {s['steps']} | {v['eval_s']:.1f} | {v['total_s']:.0f} |")
+    lines += ["", f"{report['jobs']} runs, {report['process_s'] / 60:.0f} single-process minutes (Lite0 feature cache "
+                  f"{c.get('lite0-cache_s', 0):.0f} s, probes {report.get('probes_s', 0):.0f} s): an estimated "
+                  f"{report['wall_s'] / 60:.1f} min of wall time on {s['parallel']} processes."]
+    return "\n".join(lines)
+
+
 RENDER = {"gain": gain, "speed": speed, "load": load, "finetune": finetune, "imbalanced": imbalanced, "vit": vit,
-          "pretrain": pretrain}
+          "pretrain": pretrain, "pretrain_estimate": pretrain_estimate}
 
 
 def main(paths) -> int:

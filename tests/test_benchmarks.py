@@ -100,6 +100,13 @@ def test_pretrain_toy(tmp_path):
     assert moco["job"]["after"] == ["pretrain"]
     assert "in-domain linear probe beats ImageNet and random (4/class)" in report["verdicts"]
     assert report["settings"]["runs_done"] == report["settings"]["runs_planned"] == 1 + 18
+    # the estimate: a timed slice of each kind of run, extrapolated and scheduled
+    _run("pretrain.py", "--toy", "--estimate", "--estimate-steps", "1", "--out", str(tmp_path), "--data", str(folder))
+    estimate = json.loads((tmp_path / "pretrain_estimate_toy.json").read_text())
+    _rendered(tmp_path / "pretrain_estimate_toy.json")
+    assert estimate["jobs"] == 19 and estimate["wall_s"] > 0 and estimate["process_s"] >= estimate["wall_s"]
+    assert {k for k in estimate["costs"] if k != "lite0-cache_s"} == {"pretrain"} | {
+        f"{kind}-{m}" for kind in ("test_resnet", "lite0") for m in ("supervised", "fixmatch", "debiaspl")}
 
 
 def test_run_jobs_waits_for_what_a_job_comes_after(tmp_path, monkeypatch):
