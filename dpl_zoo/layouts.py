@@ -11,6 +11,8 @@ with (a start point brings its own mean/std). Registered layouts:
 - ``efficientnet_pytorch``: EfficientNet-PyTorch names (``_conv_stem``, ``_blocks.N.*``,
   ``_fc``) onto timm EfficientNet / EfficientNet-Lite; B0-B7 (squeeze-excite blocks) onto
   ``tf_efficientnet_b*`` and ImageNet mean/std, Lite (none) with ``(x - 127) / 128``;
+- ``dpl_zoo_pretrain``: a ``dpl-zoo pretrain`` checkpoint is recognised and refused with a
+  pointer to its ``export/`` folder (the backbone with its preprocessing);
 - ``timm``: plain timm/torchvision names (an optional ``module.`` prefix is dropped).
 
 Every mapping is checked tensor by tensor: a missing, left-over or mis-shaped tensor is
@@ -241,6 +243,21 @@ register_layout(Layout(
     detect=lambda s: "_conv_stem.weight" in s and any(k.startswith("_blocks.") for k in s),
     filter=_efficientnet_pytorch_filter, check=_efficientnet_pytorch_check,
     data_config=_efficientnet_pytorch_preprocessing))
+def _is_pretrain_checkpoint(state: dict) -> bool:
+    """A ``dpl-zoo pretrain`` checkpoint: the query encoder, ``backbone.*`` + the MLP ``head.{0,2}.*``."""
+    return "head.0.weight" in state and "head.2.weight" in state and all(
+        k.startswith(("backbone.", "head.")) for k in state)
+
+
+def _pretrain_checkpoint_filter(state: dict, model: nn.Module) -> dict:
+    raise ConversionError("this is a dpl-zoo pretrain checkpoint (query encoder and projection head, without the "
+                          "preprocessing it was trained with); start from its export instead: initial_checkpoint="
+                          "runs/NAME/export (written when the run ends)")
+
+
+register_layout(Layout(
+    "dpl_zoo_pretrain", "a dpl-zoo pretrain checkpoint (backbone.*, head.*): refused, its export/ folder is the start",
+    detect=_is_pretrain_checkpoint, filter=_pretrain_checkpoint_filter))
 register_layout(Layout(
     "timm", "plain timm / torchvision names (a module. prefix is dropped)",
     detect=lambda s: False, filter=_timm_filter))

@@ -118,6 +118,9 @@ def test_export_is_a_fine_tuning_start(tmp_path, image_data):
     # weights made for another architecture are refused, even through a folder
     with pytest.raises(ConversionError, match="holds test_resnet weights"):
         load_start_point(timm.create_model("resnet18", num_classes=3), export)
+    # the pretraining checkpoint itself is not the start: its export is
+    with pytest.raises(ConversionError, match="start from its export instead"):
+        load_start_point(timm.create_model("test_resnet", num_classes=3), export.parent / "last.pth.tar")
 
 
 def test_pretrain_cli_on_an_unlabeled_folder(tmp_path, capsys):
