@@ -118,8 +118,9 @@ class RunSettingsChanged(SystemExit):
 
 
 def _job_config(job: dict, folder: str):
-    from dpl_zoo.config import load_config
-    return load_config(job["recipe"], [*job["overrides"], f"output={job['output']}", f"experiment={folder}"])
+    from dpl_zoo.config import load_config, load_pretrain_config
+    load = load_pretrain_config if job.get("kind") == "pretrain" else load_config
+    return load(job["recipe"], [*job["overrides"], f"output={job['output']}", f"experiment={folder}"])
 
 
 def _device_type(cfg) -> str:
@@ -195,27 +196,37 @@ def resolve_folders(jobs: list[dict], rerun_changed: bool = False) -> list[dict]
 
 
 def _run_job(job: dict) -> dict:
-    """One training run in this process (in ``job["folder"]``, see :func:`resolve_folders`); the
-    summary plus its evaluated curve."""
+    """One run in this process (in ``job["folder"]``, see :func:`resolve_folders`; ``kind``:
+    ``train``, the default, or ``pretrain``); the summary plus its evaluated curve (test top-1, or
+    the kNN monitor of a pretraining run)."""
     import resource
+    from dpl_zoo.pretrain import pretrain
     from dpl_zoo.train import fit
     folder = Path(job["output"]) / job["folder"]
+    kind = job.get("kind", "train")
     if (folder / "summary.json").is_file():
         summary = json.loads((folder / "summary.json").read_text())
         summary["reused"] = True
     else:
         cfg = _job_config(job, job["folder"])
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-        summary = fit(cfg, resume="auto", quiet=True)  # a run cut off at an epoch end continues
+        if kind == "pretrain":
+            summary = pretrain(cfg, resume="auto", quiet=True)
+        else:
+            summary = fit(cfg, resume="auto", quiet=True)  # a run cut off at an epoch end continues
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         summary["cpu_seconds"] = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         summary["device"] = _device_type(cfg)   # what a later reuse compares (device: null depends on the machine)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary["curve"] = [{"step": r["step"], "top1": r["eval"]["student"]["top1"],
-                         **{k: r["eval"].get("pseudo_labels", {}).get(k)
-                            for k in ("pl_acc", "mask_rate", "pl_kl_uniform", "pl_kl_target")}}
-                        for r in rows if r["kind"] == "epoch" and "eval" in r]
+    if kind == "pretrain":
+        summary["curve"] = [{"step": r["step"], "loss": r["loss"], "knn_top1": r.get("knn", {}).get("knn_top1")}
+                            for r in rows if r["kind"] == "epoch"]
+    else:
+        summary["curve"] = [{"step": r["step"], "top1": r["eval"]["student"]["top1"],
+                             **{k: r["eval"].get("pseudo_labels", {}).get(k)
+                                for k in ("pl_acc", "mask_rate", "pl_kl_uniform", "pl_kl_target")}}
+                            for r in rows if r["kind"] == "epoch" and "eval" in r]
     summary["job"] = {k: v for k, v in job.items() if k != "output"}
     return summary
 
@@ -229,12 +240,14 @@ def add_rerun_argument(parser) -> None:
 def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None,
              on_done: Optional[Callable[[dict], None]] = None, deadline: Optional[float] = None,
              rerun_changed: bool = False) -> list[dict]:
-    """Run ``jobs`` (``name``, ``recipe``, ``overrides``, ``output``) ``parallel`` at a time;
-    results in job order. Runs that finished before with the same settings (their ``summary.json``
-    exists) are read, not rerun; runs made with other settings are an error, or with
-    ``rerun_changed`` run again in fresh folders (:func:`resolve_folders`). A failed run stops the
-    benchmark with its error. After ``deadline`` (a ``time.time()``) no new run starts and the
-    finished ones are returned."""
+    """Run ``jobs`` (``name``, ``recipe``, ``overrides``, ``output``; optional ``kind``: ``pretrain``,
+    and ``after``: names of jobs that must finish first, e.g. the pretraining a fine-tuning run
+    starts from) ``parallel`` at a time, each free slot taking the first job whose ``after`` are
+    done; results in job order. Runs that finished before with the same settings (their
+    ``summary.json`` exists) are read, not rerun; runs made with other settings are an error, or
+    with ``rerun_changed`` run again in fresh folders (:func:`resolve_folders`). A failed run
+    stops the benchmark with its error. After ``deadline`` (a ``time.time()``) no new run starts
+    and the finished ones are returned."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     jobs = resolve_folders(jobs, rerun_changed)
     results: dict[int, dict] = {}
@@ -259,14 +272,20 @@ def run_jobs(jobs: list[dict], parallel: int = 2, threads: int = 1, console=None
             else:
                 pending.append((i, job))
         running: dict = {}
+        finished = {jobs[i]["name"] for i in results}
         while pending or running:
-            while pending and len(running) < parallel and (deadline is None or time.time() < deadline):
-                i, job = pending.pop(0)
+            while len(running) < parallel and (deadline is None or time.time() < deadline):
+                ready = next((n for n, (_, job) in enumerate(pending) if set(job.get("after", ())) <= finished), None)
+                if ready is None:
+                    break
+                i, job = pending.pop(ready)
                 running[pool.submit(_run_job, job)] = i
             if not running:
                 break
             done = next(as_completed(running))
-            results[running.pop(done)] = result = done.result()
+            i = running.pop(done)
+            results[i] = result = done.result()
+            finished.add(jobs[i]["name"])
             progress.advance(task)
             if on_done:
                 on_done(result)

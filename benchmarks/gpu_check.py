@@ -13,7 +13,9 @@ to its own CPU cores (the GPU has room for all of them):
   ``data`` (views at 224 px: augmentation on the GPU vs PIL in CPU workers);
   ``finetune-probe`` (the fine-tuning study's linear probe at three resolutions);
 - phase 2: ``finetune-frozen`` and ``finetune-full`` (``benchmarks/finetune.py --full --part
-  frozen`` / ``full``, the study's arms as concurrent processes, each pinned to its own cores), ``usb`` (``benchmarks/usb_peer.py --full``: USB's FixMatch,
+  frozen`` / ``full``, the study's arms as concurrent processes, each pinned to its own cores),
+  ``pretrain`` (``benchmarks/pretrain.py --full``: in-domain MoCo pretraining, then the fine-tuning
+  arms from three starts), ``usb`` (``benchmarks/usb_peer.py --full``: USB's FixMatch,
   FreeMatch, SoftMatch and DebiasPL beside ours), ``tests`` (``pytest -m gpu``), ``syncs``
   (host syncs per training step).
 
@@ -369,6 +371,31 @@ def collect_finetune(part: str):
     return collect
 
 
+def pretrain_cmd(ctx: Ctx) -> list[str]:
+    start_none_after = max(0.5, (ctx.seconds - 60) / 60)
+    return [ctx.python, str(ROOT / "benchmarks" / "pretrain.py"), *_size_device(ctx), *_fashion(ctx),
+            "--out", str(ctx.work / "pretrain"), "--workers", "1", "--max-minutes", f"{start_none_after:.1f}"]
+
+
+def pretrain_report(ctx: Ctx) -> list[str]:
+    return [ctx.python, str(ROOT / "benchmarks" / "pretrain.py"), *_size_device(ctx), *_fashion(ctx),
+            "--out", str(ctx.work / "pretrain"), "--max-minutes", "0", "--no-probe"]
+
+
+def collect_pretrain(ctx: Ctx, rc: int, stopped: bool) -> dict:
+    path = ctx.work / "pretrain" / ("pretrain_toy.json" if ctx.rehearse else "pretrain_full.json")
+    if not path.is_file():
+        return {"status": "timeout" if stopped else "failed", "detail": _last_line(ctx)}
+    report = json.loads(path.read_text())
+    s, pre = report["settings"], report.get("pretraining") or {}
+    knn = pre.get("knn_top1")
+    return {"status": "ok" if s["runs_done"] == s["runs_planned"] else "partial", "table": report["table"],
+            "probes": report.get("probes", []), "pretraining": pre, "settings": s,
+            "detail": f"{s['runs_done']}/{s['runs_planned']} runs; pretraining "
+                      + ("not finished" if not pre else f"{pre.get('seconds', 0):.0f} s"
+                         + ("" if knn is None else f", kNN {knn:.1f}"))}
+
+
 def usb_cmd(ctx: Ctx) -> list[str]:
     return [ctx.python, str(ROOT / "benchmarks" / "usb_peer.py"), *_size_device(ctx), *_fashion(ctx),
             *(["--cpu-emulate"] * ctx.rehearse),
@@ -430,14 +457,18 @@ PARTS: list[Part] = [
          dict(FINETUNE["probe"])),
     Part("finetune-frozen", "fine-tuning study: frozen backbone, cached views, 224 px, all 60,000 images", 2, 270,
          finetune_cmd("frozen"), collect_finetune("frozen"),
-         ("benchmarks/finetune.py", "benchmarks/_common.py", *LIBRARY), dict(FINETUNE["frozen"]), cores=5,
+         ("benchmarks/finetune.py", "benchmarks/_common.py", *LIBRARY), dict(FINETUNE["frozen"]), cores=4,
          env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("frozen"),
          keep=("finetune/runs/*/*/summary.json", "finetune/runs/*/*/metrics.jsonl")),
     Part("finetune-full", "fine-tuning study: full fine-tuning, pretrained vs scratch, arms side by side", 2, 270,
          finetune_cmd("full"), collect_finetune("full"),
-         ("benchmarks/finetune.py", "benchmarks/_common.py", *LIBRARY), dict(FINETUNE["full"]), cores=5,
+         ("benchmarks/finetune.py", "benchmarks/_common.py", *LIBRARY), dict(FINETUNE["full"]), cores=4,
          env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("full"),
          keep=("finetune/runs/*/*/summary.json", "finetune/runs/*/*/metrics.jsonl")),
+    Part("pretrain", "in-domain MoCo pretraining, then DebiasPL / FixMatch / supervised from three starts", 2, 270,
+         pretrain_cmd, collect_pretrain, ("benchmarks/pretrain.py", "benchmarks/linear_probe.py",
+                                          "benchmarks/_common.py", *LIBRARY), {"size": "full"}, cores=2,
+         reserve=40, report=pretrain_report, keep=("pretrain/runs/*/*/summary.json", "pretrain/runs/*/*/metrics.jsonl")),
     Part("usb", "peers: USB FixMatch, FreeMatch, SoftMatch, DebiasPL vs ours", 2, 270, usb_cmd, collect_usb,
          ("benchmarks/usb_peer.py", "benchmarks/_common.py", "benchmarks/finetune.py", ".gpu/usb/wheels/*.whl",
           *LIBRARY), {"size": "full"}, cores=3, reserve=25, report=usb_report,
@@ -708,7 +739,7 @@ def check(parts: list[Part], results: Path, work: Path, bundle: Path, out: Optio
                 n = _restore(p, work / p.name, results, keys[p.name][0])
                 if n:
                     console.print(f"{p.name}: continuing from {n} files of runs finished in an earlier run")
-        if any(p.name.startswith("finetune") or p.name == "usb" for p in to_run):
+        if any(p.name.startswith("finetune") or p.name in ("usb", "pretrain") for p in to_run):
             _warm_fashion_cache(bundle)
         run_parts(to_run, scale, work, bundle, cores, on_done, rehearse)
 
@@ -743,6 +774,22 @@ def _warm_fashion_cache(bundle: Path) -> None:
     if data.is_dir():
         from dpl_zoo.datasets import load_fashion_mnist
         load_fashion_mnist(str(data))
+
+
+def part_pretrain(minutes: float, out: Path, bundle: Path, quick: bool) -> dict:
+    """``benchmarks/pretrain.py --full``: MoCo pretraining on Fashion-MNIST, then the fine-tuning arms
+    from three starts, in the minutes given."""
+    report, timed_out = _full_benchmark("pretrain", minutes, out, bundle, quick)
+    if report is None:
+        return timed_out
+    s, pre = report["settings"], report.get("pretraining") or {}
+    knn = pre.get("knn_top1")
+    pretraining = "not finished" if not pre else f"{pre.get('seconds', 0):.0f} s" + (
+        "" if knn is None else f", kNN {knn:.1f}")
+    return {"status": _status(report, timed_out), "table": report["table"], "probes": report.get("probes", []),
+            "pretraining": pre,
+            "detail": f"{s['runs_done']}/{s['runs_planned']} runs; pretraining {pretraining}; " + "; ".join(
+                f"{r['start']} {r['budget']} {r['method']} {r['top1_mean']:.1f}" for r in report["table"])}
 
 
 def main(argv=None) -> int:

@@ -187,8 +187,51 @@ def two_class(report: dict) -> str:
     return "\n".join(lines)
 
 
+def pretrain(report: dict) -> str:
+    s, pre = report["settings"], report.get("pretraining") or {}
+    lines = [f"Fashion-MNIST at {s['img_size']} px; pretraining `test_resnet` {s['pre_epochs']} epochs of "
+             f"{s['pre_batch']} (queue {s['queue']}); fine-tuning {s['steps']} steps of {s['batch']} + {s['mu']} x "
+             f"{s['batch']}, {s['seeds']} seeds ({_when(report)}):", "",
+             "| start | labels | method | test top-1 (mean ± sd) | per seed | accepted PL acc. | PL KL(uniform) | "
+             "s / run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["table"]:
+        sup = r["method"] == "supervised"
+        lines.append(f"| {r['start']} | {r['budget']} | {r['method']} | {r['top1_mean']:.2f} ± {r['top1_sd']:.2f} | "
+                     f"{', '.join(f'{v:.1f}' for v in r['top1_per_seed'])} | {'-' if sup else _f(r['pl_acc_mean'])} | "
+                     f"{'-' if sup else _f(r['pl_kl_mean'], '.3f')} | {r['seconds_mean']:.0f} |")
+    if report.get("probes"):
+        lines += ["", "| start | labels | kNN top-1 (k 20) | linear probe top-1 |", "|---|---|---|---|"]
+        for r in report["probes"]:
+            lines.append(f"| {r['start']} | {r['budget']} | {_pm((r['knn_mean'], r['knn_sd']))} | "
+                         f"{_pm((r['probe_mean'], r['probe_sd']))} |")
+    if pre:
+        lines += ["", f"Pretraining: {pre.get('steps')} steps in {pre.get('seconds', 0) / 60:.1f} min, kNN monitor "
+                      f"top-1 {_f(pre.get('knn_top1'))}. Whole benchmark: {report.get('wall_seconds', 0) / 60:.0f} min "
+                      f"of wall time, {report.get('run_seconds_total', 0) / 60:.0f} min of single-process run time."]
+    return "\n".join(lines)
+
+
+def pretrain_estimate(report: dict) -> str:
+    s, c = report["settings"], report["costs"]
+    lines = [f"`benchmarks/pretrain.py --estimate`: CPU seconds of {s['estimate_steps']} steps of each kind of run, one "
+             f"thread ({report['date']}, {report['machine']['cpu_count']} CPU cores, load average "
+             f"{report['machine']['load_average'][0]:.1f}):", "",
+             "| run | s / step | steps | evaluation s | s / run |", "|---|---|---|---|---|",
+             f"| pretraining (batch {s['pre_batch']}) | {c['pretrain']['step_s']:.3f} | {c['pretrain']['steps']} | "
+             f"{c['pretrain']['knn_s']:.1f} (kNN) | {c['pretrain']['total_s']:.0f} |"]
+    for key, v in c.items():
+        if key != "pretrain" and isinstance(v, dict):
+            lines.append(f"| {key} | {v['step_s']:.3f} | {s['steps']} | {v['eval_s']:.1f} | {v['total_s']:.0f} |")
+    lines += ["", f"{report['jobs']} runs, {report['process_s'] / 60:.0f} single-process minutes (Lite0 feature cache "
+                  f"{c.get('lite0-cache_s', 0):.0f} s, probes {report.get('probes_s', 0):.0f} s): an estimated "
+                  f"{report['wall_s'] / 60:.1f} min of wall time on {s['parallel']} processes."]
+    return "\n".join(lines)
+
+
 RENDER = {"two-class": two_class, "gain": gain, "speed": speed, "load": load, "finetune-probe": finetune_probe,
-          "finetune-frozen": finetune_frozen, "finetune-full": finetune_full, "imbalanced": imbalanced, "vit": vit}
+          "finetune-frozen": finetune_frozen, "finetune-full": finetune_full, "imbalanced": imbalanced, "vit": vit,
+          "pretrain": pretrain, "pretrain_estimate": pretrain_estimate}
 
 
 def main(paths) -> int:

@@ -358,9 +358,10 @@ class BatchViews:
         self.fill = tuple(float(v) for v in fill_color(mean))
 
     def __call__(self, images: torch.Tensor, u: torch.Tensor, crop: bool = True, augment: bool = True,
-                 normalize: bool = True, channels_last: bool = False) -> torch.Tensor:
+                 normalize: bool = True, channels_last: bool = False, keep_channels: bool = False) -> torch.Tensor:
         """``images``: B x C x H x W uint8 (C = 1 or 3); returns B x 3 x size x size float,
-        normalised (or 0..255 with ``normalize=False``)."""
+        normalised (or 0..255 with ``normalize=False``, grey kept as one channel with
+        ``keep_channels``, for more augmentation before :func:`normalize_images`)."""
         b, c, h, w = images.shape
         sizes = torch.tensor([[h, w]]).expand(b, 2) if crop else None
         plan = make_plan(u.cpu(), sizes, self.scale, self.ratio, self.hflip, self.strong if augment else None)
@@ -374,7 +375,7 @@ class BatchViews:
         if augment and self.strong is not None:
             x = self._rand_augment(x, plan, fill)
         if not normalize:
-            return x.expand(-1, 3, -1, -1).contiguous()
+            return x if keep_channels else x.expand(-1, 3, -1, -1).contiguous()
         return normalize_images(x, self.mean, self.std, channels_last)
 
     def _rand_augment(self, x: torch.Tensor, plan: Plan, fill: torch.Tensor) -> torch.Tensor:

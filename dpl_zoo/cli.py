@@ -12,6 +12,7 @@ from rich.console import Console
 
 DEFAULT_RECIPE = "mnist_demo"
 DEFAULT_METHODS = ("debiaspl", "fixmatch")
+DEFAULT_PRETRAIN_RECIPE = "pretrain_moco"
 
 console = Console()
 
@@ -29,6 +30,22 @@ def _add_train(sub) -> None:
                                     "experiment's last checkpoint if there is one (for torchrun --max-restarts; "
                                     "needs --set experiment=NAME)")
     p.add_argument("--dry-run", action="store_true", help="build everything, run one step on a tiny synthetic batch")
+    p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
+    p.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="self-supervised pretraining (MoCo v2 with EMAN) of a timm backbone on "
+                                        "unlabeled images: a start point for fine-tuning",
+                       description="Pretrains the recipe's timm backbone on the unlabeled images of data.root (or a "
+                                   "built-in dataset) and exports it to runs/NAME/export, which the fine-tuning "
+                                   "recipes take as initial_checkpoint. A kNN monitor reports feature quality per "
+                                   "epoch when labels are given (knn.root, or a built-in dataset's).")
+    p.add_argument("recipe", nargs="?", help=f"recipe file or shipped recipe name (default: {DEFAULT_PRETRAIN_RECIPE})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set data.root=images (repeatable)")
+    p.add_argument("--resume", help="continue the run of this checkpoint (its last.pth.tar); 'auto': the "
+                                    "experiment's last checkpoint if there is one (needs --set experiment=NAME)")
     p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     p.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
 
@@ -107,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dpl-zoo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_pretrain(sub)
     _add_eval(sub)
     _add_plot(sub)
     _add_zoo(sub)
@@ -168,6 +186,21 @@ def cmd_train(args) -> int:
         except DataError as e:  # matplotlib missing: the runs are done, say how to get the figure
             console.print(f"no figure: {e}")
     console.print(f"wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .config import load_pretrain_config
+    from .pretrain import pretrain
+    from .progress import Reporter
+    overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
+    cfg = load_pretrain_config(args.recipe or DEFAULT_PRETRAIN_RECIPE, overrides)
+    summary = pretrain(cfg, resume=args.resume, quiet=args.quiet, reporter=Reporter(quiet=args.quiet, console=console))
+    knn = f", kNN top-1 {summary['knn_top1']:.2f}" if summary.get("knn_top1") is not None else ""
+    console.print(f"pretrained {summary['model']} on {summary['images']} images, {summary['steps']} steps in "
+                  f"{summary['seconds']:.0f} s{knn}", soft_wrap=True)
+    console.print(f"start point: {summary['export']} (fine-tune with --set initial_checkpoint={summary['export']} "
+                  f"--set model={summary['model']} --set pretrained=false)", soft_wrap=True)
     return 0
 
 
@@ -328,7 +361,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     configure_logging()
     args = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "info": cmd_info, "convert": cmd_convert,
+    handlers = {"train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "list": cmd_list, "info": cmd_info,
+                "convert": cmd_convert,
                 "publish": cmd_publish, "publish-zoo": cmd_publish_zoo, "pseudo-label": cmd_pseudo_label,
                 "plot": cmd_plot}
     try:

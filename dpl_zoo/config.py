@@ -1,4 +1,5 @@
-"""Typed recipe config: YAML + ``--set`` overrides -> one validated ``TrainConfig``.
+"""Typed recipe config: YAML + ``--set`` overrides -> one validated ``TrainConfig`` (fine-tuning)
+or ``PretrainConfig`` (self-supervised pretraining).
 
 Top-level keys use timm train.py's names where one exists (model, lr, opt, sched,
 epochs, ...); the method lives under ``dpl`` and the data under ``data``. A key
@@ -146,6 +147,93 @@ class TrainConfig:
     device: Optional[str] = None
     dpl: DPLConfig = field(default_factory=DPLConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class MoCoConfig:
+    """MoCo v2 with EMAN (the start the paper's ImageNet runs use): names of the MoCo code."""
+    dim: int = 128                     # embedding size (the projection head's output)
+    hidden: Optional[int] = None       # the projection MLP's hidden width; default: the backbone's feature size
+    queue_size: int = 65536            # negatives kept from past batches (MoCo's K)
+    temperature: float = 0.2           # MoCo v2's T
+    momentum: float = 0.999            # EMAN key encoder: parameters and BatchNorm statistics averaged
+
+
+@dataclass
+class PretrainDataConfig:
+    """The unlabeled images and the MoCo v2 augmentation (two views of each image)."""
+    dataset: str = "folder"            # folder (any image files below root) | mnist | fashion_mnist | a timm name
+    root: Optional[str] = None
+    train_split: str = "train"
+    val_fraction: float = 0.2          # embedded MNIST: held-out test share
+    unlabeled_max: Optional[int] = None  # at most this many images (a seeded subset)
+    scale: tuple = (0.2, 1.0)          # RandomResizedCrop scale (MoCo v2: 0.2)
+    ratio: tuple = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue (torchvision ColorJitter)
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple = (0.1, 2.0)     # Gaussian blur sigma range in pixels of the training size (MoCo v2 at 224 px)
+    verify_images: bool = True
+    strict: bool = False
+
+
+@dataclass
+class KNNConfig:
+    """The kNN monitor: weighted kNN (InstDisc/MoCo) of the backbone's features on a labeled split."""
+    enabled: bool = True               # built-in datasets use their labels; a folder needs knn.root
+    root: Optional[str] = None         # a labeled class folder (root/<class>/<image>): the memory bank
+    val_root: Optional[str] = None     # the labeled images to classify; default: a sibling val/validation/test
+    val_split: str = "validation"      # timm datasets: the split to classify
+    k: int = 200
+    temperature: float = 0.07
+    bank_max: Optional[int] = 10000    # at most this many bank images (seeded subset)
+    val_max: Optional[int] = 2000      # at most this many images classified (seeded subset)
+    interval: int = 1                  # epochs between kNN evaluations
+
+
+@dataclass
+class PretrainConfig:
+    """A self-supervised pretraining run (``dpl-zoo pretrain``); keys as in :class:`TrainConfig`."""
+    model: str = "resnet50"
+    pretrained: bool = False           # continue from timm's weights instead of random ones
+    model_kwargs: dict = field(default_factory=dict)
+    img_size: Optional[int] = None     # default: the model's pretrained_cfg
+    mean: Optional[tuple] = None
+    std: Optional[tuple] = None
+    crop_pct: Optional[float] = None   # evaluation (kNN monitor, and the export's preprocessing)
+    interpolation: Optional[str] = None
+    batch_size: int = 256
+    lr: float = 0.03
+    opt: str = "momentum"
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    filter_bias_and_bn: bool = False   # MoCo decays every parameter
+    sched: str = "cosine"
+    epochs: int = 200
+    steps_per_epoch: Optional[int] = None  # default: one pass over the images
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    clip_grad: Optional[float] = None
+    amp: bool = False
+    amp_dtype: str = "float16"
+    channels_last: bool = False
+    workers: int = 2
+    pin_memory: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    log_interval: int = 20
+    output: str = "runs"
+    experiment: Optional[str] = None
+    device: Optional[str] = None
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    knn: KNNConfig = field(default_factory=KNNConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -344,6 +432,49 @@ def _lookup(cfg: TrainConfig, dotted: str) -> Any:
     return node
 
 
+def validate_pretrain(cfg: PretrainConfig) -> PretrainConfig:
+    """Cross-field checks of a pretraining config."""
+    m, d, k = cfg.moco, cfg.data, cfg.knn
+    checks = [
+        ("moco.dim", m.dim >= 1), ("moco.hidden", m.hidden is None or m.hidden >= 1),
+        ("moco.queue_size", m.queue_size >= 1), ("moco.temperature", m.temperature > 0),
+        ("moco.momentum", 0 <= m.momentum < 1), ("batch_size", cfg.batch_size >= 1), ("epochs", cfg.epochs >= 1),
+        ("lr", cfg.lr > 0), ("workers", cfg.workers >= 0), ("log_interval", cfg.log_interval >= 1),
+        ("warmup_epochs", 0 <= cfg.warmup_epochs < cfg.epochs or cfg.warmup_epochs == 0),
+        ("steps_per_epoch", cfg.steps_per_epoch is None or cfg.steps_per_epoch >= 1),
+        ("data.val_fraction", 0 < d.val_fraction < 1),
+        ("data.unlabeled_max", d.unlabeled_max is None or d.unlabeled_max >= 1),
+        ("data.hflip", 0 <= d.hflip <= 1), ("data.color_jitter_p", 0 <= d.color_jitter_p <= 1),
+        ("data.grayscale_p", 0 <= d.grayscale_p <= 1), ("data.blur_p", 0 <= d.blur_p <= 1),
+        ("data.scale", len(d.scale) == 2 and 0 < d.scale[0] <= d.scale[1] <= 1),
+        ("data.ratio", len(d.ratio) == 2 and 0 < d.ratio[0] <= d.ratio[1]),
+        ("data.color_jitter", len(d.color_jitter) == 4 and all(v >= 0 for v in d.color_jitter)
+         and d.color_jitter[3] <= 0.5),
+        ("data.blur_sigma", len(d.blur_sigma) == 2 and 0 < d.blur_sigma[0] <= d.blur_sigma[1]),
+        ("knn.k", k.k >= 1), ("knn.temperature", k.temperature > 0), ("knn.interval", k.interval >= 1),
+        ("knn.bank_max", k.bank_max is None or k.bank_max >= 1), ("knn.val_max", k.val_max is None or k.val_max >= 1),
+    ]
+    for name, ok in checks:
+        if not ok:
+            raise ConfigError(f"{name} is out of range ({_lookup(cfg, name)!r}); see the comments in dpl_zoo/config.py")
+    if cfg.amp_dtype not in ("float16", "bfloat16"):
+        raise ConfigError(f"amp_dtype must be float16 or bfloat16, got {cfg.amp_dtype!r}")
+    if cfg.crop_pct is not None and not 0 < cfg.crop_pct <= 1:
+        raise ConfigError(f"crop_pct must be in (0, 1] (0.875: resize 256, crop 224), got {cfg.crop_pct}")
+    if cfg.interpolation is not None and cfg.interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {cfg.interpolation!r}")
+    return cfg
+
+
+def load_pretrain_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> PretrainConfig:
+    """A pretraining recipe (None: the defaults, e.g. ``pretrain_moco``) plus ``key=value`` overrides."""
+    return validate_pretrain(_build(PretrainConfig, _recipe_tree(recipe, overrides)))
+
+
+def pretrain_config_from_dict(tree: dict) -> PretrainConfig:
+    return validate_pretrain(_build(PretrainConfig, tree))
+
+
 def recipe_dir() -> Path:
     """The shipped recipes (the top-level ``recipes/`` folder, installed as ``dpl_zoo.recipes``)."""
     from . import recipes
@@ -362,8 +493,8 @@ def resolve_recipe_path(name_or_path: str) -> Path:
                       f"(shipped: {', '.join(names)})")
 
 
-def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
-    """Recipe file or shipped recipe name (None: the built-in defaults) plus ``key=value`` overrides."""
+def _recipe_tree(recipe: Optional[str], overrides: Optional[list[str]]) -> dict:
+    """A recipe file or shipped recipe name (None: empty) with ``key=value`` overrides applied."""
     tree: dict = {}
     if recipe is not None:
         path = resolve_recipe_path(recipe)
@@ -376,7 +507,12 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = N
     for item in overrides or []:
         key, value = parse_override(item)
         _set_path(tree, key, value)
-    return validate(_build(TrainConfig, tree))
+    return tree
+
+
+def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Recipe file or shipped recipe name (None: the built-in defaults) plus ``key=value`` overrides."""
+    return validate(_build(TrainConfig, _recipe_tree(recipe, overrides)))
 
 
 def config_from_dict(tree: dict) -> TrainConfig:
@@ -384,8 +520,12 @@ def config_from_dict(tree: dict) -> TrainConfig:
     return validate(_build(TrainConfig, tree))
 
 
-def save_config(cfg: TrainConfig, path: Path) -> None:
+def save_config(cfg, path: Path) -> None:
     path.write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+# the config sections (dataclasses) whose keys are compared one by one; other dicts (model_kwargs) whole
+SECTIONS = ("dpl", "data", "moco", "knn")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -393,7 +533,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     comparisons name."""
     out = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and key in ("dpl", "data"):
+        if isinstance(value, dict) and key in SECTIONS:
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = value

@@ -237,6 +237,45 @@ class ImageFolderDataset(Dataset):
             raise DataError(f"unreadable image {path}: {e}; remove it or enable data.verify_images") from e
 
 
+class UnlabeledFolder(Dataset):
+    """Every image file below ``root`` (any nesting, class folders or none), sorted by path; the
+    labels are unknown (-1). For self-supervised pretraining on a user's own images. Unreadable
+    images are found once, as for :class:`ImageFolderDataset`, and listed in ``bad_indices``."""
+
+    def __init__(self, root: str | Path, verify: bool = True, strict: bool = False, threads: int = 8):
+        from . import distributed as dist_utils
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"image folder {str(root)!r} does not exist; set data.root to a folder of images")
+        files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        if not files:
+            raise DataError(f"{root} holds no images ({', '.join(IMG_EXTENSIONS)}), in it or below it")
+        self.root = root
+        self.samples = [(f, -1) for f in files]
+        self.targets = [-1] * len(files)
+        self.classes: list[str] = []
+        self.bad_indices: list[int] = []
+        if verify:
+            bad = scan_images(root, self.samples, threads) if dist_utils.is_main() else None
+            bad = dist_utils.broadcast_object(bad)
+            if bad and strict:
+                i = min(bad)
+                raise DataError(f"unreadable image {self.samples[i][0]}: {bad[i]} (remove it, or run without --strict "
+                                f"to skip it)")
+            self.bad_indices = sorted(bad)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), -1
+        except (OSError, ValueError) as e:
+            raise DataError(f"unreadable image {path}: {e}; remove it or enable data.verify_images") from e
+
+
 class TimmDataset(Dataset):
     """A ``timm.data.create_dataset`` dataset without transform, with its targets listed once."""
 

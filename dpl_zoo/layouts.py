@@ -11,6 +11,8 @@ with (a start point brings its own mean/std). Registered layouts:
 - ``efficientnet_pytorch``: EfficientNet-PyTorch names (``_conv_stem``, ``_blocks.N.*``,
   ``_fc``) onto timm EfficientNet / EfficientNet-Lite; B0-B7 (squeeze-excite blocks) onto
   ``tf_efficientnet_b*`` and ImageNet mean/std, Lite (none) with ``(x - 127) / 128``;
+- ``dpl_zoo_pretrain``: a ``dpl-zoo pretrain`` checkpoint is recognised and refused with a
+  pointer to its ``export/`` folder (the backbone with its preprocessing);
 - ``timm``: plain timm/torchvision names (an optional ``module.`` prefix is dropped).
 
 Every mapping is checked tensor by tensor: a missing, left-over or mis-shaped tensor is
@@ -241,6 +243,21 @@ register_layout(Layout(
     detect=lambda s: "_conv_stem.weight" in s and any(k.startswith("_blocks.") for k in s),
     filter=_efficientnet_pytorch_filter, check=_efficientnet_pytorch_check,
     data_config=_efficientnet_pytorch_preprocessing))
+def _is_pretrain_checkpoint(state: dict) -> bool:
+    """A ``dpl-zoo pretrain`` checkpoint: the query encoder, ``backbone.*`` + the MLP ``head.{0,2}.*``."""
+    return "head.0.weight" in state and "head.2.weight" in state and all(
+        k.startswith(("backbone.", "head.")) for k in state)
+
+
+def _pretrain_checkpoint_filter(state: dict, model: nn.Module) -> dict:
+    raise ConversionError("this is a dpl-zoo pretrain checkpoint (query encoder and projection head, without the "
+                          "preprocessing it was trained with); start from its export instead: initial_checkpoint="
+                          "runs/NAME/export (written when the run ends)")
+
+
+register_layout(Layout(
+    "dpl_zoo_pretrain", "a dpl-zoo pretrain checkpoint (backbone.*, head.*): refused, its export/ folder is the start",
+    detect=_is_pretrain_checkpoint, filter=_pretrain_checkpoint_filter))
 register_layout(Layout(
     "timm", "plain timm / torchvision names (a module. prefix is dropped)",
     detect=lambda s: False, filter=_timm_filter))
@@ -309,6 +326,8 @@ def load_start_point(model: nn.Module, source: str | Path, layout: Optional[str]
                                   f"downloads it again)") from e
     else:
         path = Path(source)
+        if path.is_dir():
+            return _load_folder(model, path, layout, sha256, **options)
         if sha256 is not None and path.is_file():
             from .integrity import IntegrityError, verified
             try:
@@ -320,3 +339,29 @@ def load_start_point(model: nn.Module, source: str | Path, layout: Optional[str]
     result = model.load_state_dict(mapped, strict=False)
     return {"layout": found.name, "path": str(path), "reset_head": sorted(result.missing_keys),
             "data_config": found.preprocessing(_tensors(state))}
+
+
+# preprocessing keys a timm folder's config.json carries for its weights (dpl_zoo exports write them)
+FOLDER_DATA_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
+
+
+def _load_folder(model: nn.Module, folder: Path, layout: Optional[str], sha256: Optional[str], **options) -> dict:
+    """A timm folder (``model.safetensors`` + ``config.json``, e.g. the export of ``dpl-zoo
+    pretrain`` or ``dpl-zoo train``) as a start point: its tensors through the layouts (every
+    one checked), its preprocessing from ``config.json``. Weights made for another architecture
+    are refused even where names and shapes would fit."""
+    import json
+    weights, config_path = folder / "model.safetensors", folder / "config.json"
+    if not weights.is_file():
+        raise ConversionError(f"{folder} is a folder without model.safetensors; give a weights file or a timm "
+                              f"folder (model.safetensors + config.json, as dpl-zoo exports write)")
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    theirs = config.get("architecture")
+    ours = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if theirs and ours and theirs != ours:
+        raise ConversionError(f"{folder} holds {theirs} weights; the run builds {ours} (set model: {theirs})")
+    info = load_start_point(model, weights, layout=layout, sha256=sha256, **options)
+    pretrained_cfg = config.get("pretrained_cfg") or {}
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained_cfg.items()
+                   if k in FOLDER_DATA_KEYS}
+    return {**info, "path": str(folder), "data_config": {**info["data_config"], **data_config}}

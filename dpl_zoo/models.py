@@ -10,20 +10,7 @@ from .config import ConfigError, TrainConfig
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """A timm model; ``img_size`` is passed to architectures with a fixed input size (ViTs)."""
-    import timm
-    from timm.models import get_pretrained_cfg
-    from timm.models import split_model_name_tag
-    arch = split_model_name_tag(cfg.model)[0]
-    if ":" not in cfg.model and not timm.is_model(arch):
-        import difflib
-        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.6)
-        raise ConfigError(f"unknown timm model {cfg.model!r}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                                "; see timm.list_models()"))
-    kwargs = dict(cfg.model_kwargs)
-    pcfg = get_pretrained_cfg(cfg.model)
-    if cfg.img_size and pcfg is not None and pcfg.fixed_input_size:
-        kwargs.setdefault("img_size", cfg.img_size)
-    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
+    model = _create(cfg, num_classes)
     if cfg.initial_checkpoint:
         from . import distributed as dist_utils
         from .cache import download_to_cache, is_url
@@ -41,6 +28,31 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def _create(cfg, num_classes: int) -> nn.Module:
+    """``timm.create_model`` for ``cfg.model`` (a clear error for an unknown name); ``img_size`` is
+    passed to architectures with a fixed input size (ViTs)."""
+    import timm
+    from timm.models import get_pretrained_cfg
+    from timm.models import split_model_name_tag
+    arch = split_model_name_tag(cfg.model)[0]
+    if ":" not in cfg.model and not timm.is_model(arch):
+        import difflib
+        close = difflib.get_close_matches(cfg.model, timm.list_models(), n=3, cutoff=0.6)
+        raise ConfigError(f"unknown timm model {cfg.model!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                                "; see timm.list_models()"))
+    kwargs = dict(cfg.model_kwargs)
+    pcfg = get_pretrained_cfg(cfg.model)
+    if cfg.img_size and pcfg is not None and pcfg.fixed_input_size:
+        kwargs.setdefault("img_size", cfg.img_size)
+    return timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
+
+
+def build_backbone(cfg) -> nn.Module:
+    """The backbone of a pretraining run (a ``PretrainConfig``): the timm model without classifier
+    (``num_classes=0``: pooled features), as the fine-tuning recipes will build it."""
+    return _create(cfg, 0)
+
+
 def set_mlp_head(model: nn.Module, hidden: int, num_classes: int) -> nn.Module:
     """Replace the classifier (timm's ``pretrained_cfg["classifier"]``) by Linear, ReLU, Linear: a
     head that can bend frozen features, not only weigh them. No BatchNorm: with an EMA teacher
@@ -56,7 +68,7 @@ def set_mlp_head(model: nn.Module, hidden: int, num_classes: int) -> nn.Module:
     return model
 
 
-def resolve_data_config(cfg: TrainConfig, model: nn.Module) -> dict:
+def resolve_data_config(cfg, model: nn.Module) -> dict:
     from timm.data import resolve_data_config as timm_resolve
     args: dict[str, Any] = {}
     if cfg.img_size:

@@ -53,11 +53,13 @@ def param_groups(model: nn.Module, weight_decay: float, filter_bias_and_bn: bool
 
 
 def build_optimization(cfg, model: nn.Module, steps_per_epoch: int):
-    """timm optimiser + per-update lr schedule for ``cfg`` (a ``TrainConfig``). The schedule is
+    """timm optimiser + per-update lr schedule for ``cfg`` (a ``TrainConfig`` or ``PretrainConfig``). The schedule is
     applied once at update 0, so the first step already runs at the scheduled, scaled lr."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-    groups = param_groups(model, cfg.weight_decay, cfg.filter_bias_and_bn, cfg.layer_decay, cfg.backbone_lr_scale)
+    # a pretraining config (PretrainConfig) has neither layer decay nor a new classifier
+    groups = param_groups(model, cfg.weight_decay, cfg.filter_bias_and_bn, getattr(cfg, "layer_decay", None),
+                          getattr(cfg, "backbone_lr_scale", None))
     if not any(group["params"] for group in groups):
         raise ValueError("no parameter of the model is trainable: freeze leaves nothing to train")
     optimizer = create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,

@@ -72,8 +72,16 @@ class Reporter:
 
     @staticmethod
     def _stats(live: dict) -> str:
-        return (f"loss {live['loss']:.3f}  mask {live['mask']:.2f}  pl-acc {100 * live['pl_acc']:.1f}  "
-                f"{live['img_s']:.0f} img/s")
+        parts = [f"loss {live['loss']:.3f}"]
+        if "mask" in live:
+            parts += [f"mask {live['mask']:.2f}", f"pl-acc {100 * live['pl_acc']:.1f}"]
+        if "instance_acc" in live:   # pretraining: how often the positive key is the most similar
+            parts.append(f"inst-acc {100 * live['instance_acc']:.1f}")
+        return "  ".join(parts + [f"{live['img_s']:.0f} img/s"])
+
+    def say(self, text: str) -> None:
+        """One line, as the run's other lines (a header, a result)."""
+        self._say(text)
 
     def eval_line(self, epoch: int, report: dict) -> None:
         parts = [f"epoch {epoch + 1}: top-1 {report['student']['top1']:.2f}"]

@@ -31,6 +31,12 @@ MAY_CHANGE = {
     "data.verify_images": "the start-up scan",
     "data.teacher_predictions": "a moved predictions file (its sha256 is compared)",
     "data.labeled_csv": "a moved split file (the split is compared)",
+    # pretraining (dpl-zoo pretrain): the kNN monitor reads the model, it never changes it
+    "knn.enabled": "the kNN monitor only reads the model", "knn.root": "a moved labeled folder (monitor only)",
+    "knn.val_root": "a moved labeled folder (monitor only)", "knn.val_split": "the monitor's split",
+    "knn.k": "the monitor's k", "knn.temperature": "the monitor's temperature",
+    "knn.bank_max": "the monitor's bank size", "knn.val_max": "the monitor's test size",
+    "knn.interval": "how often the monitor runs",
 }
 
 # what each checkpoint records of the content it trained on
@@ -50,9 +56,10 @@ def labeled_digest(labeled) -> str:
 
 
 def evidence(run) -> dict:
-    """What ``run`` trains on, for its checkpoints (see :data:`EVIDENCE`)."""
-    preds = run.teacher_predictions
-    return {"data": run.data_fingerprint, "labeled": labeled_digest(run.split.labeled),
+    """What ``run`` trains on, for its checkpoints (see :data:`EVIDENCE`); a pretraining run has no
+    labeled split (an empty one) and no teacher."""
+    preds, split = getattr(run, "teacher_predictions", None), getattr(run, "split", None)
+    return {"data": run.data_fingerprint, "labeled": labeled_digest(split.labeled if split is not None else []),
             "teacher_predictions": preds.digest() if preds is not None else None}
 
 
@@ -93,8 +100,9 @@ def check(saved: dict, cfg, where: Path, now: Optional[dict] = None, finished: b
 
 
 def state(run, epoch: int, best: dict) -> dict:
-    """A checkpoint of ``run`` after ``epoch``: the whole model, EMA teacher, optimiser, qhat and
-    target prior, what the run trained on, its config and the preprocessing."""
+    """A checkpoint of ``run`` after ``epoch``: the whole model, EMA teacher, optimiser, the task's
+    state (qhat and target prior; MoCo's queue), what the run trained on, its config and the
+    preprocessing."""
     task = run.task
     out = {"epoch": epoch, "step": (epoch + 1) * run.steps_per_epoch, "arch": run.cfg.model,
            "config": json.loads(json.dumps(run.cfg.to_dict())), "classes": run.classes,

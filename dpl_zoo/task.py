@@ -1,4 +1,5 @@
-"""DebiasPL as a timm ``TrainingTask``: student, EMAN teacher and the method core in one module.
+"""Training steps as timm ``TrainingTask``s: DebiasPL (student, EMAN teacher and the method core in one
+module) and MoCo v2 with EMAN (self-supervised pretraining, :class:`MoCoTask`).
 
 The task owns the forward passes of one semi-supervised step (student on labeled + strong views, teacher on weak views),
 hands the logits to :class:`~dpl_zoo.method.DebiasPLLoss`, and keeps ``qhat`` as
@@ -162,3 +163,62 @@ def _ema_slots(ema_module: nn.Module, student: nn.Module) -> list[tuple[nn.Modul
             if value is not None and name not in mod_e._non_persistent_buffers_set:
                 slots.append((mod_e, mod_s, "_buffers", name))
     return slots
+
+
+class MoCoTask(TrainingTask):
+    """One step of MoCo v2 with EMAN as a timm ``TrainingTask``.
+
+    The query encoder (:class:`~dpl_zoo.moco.MoCoEncoder`) is the trainable module; the key
+    encoder is its timm ``ModelEmaV3`` copy, which averages parameters *and* buffers (BatchNorm
+    running statistics; the batch counter is copied), i.e. EMAN, and always runs in eval mode, so a
+    key depends on its image only. ``forward(query_view, key_view)`` computes the InfoNCE loss
+    against the queue, then enqueues the batch's keys; call :meth:`update_ema` after the
+    optimiser step (MoCo updates the key encoder before computing keys: the same sequence).
+    The queue is task state (``get_task_state``), saved with checkpoints.
+    """
+
+    def __init__(self, encoder: nn.Module, queue_size: int = 65536, dim: int = 128, temperature: float = 0.2,
+                 momentum: float = 0.999, device: Optional[torch.device] = None,
+                 generator: Optional[torch.Generator] = None):
+        from .moco import KeyQueue
+        super().__init__(device=device, verbose=False)
+        self.trainable_module = encoder
+        self.temperature = temperature
+        self.queue = KeyQueue(queue_size, dim, generator=generator)
+        if device is not None:
+            self.queue.to(device)
+        self.setup_ema(decay=momentum)
+
+    def key_encoder(self) -> nn.Module:
+        return self.get_trainable_module(ema=True).module
+
+    def train(self, mode: bool = True) -> "MoCoTask":
+        super().train(mode)
+        self.key_encoder().eval()   # EMAN: the key encoder uses its averaged statistics
+        return self
+
+    def forward(self, query_view: torch.Tensor, key_view: torch.Tensor) -> Dict[str, Any]:
+        from .moco import moco_loss
+        q = self.trainable_module(query_view)
+        with torch.no_grad():
+            k = self.key_encoder()(key_view)
+        loss, logits = moco_loss(q, k, self.queue.snapshot(), self.temperature)
+        self.queue.enqueue(k)
+        # how often the positive is the most similar key: a cheap sign that training works
+        instance_acc = (logits.detach().argmax(1) == 0).float().mean()
+        return {"loss": loss, "output": logits, "instance_acc": instance_acc}
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        return {"queue": self.queue.keys.detach().cpu().clone(), "queue_ptr": self.queue.ptr.detach().cpu().clone()}
+
+    def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
+                        module: Optional[nn.Module] = None, ema: bool = False) -> None:
+        if not state or "queue" not in state:
+            if strict:
+                raise ValueError("checkpoint has no MoCo task state (the queue of keys)")
+            return
+        if state["queue"].shape != self.queue.keys.shape:
+            raise ValueError(f"checkpoint queue has shape {tuple(state['queue'].shape)}, this run needs "
+                             f"{tuple(self.queue.keys.shape)} (moco.queue_size x moco.dim)")
+        self.queue.keys.copy_(state["queue"])
+        self.queue.ptr.copy_(state["queue_ptr"])

@@ -132,6 +132,39 @@ def run_name(cfg: TrainConfig) -> str:
     return cfg.experiment or f"{cfg.model}-{cfg.dpl.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def resolve_run_folder(cfg, resume: Optional[str], name) -> tuple[Path, Optional[dict], Optional[dict]]:
+    """Where a run writes and what it continues from: ``(folder, checkpoint or None, summary of the
+    finished run or None)``, by the resume rules (:mod:`dpl_zoo.resume`). ``name()`` names a new run.
+
+    ``resume="auto"``: continue ``output/experiment/last.pth.tar`` when it exists, answer with the
+    summary of a run finished with this recipe, continue a finished run whose ``epochs`` grew, else
+    start the run. A new run never writes into a folder that holds one.
+    """
+    if resume == "auto":
+        if not cfg.experiment:
+            raise ConfigError("--resume auto needs a fixed experiment name (--set experiment=NAME): restarts must "
+                              "find the same run folder")
+        folder = Path(cfg.output) / cfg.experiment
+        if (folder / "summary.json").is_file():
+            finished = yaml.safe_load((folder / "config.yaml").read_text())
+            resume_rules.check({"config": finished}, cfg, folder, finished=True)
+            if finished.get("epochs") == cfg.epochs:    # a finished run answers for this recipe only
+                return folder, None, json.loads((folder / "summary.json").read_text())
+        resume = str(folder / "last.pth.tar") if (folder / "last.pth.tar").is_file() else None
+    if resume:
+        saved = ckpt.load(resume)
+        resume_rules.check(saved, cfg, Path(resume))
+        return Path(resume).parent, saved, None
+    out_dir = Path(cfg.output) / dist_utils.broadcast_object(name())
+    if (out_dir / "summary.json").exists():
+        raise FileExistsError(f"{out_dir} already holds a finished run; choose another experiment name "
+                              f"or output folder")
+    if (out_dir / "last.pth.tar").exists():
+        raise FileExistsError(f"{out_dir} holds an unfinished run; continue it with --resume auto (or "
+                              f"--resume {out_dir / 'last.pth.tar'}), or choose another experiment name")
+    return out_dir, None, None
+
+
 def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, reporter: Optional[Reporter] = None) -> dict:
     """Train one run to the end; returns the summary that is also written to ``summary.json``.
 
@@ -142,30 +175,9 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
     device = resolve_device(cfg)
     dist_utils.init_from_env(device.type)
     main = dist_utils.is_main()
-    saved = None
-    if resume == "auto":
-        if not cfg.experiment:
-            raise ConfigError("--resume auto needs a fixed experiment name (--set experiment=NAME): restarts must "
-                              "find the same run folder")
-        folder = Path(cfg.output) / cfg.experiment
-        if (folder / "summary.json").is_file():
-            finished = yaml.safe_load((folder / "config.yaml").read_text())
-            resume_rules.check({"config": finished}, cfg, folder, finished=True)
-            if finished.get("epochs") == cfg.epochs:    # a finished run answers for this recipe only
-                return json.loads((folder / "summary.json").read_text())
-        resume = str(folder / "last.pth.tar") if (folder / "last.pth.tar").is_file() else None
-    if resume:
-        saved = ckpt.load(resume)
-        resume_rules.check(saved, cfg, Path(resume))
-        out_dir = Path(resume).parent
-    else:
-        out_dir = Path(cfg.output) / dist_utils.broadcast_object(run_name(cfg))
-        if (out_dir / "summary.json").exists():
-            raise FileExistsError(f"{out_dir} already holds a finished run; choose another experiment name "
-                                  f"or output folder")
-        if (out_dir / "last.pth.tar").exists():
-            raise FileExistsError(f"{out_dir} holds an unfinished run; continue it with --resume auto (or "
-                                  f"--resume {out_dir / 'last.pth.tar'}), or choose another experiment name")
+    out_dir, saved, finished = resolve_run_folder(cfg, resume, lambda: run_name(cfg))
+    if finished is not None:
+        return finished
     with deterministic_mode(cfg.deterministic, device):
         return _fit(cfg, out_dir, saved, quiet, reporter, main)
 
@@ -188,7 +200,7 @@ def _fit(cfg: TrainConfig, out_dir: Path, saved: Optional[dict], quiet: bool, re
     metrics_path = out_dir / "metrics.jsonl"
     if main and metrics_path.exists():
         if saved is not None:
-            _truncate_metrics(metrics_path, saved["step"])
+            truncate_metrics(metrics_path, saved["step"])
         else:  # rows of a run that died before its first checkpoint: this start replays them
             metrics_path.unlink()
 
@@ -238,7 +250,7 @@ def export(run: Run, out_dir: Path) -> Path:
                             head_hidden_size=run.cfg.head_hidden_size)
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
+def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop the rows an interrupted run logged after its last checkpoint (they are replayed),
     and a last line the interruption left half written."""
     keep = []

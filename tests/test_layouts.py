@@ -8,7 +8,7 @@ from dpl_zoo.layouts import ConversionError, list_layouts, load_start_point, map
 
 
 def test_registry_lists_the_known_layouts():
-    assert list_layouts() == ["debiaspl", "moco", "efficientnet_pytorch", "timm"]
+    assert list_layouts() == ["debiaspl", "moco", "efficientnet_pytorch", "dpl_zoo_pretrain", "timm"]
 
 
 def _trained_magnitudes(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
