@@ -512,7 +512,11 @@ def _recipe_tree(recipe: Optional[str], overrides: Optional[list[str]]) -> dict:
 
 def load_config(recipe: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
     """Recipe file or shipped recipe name (None: the built-in defaults) plus ``key=value`` overrides."""
-    return validate(_build(TrainConfig, _recipe_tree(recipe, overrides)))
+    tree = _recipe_tree(recipe, overrides)
+    if "moco" in tree:
+        raise ConfigError(f"{recipe} is a pretraining recipe (it has a moco section): run it with "
+                          f"`dpl-zoo pretrain {recipe}`, and fine-tune from its export with `dpl-zoo train`")
+    return validate(_build(TrainConfig, tree))
 
 
 def config_from_dict(tree: dict) -> TrainConfig:

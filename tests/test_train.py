@@ -157,10 +157,19 @@ def test_fresh_start_drops_rows_of_a_run_that_left_no_checkpoint(tiny_config, tm
     assert rows and all(r.get("loss") != 9.0 for r in rows)
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in recipe_dir().glob("*.yaml")))
+TRAINING_RECIPES = sorted(p.stem for p in recipe_dir().glob("*.yaml") if not p.stem.startswith("pretrain"))
+
+
+@pytest.mark.parametrize("name", TRAINING_RECIPES)
 def test_dry_run_every_shipped_recipe(name):
     result = dry_run(load_config(name))
     assert result["params"] > 0 and result["loss"] == result["loss"]
+
+
+def test_a_pretraining_recipe_is_not_a_training_recipe():
+    from dpl_zoo.config import ConfigError
+    with pytest.raises(ConfigError, match="dpl-zoo pretrain pretrain_moco"):
+        load_config("pretrain_moco")
 
 
 def test_cli_train_compare_and_eval(image_data, tmp_path, capsys):
