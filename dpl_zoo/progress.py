@@ -70,10 +70,7 @@ class Reporter:
             self._progress.stop()
             self._progress = None
         if self._last:
-            self._say(self._epoch_done())
-
-    def _epoch_done(self) -> str:
-        return f"epoch {self._epoch + 1} done: {self._stats(self._last)}"
+            self._say(f"epoch {self._epoch + 1} done: {self._stats(self._last)}")
 
     @staticmethod
     def _stats(live: dict) -> str:
@@ -144,7 +141,7 @@ class RunBoard:
             self._progress = Progress(
                 TextColumn(f"{{task.description:<{width}}}"), TextColumn("{task.fields[epoch]}"), BarColumn(),
                 MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                console=self.console, refresh_per_second=4)   # the cores are the runs'; redraws are cheap
+                console=self.console, refresh_per_second=4)   # few redraws: the cores are the runs'
             self._tasks = {n: self._progress.add_task(n, total=None, epoch="", stats="starting") for n in names}
 
     def __enter__(self) -> "RunBoard":
@@ -179,9 +176,9 @@ class RunBoard:
     def done(self, key: str, summary: dict) -> None:
         """``key``'s run ended with ``summary``."""
         if self._progress is not None:
-            task = self._tasks[key]
-            total = self._progress.tasks[task].total
-            self._progress.update(task, completed=total or 0, stats=f"done: top-1 {_fmt(summary.get('top1'))}")
+            epochs, steps = self._plan.get(key, (0, 0))   # no plan: a finished run, read back
+            self._progress.update(self._tasks[key], completed=epochs * steps,
+                                  stats=f"done: top-1 {_fmt(summary.get('top1'))}")
 
     def say(self, key: Optional[str], text: str) -> None:
         """A line of run ``key`` (prefixed by it), or of the whole command (``key`` None)."""
