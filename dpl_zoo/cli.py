@@ -32,6 +32,9 @@ def _add_train(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="build everything, run one step on a tiny synthetic batch")
     p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     p.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the methods one after the other; by default, on a CPU with several cores and no "
+                        "GPU, they run side by side, one process each with cores/methods threads")
 
 
 def _add_pretrain(sub) -> None:
@@ -136,9 +139,10 @@ def cmd_train(args) -> int:
     from . import distributed as dist_utils
     from .config import ConfigError, load_config
     from .datasets import DataError
-    from .progress import Reporter, summary_table
+    from .progress import Reporter, RunBoard, summary_table
     from .dry_run import dry_run
     from .runtime import resolve_device
+    from .side_by_side import fit_side_by_side, threads_per_run, use_side_by_side
     from .train import fit
 
     recipe = args.recipe or DEFAULT_RECIPE
@@ -158,18 +162,37 @@ def cmd_train(args) -> int:
     if args.resume == "auto" and not cfg.experiment:
         raise ConfigError("--resume auto needs a fixed experiment name (--set experiment=NAME): a restarted "
                           "process must find the run folder the failed one wrote")
+    if len(set(methods)) < len(methods):
+        raise ConfigError(f"--methods lists a method twice ({', '.join(methods)}); each method runs once")
     # every rank must use the same run names: join the process group, then take rank 0's clock
-    dist_utils.init_from_env(resolve_device(cfg).type)
+    device_type = resolve_device(cfg).type
+    dist_utils.init_from_env(device_type)
     stamp = dist_utils.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
     base = cfg.experiment or f"{Path(recipe).stem}-{stamp}"
-    reporter = Reporter(quiet=args.quiet, console=console)
+    # every run's recipe is checked before any run starts
+    runs = [(method, load_config(recipe, overrides + [f"dpl.method={method}",
+                                                      f"experiment={base}-{method}" if len(methods) > 1 else
+                                                      f"experiment={base}"]))
+            for method in methods]
     t0 = time.perf_counter()
-    summaries = []
-    for method in methods:
-        run_cfg = load_config(recipe, overrides + [f"dpl.method={method}",
-                                                    f"experiment={base}-{method}" if len(methods) > 1 else
-                                                    f"experiment={base}"])
-        summaries.append(fit(run_cfg, resume=args.resume, quiet=args.quiet, reporter=reporter))
+    try:
+        if use_side_by_side(device_type, len(runs), args.sequential):
+            threads = threads_per_run(len(runs))
+            with RunBoard(methods, quiet=args.quiet, console=console) as board:
+                board.say(None, f"{len(runs)} methods side by side, one process each with {threads} torch "
+                                f"thread{'s' if threads > 1 else ''} (--sequential: one after the other)")
+                summaries = fit_side_by_side(runs, args.resume, board, threads,
+                                             resume_hint=f"; continue them: the same command with --set "
+                                                         f"experiment={base} --resume auto")
+        else:
+            reporter = Reporter(quiet=args.quiet, console=console)
+            summaries = [fit(run_cfg, resume=args.resume, quiet=args.quiet, reporter=reporter)
+                         for _, run_cfg in runs]
+    except KeyboardInterrupt:
+        if dist_utils.is_main() and args.resume in (None, "auto"):
+            console.print(f"interrupted: each run keeps its last checkpoint (written at epoch ends); continue: the "
+                          f"same command with --set experiment={base} --resume auto", soft_wrap=True)
+        raise
     if not dist_utils.is_main():
         return 0
     console.print(summary_table(summaries, title="same data, model and budget" if len(summaries) > 1 else
@@ -358,6 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .datasets import DataError
     from .train import TrainingDiverged
     from .registry import ZooError
+    from .side_by_side import RunProcessError
 
     configure_logging()
     args = build_parser().parse_args(argv)
@@ -368,7 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, ConversionError, DownloadError, ZooError, TrainingDiverged,
-            FileExistsError) as e:
+            FileExistsError, RunProcessError) as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # unwrapped: paths stay copyable
         return 2
     except Exception as e:  # noqa: BLE001 - library errors become one line; anything else propagates

@@ -111,7 +111,7 @@ def load_fashion_mnist(root: Optional[str] = None) -> tuple[ArrayImages, ArrayIm
     raw.mkdir(parents=True, exist_ok=True)
     for name, path in found.items():
         if not (raw / name).is_file():
-            tmp = raw / f".{name}.tmp"
+            tmp = raw / f".{name}.{os.getpid()}.tmp"   # runs side by side may unpack it at once
             with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f, open(tmp, "wb") as out:
                 shutil.copyfileobj(f, out)
             tmp.replace(raw / name)

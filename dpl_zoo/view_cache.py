@@ -65,19 +65,22 @@ class FeatureStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / "meta.json"
         described = {**record, "shape": list(self.shape)}
-        if meta.is_file():
-            saved = json.loads(meta.read_text())
-            if saved != json.loads(json.dumps(described, default=str)):
-                raise RuntimeError(f"view cache {self.folder} was written for other settings; delete the folder")
-        else:
-            tmp = meta.with_suffix(".tmp")
-            tmp.write_text(json.dumps(described, indent=1, default=str))
-            tmp.replace(meta)
-        path = self.folder / "features.npy"
-        mode = "r+" if path.is_file() else "w+"
-        self.features = np.lib.format.open_memmap(path, mode=mode, dtype=np.float16, shape=self.shape)
-        self._done_path = self.folder / "done.npy"
-        self.done = np.load(self._done_path) if self._done_path.is_file() else np.zeros(rows, dtype=bool)
+        from filelock import FileLock
+        # under the fill lock: runs side by side open one store at once, and only one may create it
+        with FileLock(str(self.folder / ".lock")):
+            if meta.is_file():
+                saved = json.loads(meta.read_text())
+                if saved != json.loads(json.dumps(described, default=str)):
+                    raise RuntimeError(f"view cache {self.folder} was written for other settings; delete the folder")
+            else:
+                tmp = meta.with_suffix(".tmp")
+                tmp.write_text(json.dumps(described, indent=1, default=str))
+                tmp.replace(meta)
+            path = self.folder / "features.npy"
+            mode = "r+" if path.is_file() else "w+"
+            self.features = np.lib.format.open_memmap(path, mode=mode, dtype=np.float16, shape=self.shape)
+            self._done_path = self.folder / "done.npy"
+            self.done = np.load(self._done_path) if self._done_path.is_file() else np.zeros(rows, dtype=bool)
 
     def missing(self, rows: Sequence[int]) -> list[int]:
         rows = np.asarray(sorted(set(int(r) for r in rows)), dtype=np.int64)
