@@ -274,13 +274,23 @@ def estimate(size: dict, args, out: Path, n: int) -> dict:
 
 
 def _estimate(size: dict, args, out: Path, n: int) -> dict:
+    """Timed on one torch thread, as each benchmark run uses; the caller's thread setting is kept
+    (it is process-wide, and a caller's later numbers depend on it)."""
     import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _estimate_one_thread(size, args, out, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _estimate_one_thread(size: dict, args, out: Path, n: int) -> dict:
     from dpl_zoo.config import load_config, load_pretrain_config
     from dpl_zoo.pretrain import build_pretrain_run, knn_accuracy, pretrain_one_epoch
     from dpl_zoo.progress import Reporter
     from dpl_zoo.run import build_run
     from dpl_zoo.train import evaluate, train_one_epoch
-    torch.set_num_threads(1)
     silent = Reporter(quiet=True, silent=True)
     clock = time.process_time
     jobs = jobs_for(size, args, out)

@@ -98,6 +98,18 @@ def hub(request, tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _torch_threads_unchanged():
+    """A test that leaves the process's torch thread count changed changes the numbers of every
+    later in-process run (the resume-equality tests compare one against a subprocess)."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    now = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    assert now == threads, f"the test left torch.set_num_threads({now}) behind (was {threads})"
+
+
+@pytest.fixture(autouse=True)
 def _isolated_dpl_zoo_cache(tmp_path_factory, monkeypatch):
     """Image scans, converted weights and downloads go to a per-test cache, never the user's."""
     monkeypatch.setenv("DPL_ZOO_CACHE", str(tmp_path_factory.mktemp("dpl-zoo-cache")))

@@ -161,6 +161,8 @@ def test_run_jobs_waits_for_what_a_job_comes_after(tmp_path, monkeypatch):
             return f
 
     monkeypatch.setattr(_common, "ProcessPoolExecutor", Inline)
+    monkeypatch.setattr(_common, "resolve_folders", lambda jobs, rerun_changed=False: [{**j, "folder": j["name"]}
+                                                                                       for j in jobs])
     jobs = [{"name": "b", "after": ["a"], "output": str(tmp_path)}, {"name": "c", "output": str(tmp_path)},
             {"name": "a", "output": str(tmp_path)}]
     results = _common.run_jobs(jobs, parallel=1)

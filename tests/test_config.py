@@ -2,9 +2,12 @@
 import pytest
 import yaml
 
-from dpl_zoo.config import ConfigError, TrainConfig, config_from_dict, load_config, recipe_dir, save_config
+from dpl_zoo.config import (ConfigError, PretrainConfig, TrainConfig, config_from_dict, load_config,
+                            load_pretrain_config, pretrain_config_from_dict, recipe_dir, save_config)
 
 SHIPPED = sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+PRETRAINING = sorted(p.stem for p in recipe_dir().glob("*.yaml") if "moco" in yaml.safe_load(p.read_text()))
+TRAINING = [name for name in SHIPPED if name not in PRETRAINING]
 
 
 def test_shipped_recipes_exist():
@@ -14,10 +17,16 @@ def test_shipped_recipes_exist():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_recipe_resolves(name, tmp_path):
-    cfg = load_config(name)
-    assert isinstance(cfg, TrainConfig)
+    load, kind, from_dict = ((load_pretrain_config, PretrainConfig, pretrain_config_from_dict) if name in PRETRAINING
+                             else (load_config, TrainConfig, config_from_dict))
+    cfg = load(name)
+    assert isinstance(cfg, kind)
     save_config(cfg, tmp_path / "c.yaml")
-    assert config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text())) == cfg
+    assert from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text())) == cfg
+
+
+def test_the_shipped_recipes_hold_both_kinds():
+    assert PRETRAINING == ["pretrain_moco"] and "finetune" in TRAINING
 
 
 def test_reference_settings_of_the_imagenet_recipes():

@@ -184,7 +184,7 @@ def test_resume_checks_the_teacher_predictions_content(image_data, tmp_path, pre
             "data.teacher_predictions": preds, "dpl.clip_threshold": 0.0}))
 
     fit(config(1, str(preds_file)), quiet=True)
-    assert torch.load(last, weights_only=True)["teacher_predictions_sha256"] == Predictions.load(preds_file).digest()
+    assert torch.load(last, weights_only=True)["evidence"]["teacher_predictions"] == Predictions.load(preds_file).digest()
     (tmp_path / "runs" / "run" / "summary.json").unlink()
     moved = tmp_path / "moved.safetensors"                      # the same predictions under another path resume
     moved.write_bytes(preds_file.read_bytes())
@@ -193,7 +193,7 @@ def test_resume_checks_the_teacher_predictions_content(image_data, tmp_path, pre
     other = Predictions.load(moved)                             # other content under the same path does not
     other.probs[0, 0] = 0.5
     other.save(moved)
-    with pytest.raises(CheckpointError, match="teacher predictions .* differ from those the run started with"):
+    with pytest.raises(CheckpointError, match="teacher predictions differ from those the run started with"):
         fit(config(3, str(moved)), resume=str(last), quiet=True)
     with pytest.raises(CheckpointError, match="started with data.teacher_predictions and would resume without"):
         fit(config(3, None), resume=str(last), quiet=True)
