@@ -114,15 +114,45 @@ def finetune_probe(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _head(r: dict) -> str:
+    return "linear" if r["head"] is None else f"MLP {r['head']}"
+
+
+def finetune_frozen_summary(report: dict, tau: float = 2, threshold: float = 0.7) -> str:
+    """Per label budget and head: supervised, FixMatch and DebiasPL at one (tau, threshold), the
+    FixMatch at the same threshold being the comparison."""
+    rows = [r for r in report["table"] if r["freeze"] in (None, "backbone")]
+    lines = [f"Frozen backbone, DebiasPL at tau {tau:g}, threshold {threshold:g} (FixMatch at the same threshold; "
+             f"mean ± sd over {report['settings']['seeds']} seeds; PL KL: the pseudo-label histogram's KL from "
+             f"uniform):", "",
+             "| labels/class | head | supervised | FixMatch | DebiasPL | DebiasPL - FixMatch | seeds won | "
+             "PL KL FixMatch | PL KL DebiasPL |", "|---|---|---|---|---|---|---|---|---|"]
+    for budget in sorted({r["budget"] for r in rows}):
+        for head in sorted({r["head"] for r in rows}, key=lambda h: h or 0):
+            sel = [r for r in rows if r["budget"] == budget and r["head"] == head]
+            sup = next((r for r in sel if r["method"] == "supervised"), None)
+            fm = next((r for r in sel if r["method"] == "fixmatch" and r["threshold"] == threshold), None)
+            dpl = next((r for r in sel if r["method"] == "debiaspl" and r["threshold"] == threshold
+                        and r["tau"] == tau), None)
+            if not (sup and fm and dpl):
+                continue
+            lines.append(f"| {budget} | {_head(dpl)} | {_pm((sup['top1_mean'], sup['top1_sd']))} | "
+                         f"{_pm((fm['top1_mean'], fm['top1_sd']))} | {_pm((dpl['top1_mean'], dpl['top1_sd']))} | "
+                         f"{_gain(dpl)} | {_won(dpl)} | {_f(fm['pl_kl_mean'], '.3f')} | {_f(dpl['pl_kl_mean'], '.3f')} |")
+    return "\n".join(lines)
+
+
 def finetune_frozen(report: dict) -> str:
     s = report["settings"]
-    lines = [f"Frozen `{s['model']}` at {s['img_size']} px, {s['cached_views']} weak + {s['cached_views']} strong "
+    lines = [finetune_frozen_summary(report), "", "Every arm:", "",
+             f"Frozen `{s['model']}` at {s['img_size']} px, {s['cached_views']} weak + {s['cached_views']} strong "
              f"cached views per image, {s['unlabeled'] or 'all'} unlabeled images, {s['steps']} steps of "
              f"{s['batch']} + {s['mu']} x {s['batch']}, all {s['test']} test images; {report['runs_done']} runs, "
-             f"caching {report['cache_seconds'] / 60:.1f} min ({_when(report)}):", "",
+             f"caching {report['cache_seconds'] / 60:.1f} min in the invocation that wrote this file "
+             f"({_when(report)}):", "",
              "| labels/class | frozen | head | method | tau | threshold | test top-1 | vs FixMatch | seeds won | "
              "accepted PL acc. | mask | PL KL(uniform) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["table"]:
+    for r in sorted(report["table"], key=lambda r: r["budget"]):
         lines.append(f"| {r['budget']} | {r['freeze']} | {'linear' if r['head'] is None else 'MLP ' + str(r['head'])} | "
                      f"{r['method']} | {'-' if r['tau'] is None else format(r['tau'], 'g')} | "
                      f"{'-' if r['threshold'] is None else format(r['threshold'], 'g')} | "
