@@ -189,6 +189,18 @@ def scan_images(root: Path, samples: list, threads: int = 8) -> dict[int, str]:
     return bad
 
 
+def unreadable_indices(root: Path, samples: list, strict: bool, threads: int) -> list[int]:
+    """Positions of ``samples`` that cannot be decoded (scanned once, on the main rank, and shared
+    with the others); with ``strict`` the first one is an error instead."""
+    from . import distributed as dist_utils
+    bad = scan_images(root, samples, threads) if dist_utils.is_main() else None
+    bad = dist_utils.broadcast_object(bad)
+    if bad and strict:
+        i = min(bad)
+        raise DataError(f"unreadable image {samples[i][0]}: {bad[i]} (remove it, or run without --strict to skip it)")
+    return sorted(bad)
+
+
 class ImageFolderDataset(Dataset):
     """``root/class/image`` with torchvision's own sample list (``make_dataset``: per-directory
     walk, symlinked folders followed), so split CSVs index the same images as ``ImageFolder``.
@@ -199,7 +211,6 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | Path, verify: bool = True, strict: bool = False, threads: int = 8):
         from torchvision.datasets.folder import find_classes, make_dataset
-        from . import distributed as dist_utils
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"dataset folder {str(root)!r} does not exist; set data.root to a folder of class sub-folders")
@@ -215,15 +226,7 @@ class ImageFolderDataset(Dataset):
                             f"add images or remove the folder")
         self.root = root
         self.targets = [t for _, t in self.samples]
-        self.bad_indices: list[int] = []
-        if verify:
-            bad = scan_images(root, self.samples, threads) if dist_utils.is_main() else None
-            bad = dist_utils.broadcast_object(bad)
-            if bad and strict:
-                i = min(bad)
-                raise DataError(f"unreadable image {self.samples[i][0]}: {bad[i]} (remove it, or run without --strict "
-                                f"to skip it)")
-            self.bad_indices = sorted(bad)
+        self.bad_indices = unreadable_indices(root, self.samples, strict, threads) if verify else []
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -243,7 +246,6 @@ class UnlabeledFolder(Dataset):
     images are found once, as for :class:`ImageFolderDataset`, and listed in ``bad_indices``."""
 
     def __init__(self, root: str | Path, verify: bool = True, strict: bool = False, threads: int = 8):
-        from . import distributed as dist_utils
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"image folder {str(root)!r} does not exist; set data.root to a folder of images")
@@ -254,15 +256,7 @@ class UnlabeledFolder(Dataset):
         self.samples = [(f, -1) for f in files]
         self.targets = [-1] * len(files)
         self.classes: list[str] = []
-        self.bad_indices: list[int] = []
-        if verify:
-            bad = scan_images(root, self.samples, threads) if dist_utils.is_main() else None
-            bad = dist_utils.broadcast_object(bad)
-            if bad and strict:
-                i = min(bad)
-                raise DataError(f"unreadable image {self.samples[i][0]}: {bad[i]} (remove it, or run without --strict "
-                                f"to skip it)")
-            self.bad_indices = sorted(bad)
+        self.bad_indices = unreadable_indices(root, self.samples, strict, threads) if verify else []
 
     def __len__(self) -> int:
         return len(self.samples)
