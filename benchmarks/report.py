@@ -164,7 +164,7 @@ def finetune_frozen(report: dict) -> str:
 def finetune_full(report: dict) -> str:
     s = report["settings"]
     lines = [f"Full fine-tuning of `{s['model']}` at {s['img_size']} px, {s['labels']} labels per class, "
-             f"{s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, all {s['test']} test images "
+             f"{s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, {s['test']} test images "
              f"({_when(report)}):", "",
              "| start | method | test top-1 | per seed | vs FixMatch | seeds won | accepted PL acc. | PL KL(uniform) | "
              "s / run |", "|---|---|---|---|---|---|---|---|---|"]
