@@ -181,14 +181,7 @@ def _peak_memory_worker(kind, name, size, classes, b, mu, views, device_type, am
     fn = hand_step_fn(model, classes, batch, amp) if kind == "hand" else \
         dpl_step_fn(model, 0.4 if kind == "debiaspl" else 0.0, classes, batch, amp)
     if device.type == "cuda":
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-        queue.put(torch.cuda.max_memory_allocated() - base)
+        queue.put(cuda_peak_memory(fn, steps))
         return
     # CPU: the lifetime high (ru_maxrss) is set while building the model, so sample the
     # current RSS in a thread while the steps run and report its peak above the start
