@@ -153,7 +153,7 @@ def finetune_frozen(report: dict) -> str:
              "| labels/class | frozen | head | method | tau | threshold | test top-1 | vs FixMatch | seeds won | "
              "accepted PL acc. | mask | PL KL(uniform) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(report["table"], key=lambda r: r["budget"]):
-        lines.append(f"| {r['budget']} | {r['freeze']} | {'linear' if r['head'] is None else 'MLP ' + str(r['head'])} | "
+        lines.append(f"| {r['budget']} | {r['freeze']} | {_head(r)} | "
                      f"{r['method']} | {'-' if r['tau'] is None else format(r['tau'], 'g')} | "
                      f"{'-' if r['threshold'] is None else format(r['threshold'], 'g')} | "
                      f"{_pm((r['top1_mean'], r['top1_sd']))} | {_gain(r)} | {_won(r)} | {_f(r['pl_acc_mean'], '.1f')} | "
