@@ -80,8 +80,9 @@ def start_overrides(start: str, size: dict, args, out: Path) -> list[str]:
     if start == "moco":
         return ["model=test_resnet", "pretrained=false", f"initial_checkpoint={out / 'pretrain' / 'export'}"]
     if start == "random":
-        return ["model=test_resnet", "pretrained=false", "initial_checkpoint=null", "mean=[0.5, 0.5, 0.5]",
-                "std=[0.5, 0.5, 0.5]"]
+        # nothing pretrained to keep: the whole network at the full lr
+        return ["model=test_resnet", "pretrained=false", "initial_checkpoint=null", "backbone_lr_scale=null",
+                "mean=[0.5, 0.5, 0.5]", "std=[0.5, 0.5, 0.5]"]
     sets = ["model=tf_efficientnet_lite0", "pretrained=false", f"initial_checkpoint={lite0_weights(args.weights)}",
             # the Lite0 weights' own preprocessing, (x - 127) / 128
             "mean=[0.498, 0.498, 0.498]", "std=[0.502, 0.502, 0.502]"]
@@ -99,7 +100,9 @@ def jobs_for(size: dict, args, out: Path) -> list[dict]:
         "data.scale=[0.6, 1.0]", "data.augment_on=device", f"data.val_max={size['test']}",
         f"data.eval_unlabeled_max={min(size['test'], 2000)}", f"batch_size={size['batch']}", f"dpl.mu={size['mu']}",
         f"epochs={size['evals']}", f"steps_per_epoch={steps_per_epoch}", "eval_interval=1", "warmup_epochs=0",
-        "lr=0.01", "model_ema_decay=0.99", "dpl.qhat_momentum=0.99", "dpl.tau=0.5", "dpl.threshold=0.95",
+        # the recipe's DebiasPL settings (tau 2, threshold 0.7, EMAN teacher with warm-up, target prior
+        # `labeled`, uniform here): what a user of recipes/finetune.yaml gets
+        "lr=0.01",
         f"workers={args.workers}", f"device={args.device}", "amp=" + ("true" if args.device == "cuda" else "false"),
         "channels_last=true", "log_interval=50",
     ]
