@@ -222,13 +222,14 @@ def pretrain(report: dict) -> str:
     lines = [f"Fashion-MNIST at {s['img_size']} px; pretraining `test_resnet` {s['pre_epochs']} epochs of "
              f"{s['pre_batch']} (queue {s['queue']}); fine-tuning {s['steps']} steps of {s['batch']} + {s['mu']} x "
              f"{s['batch']}, {s['seeds']} seeds ({_when(report)}):", "",
-             "| start | labels | method | test top-1 (mean ± sd) | per seed | accepted PL acc. | PL KL(uniform) | "
-             "s / run |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| start | labels | method | test top-1 (mean ± sd) | per seed | vs FixMatch (paired) | seeds won | "
+             "accepted PL acc. | PL KL(uniform) | s / run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["table"]:
         sup = r["method"] == "supervised"
         lines.append(f"| {r['start']} | {r['budget']} | {r['method']} | {r['top1_mean']:.2f} ± {r['top1_sd']:.2f} | "
-                     f"{', '.join(f'{v:.1f}' for v in r['top1_per_seed'])} | {'-' if sup else _f(r['pl_acc_mean'])} | "
+                     f"{', '.join(f'{v:.1f}' for v in r['top1_per_seed'])} | {_gain(r)} | {_won(r)} | "
+                     f"{'-' if sup else _f(r['pl_acc_mean'])} | "
                      f"{'-' if sup else _f(r['pl_kl_mean'], '.3f')} | {r['seconds_mean']:.0f} |")
     if report.get("probes"):
         lines += ["", "| start | labels | kNN top-1 (k 20) | linear probe top-1 |", "|---|---|---|---|"]

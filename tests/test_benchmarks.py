@@ -138,6 +138,26 @@ def test_pretrain_toy(tmp_path):
         f"{kind}-{m}" for kind in ("test_resnet", "lite0") for m in ("supervised", "fixmatch", "debiaspl")}
 
 
+def test_pretrain_gain_is_paired_by_seed(monkeypatch):
+    """The split's variance is shared by the arms of a seed; the gain is the spread of the differences."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import pretrain
+
+    def run(method, seed, top1):
+        return {"job": {"start": "moco", "budget": "4/class", "method": method, "seed": seed}, "top1": top1,
+                "pl_acc": 80.0, "pl_kl_uniform": 0.01, "seconds": 1.0}
+    # hard split on seed 1: both arms low; DebiasPL +1 and +2 points on the same splits
+    rows = pretrain.table_rows([run("fixmatch", 0, 70.0), run("fixmatch", 1, 50.0),
+                                run("debiaspl", 1, 52.0), run("debiaspl", 0, 71.0)])
+    dpl = next(r for r in rows if r["method"] == "debiaspl")
+    assert dpl["top1_per_seed"] == [71.0, 52.0]
+    assert dpl["gain_mean"] == pytest.approx(1.5) and dpl["gain_sd"] == pytest.approx(0.5 ** 0.5)
+    assert dpl["wins"] == 2 and "gain_mean" not in next(r for r in rows if r["method"] == "fixmatch")
+    checks = pretrain.verdicts(rows, [], 0.0, complete=False)
+    assert checks["in-domain DebiasPL beats FixMatch by more than the seed spread (4/class)"] is False
+    assert checks["in-domain DebiasPL - FixMatch paired by seed, mean ± sd, seeds won (4/class)"] == "+1.50 ± 0.71, 2/2"
+
+
 def test_run_jobs_waits_for_what_a_job_comes_after(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import _common
