@@ -17,7 +17,7 @@
 Pretraining runs in one process while the other process takes the random and ImageNet arms; the
 MoCo arms start when the pretraining's export exists (``run_jobs`` ``after``).
 
-    python benchmarks/pretrain.py              # CPU size: estimated 41 min on 2 cores (--estimate)
+    python benchmarks/pretrain.py              # CPU size: 35 min on 2 cores (2026-11-30)
     python benchmarks/pretrain.py --estimate   # time a slice of each kind of run, extrapolate
     python benchmarks/pretrain.py --full       # GPU size (the GPU check runs it)
     python benchmarks/pretrain.py --toy        # seconds, for the tests
