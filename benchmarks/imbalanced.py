@@ -14,7 +14,7 @@ recalls measured on all 10,000 test images (the expected accuracy on a test set 
 training profile, without the noise of a subsample). Balanced accuracy (mean per-class
 recall) is the same for both.
 
-    python benchmarks/imbalanced.py           # about 45 minutes on 2 CPU cores
+    python benchmarks/imbalanced.py           # 70 minutes on 2 CPU cores (2026-11-30)
     python benchmarks/imbalanced.py --toy
 """
 from __future__ import annotations
