@@ -95,16 +95,24 @@ def exportable(model: nn.Module) -> nn.Module:
 # --- the trainable rest of a model, for cached features ---------------------------------------
 
 class _Tail(nn.Module):
-    """Stages after the cached cut, the feature head, pooling and classifier, in order. Holds the
-    model's own modules (shared, not copied)."""
+    """Stages after the cached cut, the feature head and pooling, then the head's dropout
+    (``drop_rate``, as timm's ``forward_head`` applies it in training) and the classifier. Holds
+    the model's own modules (shared, not copied)."""
 
-    def __init__(self, stages: list[nn.Module], head: list[nn.Module]):
+    def __init__(self, stages: list[nn.Module], head: list[nn.Module], drop_rate: float = 0.0):
         super().__init__()
         self.stages = nn.Sequential(*stages)
         self.head = nn.Sequential(*head)
+        self.drop_rate = drop_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(x))
+        x = self.stages(x)
+        for module in self.head[:-1]:
+            x = module(x)
+        classifier = self.head[-1]
+        if self.drop_rate:   # in the classifier's mode: the tail follows model.train() / .eval() too
+            x = nn.functional.dropout(x, p=self.drop_rate, training=classifier.training)
+        return classifier(x)
 
 
 def _efficientnet_split(model, start: int):
@@ -112,7 +120,7 @@ def _efficientnet_split(model, start: int):
     def prefix(x):
         return model.blocks[:start](model.bn1(model.conv_stem(x)))
     return prefix, _Tail(list(model.blocks[start:]), [model.conv_head, model.bn2, model.global_pool,
-                                                     model.classifier])
+                                                     model.classifier], _head_drop_rate(model))
 
 
 def _resnet_split(model, start: int):
@@ -124,7 +132,7 @@ def _resnet_split(model, start: int):
         for layer in layers[:start]:
             x = layer(x)
         return x
-    return prefix, _Tail(layers[start:], [model.global_pool, model.fc])
+    return prefix, _Tail(layers[start:], [model.global_pool, model.fc], _head_drop_rate(model))
 
 
 def _families() -> dict:
@@ -140,10 +148,18 @@ def split_for_cache(model: nn.Module, spec: FreezeSpec) -> tuple[Callable[[torch
     ``N`` stages: the prefix is the stem and the first ``N - 1`` stages (supported for timm's
     EfficientNet and ResNet families), the tail the rest of the model.
     """
+    prefix, tail = _split(model, spec)
+    _refuse_randomness_in(model, tail)
+    return prefix, tail
+
+
+def _split(model: nn.Module, spec: FreezeSpec):
     if spec == "backbone":
         def features(x):
             return model.forward_head(model.forward_features(x), pre_logits=True)
-        return features, model.get_classifier()
+        classifier, rate = model.get_classifier(), _head_drop_rate(model)
+        # the classifier alone when there is no head dropout: its tensors keep their names (older checkpoints)
+        return features, (_Tail([], [classifier], rate) if rate else classifier)
     if not isinstance(spec, int) or isinstance(spec, bool) or spec < 1:
         raise FreezeError(f"data.cached_views needs freeze: backbone or freeze: N >= 1 (the stem at least), got {spec!r}")
     for family, split in _families().items():
@@ -156,3 +172,33 @@ def split_for_cache(model: nn.Module, spec: FreezeSpec) -> tuple[Callable[[torch
     raise FreezeError(f"cached stage outputs (data.cached_views with freeze: {spec}) are supported for timm's "
                       f"{names} families, not {type(model).__name__}; use freeze: backbone with data.cached_views, "
                       f"or freeze: {spec} without data.cached_views")
+
+
+# timm's head dropout as a module (ViTs: head_drop; ConvNeXt-style heads: head.drop); ResNet and
+# EfficientNet apply it as a function. The tail applies it in every case, at every step.
+_HEAD_DROPOUT = ("head_drop", "head.drop")
+
+
+def _head_drop_rate(model: nn.Module) -> float:
+    return float(getattr(model, "drop_rate", 0.0) or 0.0)
+
+
+def _refuse_randomness_in(model: nn.Module, tail: nn.Module) -> None:
+    """Refuse a frozen part that draws randomness in training: stochastic depth (timm's
+    ``drop_path_rate``), DropBlock, dropout. Without a cache it draws anew at every step; a cached
+    feature is computed once, so training on it would silently go without."""
+    from timm.layers import DropBlock2d, DropPath, PatchDropout
+    in_tail = {id(m) for m in tail.modules()}
+    found = []
+    for name, m in model.named_modules():
+        rate = (getattr(m, "drop_prob", 0.0) if isinstance(m, (DropPath, DropBlock2d)) else
+                getattr(m, "prob", 0.0) if isinstance(m, PatchDropout) else
+                m.p if isinstance(m, nn.modules.dropout._DropoutNd) else 0.0)
+        if rate and id(m) not in in_tail and not (name in _HEAD_DROPOUT and rate == _head_drop_rate(model)):
+            found.append(f"{name} ({type(m).__name__} {rate:g})")
+    if found:
+        raise FreezeError(f"the frozen part draws randomness at every training step ({', '.join(found[:3])}"
+                          f"{' ...' if len(found) > 3 else ''}: stochastic depth or dropout), which features cached "
+                          f"once cannot repeat; set those rates to 0 in model_kwargs (drop_path_rate, drop_block_rate, "
+                          f"proj_drop_rate, attn_drop_rate, pos_drop_rate, patch_drop_rate), or train without "
+                          f"data.cached_views")

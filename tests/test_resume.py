@@ -9,6 +9,8 @@ from dpl_zoo.checkpoint import CheckpointError
 from dpl_zoo.config import flatten
 from dpl_zoo.train import fit
 
+from conftest import as_bmp, make_start_folder, repaint
+
 
 def _rows(run_dir, kind="train"):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -126,3 +128,38 @@ def test_what_a_resume_compares(tiny_config, tmp_path, key, value, message):
     from dpl_zoo.config import PretrainConfig
     keys = set(flatten(cfg.to_dict())) | set(flatten(PretrainConfig().to_dict()))
     assert not set(resume.MAY_CHANGE) - keys   # every rule names a real key of a training or pretraining config
+
+
+# --- the rules on real runs: what changed on disk between a run and its resume -------------------------
+
+def _repaint_an_image(image, start):
+    repaint(image)                                               # same file size, other pixels
+
+
+def _rewrite_the_start_folder(image, start):
+    make_start_folder(start, seed=1, mean=(0.6, 0.6, 0.6))      # same path, other weights and preprocessing
+
+
+DISK_CASES = [
+    # (what changes, the refusal's words; None: the resume goes on, on what the run trained with)
+    ("an image rewritten at the same size", _repaint_an_image, "training data differ"),
+    ("the start folder rewritten", _rewrite_the_start_folder, None),
+]
+
+
+@pytest.mark.parametrize("change,refused", [c[1:] for c in DISK_CASES], ids=[c[0] for c in DISK_CASES])
+def test_what_a_resume_does_after_a_change_on_disk(tiny_config, image_data, tmp_path, change, refused):
+    start = make_start_folder(tmp_path / "start", seed=0, mean=(0.2, 0.3, 0.4))
+    image = as_bmp(image_data / "train" / "cat" / "000.png")
+    fit(tiny_config(epochs=1, initial_checkpoint=str(start)), quiet=True)
+    last = tmp_path / "runs" / "run" / "last.pth.tar"
+    before = last.read_bytes()
+    change(image, start)
+    if refused:
+        with pytest.raises(CheckpointError, match=refused):
+            fit(tiny_config(epochs=2, initial_checkpoint=str(start)), resume="auto", quiet=True)
+        assert last.read_bytes() == before                           # nothing written
+        return
+    assert fit(tiny_config(epochs=2, initial_checkpoint=str(start)), resume="auto", quiet=True)["resumed"]
+    # the weights come from the checkpoint, and with them the preprocessing they trained with
+    assert torch.load(last, weights_only=True)["data_config"]["mean"] == [0.2, 0.3, 0.4]
