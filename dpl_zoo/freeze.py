@@ -75,6 +75,11 @@ def freeze(model: nn.Module, spec: FreezeSpec) -> list[str]:
     if "" in modules:
         raise FreezeError("freeze would freeze the whole model, head included; nothing would be trained")
     timm_freeze(model, modules)
+    # timm freezes whole modules: parameters of a module that keeps trainable ones too (a ViT's
+    # cls_token and pos_embed sit on the model itself, beside its head) are frozen one by one
+    for name, p in model.named_parameters():
+        if name in names:
+            p.requires_grad_(False)
     return modules
 
 

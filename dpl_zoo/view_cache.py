@@ -170,7 +170,6 @@ def _on(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Ten
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-@torch.no_grad()
 def train_view_features(base, spec: ViewSpec, k: int, stage: str, prefix: Callable, device: torch.device,
                         eval_tf: Callable, workers: int = 0, autocast=nullcontext, channels_last: bool = False,
                         chunk: int = CHUNK) -> Compute:
@@ -180,6 +179,7 @@ def train_view_features(base, spec: ViewSpec, k: int, stage: str, prefix: Callab
     kinds = view_kinds(k)
     maker = ViewMaker(spec, kinds, VIEW_SEED, device, channels_last)
 
+    @torch.no_grad()
     def compute(positions: list[int]):
         for group in _chunks(_FillItems(base, positions, kinds, spec, stage, eval_tf), chunk, workers):
             part = [positions[j] for items, _, _ in group for j in items]
@@ -204,10 +204,10 @@ class _EvalItems(EvalDataset):
         return items, None, torch.stack([self[j][0] for j in items])
 
 
-@torch.no_grad()
 def eval_view_features(base, prefix: Callable, device: torch.device, eval_tf: Callable, workers: int = 0,
                        autocast=nullcontext, channels_last: bool = False, chunk: int = CHUNK) -> Compute:
     """``compute(positions)`` for a one-view store of evaluation images."""
+    @torch.no_grad()
     def compute(positions: list[int]):
         for group in _chunks(_EvalItems(base, positions, eval_tf), chunk, workers):
             part = [positions[j] for items, _, _ in group for j in items]

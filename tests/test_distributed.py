@@ -62,6 +62,25 @@ def test_two_processes_match_one_process(image_data, tmp_path):
     assert len(rows) == 3 * 2 + 2  # one writer (rank 0): 6 step rows + 2 epoch rows
 
 
+def test_cached_views_on_a_cold_cache_under_torchrun(image_data, tmp_path):
+    """Rank 0 fills the empty view cache while rank 1, which opened the store before, waits; both
+    then train on what rank 0 wrote, as one process does on the same cache."""
+    # test_resnet: its frozen BatchNorm layers are in the cached part, the trained head has none
+    recipe = _recipe(image_data, tmp_path / "runs", tmp_path / "r.yaml", experiment="ddp", model="test_resnet",
+                     model_kwargs="{}", freeze="backbone", **{"data.cached_views": 2})
+    proc = _torchrun(recipe)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    single = fit(load_config(str(recipe), ["experiment=single"]), quiet=True)
+    a = torch.load(tmp_path / "runs" / "ddp" / "last.pth.tar", weights_only=True)
+    b = torch.load(tmp_path / "runs" / "single" / "last.pth.tar", weights_only=True)
+    for key in ("state_dict", "state_dict_ema"):
+        for k in b[key]:
+            assert torch.allclose(a[key][k], b[key][k], atol=1e-5, rtol=1e-4), (key, k)
+    ddp = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
+    assert ddp["top1"] == pytest.approx(single["top1"]) and ddp["cached_views"] == 2
+
+
 def _children(pid):
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -74,6 +74,13 @@ def test_freeze_counts_timm_groups_and_fixes_batchnorm():
                                                                                  FrozenBatchNorm2d)
 
 
+def test_freeze_backbone_freezes_the_parameters_a_vit_holds_itself():
+    """A ViT's cls_token and pos_embed are parameters of the model itself, beside its head."""
+    model = timm.create_model("test_vit", num_classes=3)
+    freeze(model, "backbone")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+
+
 @pytest.mark.parametrize("arch,spec", [("test_resnet", "backbone"), ("test_resnet", 3),
                                        ("test_efficientnet", "backbone"), ("test_efficientnet", 4)])
 def test_cached_prefix_and_tail_compute_the_model(arch, spec):
@@ -113,24 +120,6 @@ def test_cached_views_refuse_stochastic_depth_in_the_frozen_part():
     model = timm.create_model("test_resnet", num_classes=3, drop_path_rate=0.2)
     freeze(model, 2)
     split_for_cache(model, 2)
-
-
-@pytest.mark.parametrize("k", [2, 3])
-def test_multiviews_take_distinct_cached_slots(k):
-    """The two weak (and the two strong) views of an image are two different cached views."""
-    from dpl_zoo.data import Batch
-    from dpl_zoo.view_cache import CachedViewMaker, CachedViews
-    n = 600
-    features = torch.arange(2 * k + 1, dtype=torch.float16).repeat(n, 1).unsqueeze(-1)   # slot s holds s
-    cached = CachedViews(features, range(n), [0] * n, k)
-    maker = CachedViewMaker(cached, ["weak", "weak", "strong", "strong"], seed=3, device=torch.device("cpu"))
-    batch = Batch([], torch.zeros(n, dtype=torch.int64), torch.arange(n), torch.arange(n), "cached")
-    w1, w2, s1, s2 = (v.flatten().long() for v in maker(batch))
-    assert (w1 != w2).all() and (s1 != s2).all()
-    for first, second, slots in ((w1, w2, range(k)), (s1, s2, range(k, 2 * k))):
-        for view in (first, second):   # every slot about equally often, for either view
-            share = torch.bincount(view - slots[0], minlength=k).float() / n
-            assert share.min() > 0.7 / k and share.max() < 1.3 / k, share
 
 
 @pytest.mark.parametrize("cached", [False, True])
