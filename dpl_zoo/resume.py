@@ -60,12 +60,17 @@ def labeled_digest(labeled) -> str:
     return hashlib.sha256(",".join(str(int(i)) for i in sorted(labeled)).encode()).hexdigest()
 
 
+# how "data" is digested: 1 (no record) a folder by file names and sizes, 2 by file content
+DATA_DIGEST_VERSION = 2
+
+
 def evidence(data: str, labeled=(), teacher_predictions=None) -> dict:
     """What a run trains on, for its checkpoints (see :data:`EVIDENCE`): its data's content
     digest, labeled positions and teacher predictions; a pretraining run has no labeled split
     (an empty one) and no teacher."""
     return {"data": data, "labeled": labeled_digest(labeled),
-            "teacher_predictions": teacher_predictions.digest() if teacher_predictions is not None else None}
+            "teacher_predictions": teacher_predictions.digest() if teacher_predictions is not None else None,
+            "data_digest_version": DATA_DIGEST_VERSION}
 
 
 def check(saved: dict, cfg, where: Path, now: Optional[dict] = None, finished: bool = False) -> None:
@@ -98,6 +103,11 @@ def check(saved: dict, cfg, where: Path, now: Optional[dict] = None, finished: b
                                f"data.teacher_predictions and would resume "
                                f"{'without' if recorded.get('teacher_predictions') else 'with'} them",
     }
+    if recorded.get("data") != now.get("data") and recorded.get("data_digest_version", 1) < DATA_DIGEST_VERSION:
+        raise CheckpointError(f"cannot resume {where}: it was written by an older dpl-zoo, which recorded a data "
+                              f"folder by its file names and sizes; this one compares the files' content and cannot "
+                              f"check it against that record. Start a new run, or finish this one with the dpl-zoo "
+                              f"version that started it")
     for key in EVIDENCE:
         if recorded.get(key) != now.get(key):
             raise CheckpointError(f"cannot resume {where}: {problems[key]}; resume on the same content, or start "

@@ -81,7 +81,8 @@ def test_prefetch_thread_leaves_the_process_thread_setting_alone(tiny_config):
 # --- the rules, as a table ---------------------------------------------------------------------------
 
 def _saved(cfg, **evidence):
-    base = {"data": "d", "labeled": "l", "teacher_predictions": None}
+    from dpl_zoo.resume import DATA_DIGEST_VERSION
+    base = {"data": "d", "labeled": "l", "teacher_predictions": None, "data_digest_version": DATA_DIGEST_VERSION}
     base.update(evidence)
     return {"config": json.loads(json.dumps(cfg.to_dict())), "epoch": 1, "evidence": base}
 
@@ -108,6 +109,22 @@ def test_what_a_resume_may_change(tiny_config, tmp_path, change, allowed):
     else:
         with pytest.raises(CheckpointError):
             resume.check(saved, now, tmp_path)
+
+
+def test_a_checkpoint_with_the_older_data_record_is_refused_for_what_it_is(tiny_config, tmp_path):
+    """Before content digests a folder was recorded by file names and sizes: such a record cannot
+    match, and the refusal says why (not "the data differ"); in-memory data kept its digest."""
+    from dpl_zoo import resume
+    cfg = tiny_config(epochs=3)
+    now = resume.evidence("pixels", [1, 2])
+
+    def older(data):
+        saved = _saved(cfg, **{**now, "data": data})
+        del saved["evidence"]["data_digest_version"]
+        return saved
+    resume.check(older("pixels"), cfg, tmp_path, now=now)                    # the same digest: resumes
+    with pytest.raises(CheckpointError, match="older dpl-zoo, which recorded a data folder by its file names"):
+        resume.check(older("names and sizes"), cfg, tmp_path, now=now)
 
 
 EVIDENCE_CASES = [("data", "other", "training data differ"), ("labeled", "other", "labeled split differs"),
