@@ -185,7 +185,12 @@ _HEAD_DROPOUT = ("head_drop", "head.drop")
 
 
 def _head_drop_rate(model: nn.Module) -> float:
-    return float(getattr(model, "drop_rate", 0.0) or 0.0)
+    rate = getattr(model, "drop_rate", None)
+    if rate is None:   # ViTs keep it in their head dropout module only
+        modules = dict(model.named_modules())
+        rate = next((m.p for name in _HEAD_DROPOUT
+                     if isinstance(m := modules.get(name), nn.modules.dropout._DropoutNd)), 0.0)
+    return float(rate or 0.0)
 
 
 def _refuse_randomness_in(model: nn.Module, tail: nn.Module) -> None:

@@ -82,7 +82,8 @@ def test_freeze_backbone_freezes_the_parameters_a_vit_holds_itself():
 
 
 @pytest.mark.parametrize("arch,spec", [("test_resnet", "backbone"), ("test_resnet", 3),
-                                       ("test_efficientnet", "backbone"), ("test_efficientnet", 4)])
+                                       ("test_efficientnet", "backbone"), ("test_efficientnet", 4),
+                                       ("test_vit", "backbone")])
 def test_cached_prefix_and_tail_compute_the_model(arch, spec):
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=5, drop_rate=0.5)
@@ -93,7 +94,7 @@ def test_cached_prefix_and_tail_compute_the_model(arch, spec):
     freeze(model, spec)
     model.eval()
     prefix, tail = split_for_cache(model, spec)
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, *(model.pretrained_cfg["input_size"] if arch == "test_vit" else (3, 32, 32)))
     with torch.no_grad():
         torch.testing.assert_close(tail(prefix(x)), model(x))
         features = prefix(x)                 # as the cache computes them: in eval mode, once
