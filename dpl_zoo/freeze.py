@@ -6,9 +6,11 @@ the stem and ``freeze: 3`` on a ResNet is stem + layer1 + layer2. ``freeze: back
 everything but the classifier. Freezing uses timm's ``freeze``: parameters stop taking
 gradients and BatchNorm layers become ``FrozenBatchNorm2d`` (running statistics fixed), so a
 frozen part computes the same function in training and evaluation, which is what lets its
-output be cached (:mod:`dpl_zoo.view_cache`).
+output be cached (:mod:`dpl_zoo.view_cache`), unless it draws stochastic depth or dropout: that
+is refused with cached views. Parameters timm's module-wise freeze cannot reach (a ViT's
+``cls_token`` and ``pos_embed``) are frozen one by one.
 
-With cached features the training step runs only the trainable rest (:func:`trainable_tail`),
+With cached features the training step runs only the trainable rest (:func:`split_for_cache`),
 built from the model's own modules, so training it trains the model; the EMA teacher copies
 that rest alone, never the frozen backbone.
 """
@@ -151,7 +153,9 @@ def split_for_cache(model: nn.Module, spec: FreezeSpec) -> tuple[Callable[[torch
 
     ``backbone``: the prefix gives the pooled pre-logit features, the tail is the classifier.
     ``N`` stages: the prefix is the stem and the first ``N - 1`` stages (supported for timm's
-    EfficientNet and ResNet families), the tail the rest of the model.
+    EfficientNet and ResNet families), the tail the rest of the model. In training the tail
+    applies the head's dropout as the model does; a prefix that would draw randomness of its own
+    in training (stochastic depth, dropout) is refused, since its output is computed once.
     """
     prefix, tail = _split(model, spec)
     _refuse_randomness_in(model, tail)
