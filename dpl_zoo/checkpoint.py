@@ -61,8 +61,8 @@ def export_timm(model: torch.nn.Module, out_dir: str | Path, label_names: Option
     from timm.models import save_for_hf
     out_dir = Path(out_dir)
     model_config = {"label_names": list(label_names)} if label_names else None
-    data_cfg = {k: v for k, v in (data_config or {}).items() if k in ("input_size", "mean", "std", "crop_pct",
-                                                                        "interpolation", "crop_mode")}
+    from .identity import PREPROCESSING_KEYS
+    data_cfg = {k: v for k, v in (data_config or {}).items() if k in PREPROCESSING_KEYS}
     if not all(t.is_contiguous() for t in model.state_dict().values()):
         # channels_last training: safetensors stores contiguous tensors only
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)

@@ -148,30 +148,6 @@ def _fingerprint(root: Path, samples: list) -> str:
     return h.hexdigest()
 
 
-def content_fingerprint(dataset) -> str:
-    """sha256 of what a dataset holds, to tell whether a run or a cache still sees the same data:
-    in-memory images by their pixels and labels; image folders by file names (relative to the
-    root, so a moved folder is the same data), sizes and labels; other datasets by their sample
-    list and labels. Computed once per dataset object."""
-    cached = getattr(dataset, "_content_fingerprint", None)
-    if cached:
-        return cached
-    h = hashlib.sha256(type(dataset).__name__.encode())
-    h.update(str(len(dataset)).encode())
-    if isinstance(dataset, ArrayImages):
-        h.update(str(dataset.images.shape).encode())
-        h.update(np.ascontiguousarray(dataset.images).tobytes())
-    elif getattr(dataset, "samples", None) and getattr(dataset, "root", None) is not None:
-        for path, _ in dataset.samples:
-            h.update(f"{os.path.relpath(path, dataset.root)}\t{os.stat(path).st_size}\n".encode())
-    elif getattr(dataset, "samples", None):
-        h.update("\n".join(str(path) for path, _ in dataset.samples).encode())
-    h.update(np.asarray(dataset.targets, dtype=np.int64).tobytes())
-    digest = h.hexdigest()
-    dataset._content_fingerprint = digest
-    return digest
-
-
 def scan_images(root: Path, samples: list, threads: int = 8) -> dict[int, str]:
     """``{position: problem}`` of the unreadable images, cached in the dpl-zoo cache by a
     fingerprint of the file list (names, sizes, times): a dataset is opened once, not at every start."""

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import TrainConfig
 from .data import EvalDataset, eval_loader
 from .datasets import class_balance
 from .method import debiased_pseudo_labels
@@ -79,22 +78,6 @@ def pseudo_label_from_counts(counts: torch.Tensor, target=None) -> dict:
             **{f"pl_{k}": v for k, v in class_balance(hist, target).items()}}
 
 
-# What evaluating a run checkpoint reads from the run's config: the architecture and its
-# preprocessing. Nothing else is read or validated again, so a checkpoint evaluates anywhere,
-# without the files only training needed (dpl.target_prior, data.labeled_csv,
-# data.teacher_predictions, initial_checkpoint, data.root).
-EVAL_KEYS = ("model", "model_kwargs", "img_size", "mean", "std", "crop_pct", "interpolation", "head_hidden_size",
-             "freeze")
-
-
-def eval_config(saved: dict) -> TrainConfig:
-    """The model-building part of a saved run config (``EVAL_KEYS``), with no start weights."""
-    if not isinstance(saved, dict) or "model" not in saved:
-        from .checkpoint import CheckpointError
-        raise CheckpointError("the checkpoint's config names no model; it was not written by dpl-zoo train")
-    return TrainConfig(**{k: saved[k] for k in EVAL_KEYS if k in saved}, pretrained=False, initial_checkpoint=None)
-
-
 def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
     """A model from a run checkpoint (``.pth.tar``), an exported timm folder (``local-dir:DIR``
     or an explicit path), ``hf-hub:ORG/NAME`` or a zoo name; a registry name always means the
@@ -107,15 +90,8 @@ def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
         if "arch" not in state or "state_dict" not in state:
             raise ckpt.CheckpointError(f"{path} is not a dpl-zoo run checkpoint; convert authors' checkpoints with "
                                        f"`dpl-zoo convert` first")
-        from .models import build_model, resolve_data_config
-        cfg = eval_config(state["config"])
-        model = build_model(cfg, len(state["classes"]))
-        if cfg.freeze is not None:   # the checkpoint holds frozen layers' tensors under their frozen names
-            from .freeze import freeze
-            freeze(model, cfg.freeze)
-        model.load_state_dict(state["state_dict"])
-        data_config = state.get("data_config") or resolve_data_config(cfg, model)  # older checkpoints: none saved
-        model.pretrained_cfg = {**model.pretrained_cfg, **data_config}
+        from .models import model_from_checkpoint
+        model, _ = model_from_checkpoint(state)
         return model.eval(), list(state["classes"])
     if ref.endswith((".tar", ".pth", ".safetensors")):
         raise ZooError(f"{ref} does not exist (expected a run checkpoint, an exported folder or a zoo name)")

@@ -6,9 +6,11 @@ the stem and ``freeze: 3`` on a ResNet is stem + layer1 + layer2. ``freeze: back
 everything but the classifier. Freezing uses timm's ``freeze``: parameters stop taking
 gradients and BatchNorm layers become ``FrozenBatchNorm2d`` (running statistics fixed), so a
 frozen part computes the same function in training and evaluation, which is what lets its
-output be cached (:mod:`dpl_zoo.view_cache`).
+output be cached (:mod:`dpl_zoo.view_cache`), unless it draws stochastic depth or dropout: that
+is refused with cached views. Parameters timm's module-wise freeze cannot reach (a ViT's
+``cls_token`` and ``pos_embed``) are frozen one by one.
 
-With cached features the training step runs only the trainable rest (:func:`trainable_tail`),
+With cached features the training step runs only the trainable rest (:func:`split_for_cache`),
 built from the model's own modules, so training it trains the model; the EMA teacher copies
 that rest alone, never the frozen backbone.
 """
@@ -75,6 +77,11 @@ def freeze(model: nn.Module, spec: FreezeSpec) -> list[str]:
     if "" in modules:
         raise FreezeError("freeze would freeze the whole model, head included; nothing would be trained")
     timm_freeze(model, modules)
+    # timm freezes whole modules: parameters of a module that keeps trainable ones too (a ViT's
+    # cls_token and pos_embed sit on the model itself, beside its head) are frozen one by one
+    for name, p in model.named_parameters():
+        if name in names:
+            p.requires_grad_(False)
     return modules
 
 
@@ -95,16 +102,24 @@ def exportable(model: nn.Module) -> nn.Module:
 # --- the trainable rest of a model, for cached features ---------------------------------------
 
 class _Tail(nn.Module):
-    """Stages after the cached cut, the feature head, pooling and classifier, in order. Holds the
-    model's own modules (shared, not copied)."""
+    """Stages after the cached cut, the feature head and pooling, then the head's dropout
+    (``drop_rate``, as timm's ``forward_head`` applies it in training) and the classifier. Holds
+    the model's own modules (shared, not copied)."""
 
-    def __init__(self, stages: list[nn.Module], head: list[nn.Module]):
+    def __init__(self, stages: list[nn.Module], head: list[nn.Module], drop_rate: float = 0.0):
         super().__init__()
         self.stages = nn.Sequential(*stages)
         self.head = nn.Sequential(*head)
+        self.drop_rate = drop_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(x))
+        x = self.stages(x)
+        for module in self.head[:-1]:
+            x = module(x)
+        classifier = self.head[-1]
+        if self.drop_rate:   # in the classifier's mode: the tail follows model.train() / .eval() too
+            x = nn.functional.dropout(x, p=self.drop_rate, training=classifier.training)
+        return classifier(x)
 
 
 def _efficientnet_split(model, start: int):
@@ -112,7 +127,7 @@ def _efficientnet_split(model, start: int):
     def prefix(x):
         return model.blocks[:start](model.bn1(model.conv_stem(x)))
     return prefix, _Tail(list(model.blocks[start:]), [model.conv_head, model.bn2, model.global_pool,
-                                                     model.classifier])
+                                                     model.classifier], _head_drop_rate(model))
 
 
 def _resnet_split(model, start: int):
@@ -124,7 +139,7 @@ def _resnet_split(model, start: int):
         for layer in layers[:start]:
             x = layer(x)
         return x
-    return prefix, _Tail(layers[start:], [model.global_pool, model.fc])
+    return prefix, _Tail(layers[start:], [model.global_pool, model.fc], _head_drop_rate(model))
 
 
 def _families() -> dict:
@@ -138,12 +153,22 @@ def split_for_cache(model: nn.Module, spec: FreezeSpec) -> tuple[Callable[[torch
 
     ``backbone``: the prefix gives the pooled pre-logit features, the tail is the classifier.
     ``N`` stages: the prefix is the stem and the first ``N - 1`` stages (supported for timm's
-    EfficientNet and ResNet families), the tail the rest of the model.
+    EfficientNet and ResNet families), the tail the rest of the model. In training the tail
+    applies the head's dropout as the model does; a prefix that would draw randomness of its own
+    in training (stochastic depth, dropout) is refused, since its output is computed once.
     """
+    prefix, tail = _split(model, spec)
+    _refuse_randomness_in(model, tail)
+    return prefix, tail
+
+
+def _split(model: nn.Module, spec: FreezeSpec):
     if spec == "backbone":
         def features(x):
             return model.forward_head(model.forward_features(x), pre_logits=True)
-        return features, model.get_classifier()
+        classifier, rate = model.get_classifier(), _head_drop_rate(model)
+        # the classifier alone when there is no head dropout: its tensors keep their names (older checkpoints)
+        return features, (_Tail([], [classifier], rate) if rate else classifier)
     if not isinstance(spec, int) or isinstance(spec, bool) or spec < 1:
         raise FreezeError(f"data.cached_views needs freeze: backbone or freeze: N >= 1 (the stem at least), got {spec!r}")
     for family, split in _families().items():
@@ -156,3 +181,38 @@ def split_for_cache(model: nn.Module, spec: FreezeSpec) -> tuple[Callable[[torch
     raise FreezeError(f"cached stage outputs (data.cached_views with freeze: {spec}) are supported for timm's "
                       f"{names} families, not {type(model).__name__}; use freeze: backbone with data.cached_views, "
                       f"or freeze: {spec} without data.cached_views")
+
+
+# timm's head dropout as a module (ViTs: head_drop; ConvNeXt-style heads: head.drop); ResNet and
+# EfficientNet apply it as a function. The tail applies it in every case, at every step.
+_HEAD_DROPOUT = ("head_drop", "head.drop")
+
+
+def _head_drop_rate(model: nn.Module) -> float:
+    rate = getattr(model, "drop_rate", None)
+    if rate is None:   # ViTs keep it in their head dropout module only
+        modules = dict(model.named_modules())
+        rate = next((m.p for name in _HEAD_DROPOUT
+                     if isinstance(m := modules.get(name), nn.modules.dropout._DropoutNd)), 0.0)
+    return float(rate or 0.0)
+
+
+def _refuse_randomness_in(model: nn.Module, tail: nn.Module) -> None:
+    """Refuse a frozen part that draws randomness in training: stochastic depth (timm's
+    ``drop_path_rate``), DropBlock, dropout. Without a cache it draws anew at every step; a cached
+    feature is computed once, so training on it would silently go without."""
+    from timm.layers import DropBlock2d, DropPath, PatchDropout
+    in_tail = {id(m) for m in tail.modules()}
+    found = []
+    for name, m in model.named_modules():
+        rate = (getattr(m, "drop_prob", 0.0) if isinstance(m, (DropPath, DropBlock2d)) else
+                getattr(m, "prob", 0.0) if isinstance(m, PatchDropout) else
+                m.p if isinstance(m, nn.modules.dropout._DropoutNd) else 0.0)
+        if rate and id(m) not in in_tail and not (name in _HEAD_DROPOUT and rate == _head_drop_rate(model)):
+            found.append(f"{name} ({type(m).__name__} {rate:g})")
+    if found:
+        raise FreezeError(f"the frozen part draws randomness at every training step ({', '.join(found[:3])}"
+                          f"{' ...' if len(found) > 3 else ''}: stochastic depth or dropout), which features cached "
+                          f"once cannot repeat; set those rates to 0 in model_kwargs (drop_path_rate, drop_block_rate, "
+                          f"proj_drop_rate, attn_drop_rate, pos_drop_rate, patch_drop_rate), or train without "
+                          f"data.cached_views")

@@ -341,8 +341,6 @@ def load_start_point(model: nn.Module, source: str | Path, layout: Optional[str]
             "data_config": found.preprocessing(_tensors(state))}
 
 
-# preprocessing keys a timm folder's config.json carries for its weights (dpl_zoo exports write them)
-FOLDER_DATA_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
 
 
 def _load_folder(model: nn.Module, folder: Path, layout: Optional[str], sha256: Optional[str], **options) -> dict:
@@ -351,6 +349,7 @@ def _load_folder(model: nn.Module, folder: Path, layout: Optional[str], sha256: 
     one checked), its preprocessing from ``config.json``. Weights made for another architecture
     are refused even where names and shapes would fit."""
     import json
+    from .identity import PREPROCESSING_KEYS   # what a timm folder's config.json carries of its preprocessing
     weights, config_path = folder / "model.safetensors", folder / "config.json"
     if not weights.is_file():
         raise ConversionError(f"{folder} is a folder without model.safetensors; give a weights file or a timm "
@@ -363,5 +362,5 @@ def _load_folder(model: nn.Module, folder: Path, layout: Optional[str], sha256: 
     info = load_start_point(model, weights, layout=layout, sha256=sha256, **options)
     pretrained_cfg = config.get("pretrained_cfg") or {}
     data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in pretrained_cfg.items()
-                   if k in FOLDER_DATA_KEYS}
+                   if k in PREPROCESSING_KEYS}
     return {**info, "path": str(folder), "data_config": {**info["data_config"], **data_config}}

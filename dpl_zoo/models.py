@@ -28,6 +28,39 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
+# What rebuilding a run's model reads from its config: the architecture, its freezing and its
+# preprocessing. Nothing else is read or validated again, so a checkpoint rebuilds anywhere,
+# without the files only training needed (dpl.target_prior, data.labeled_csv,
+# data.teacher_predictions, initial_checkpoint, data.root).
+MODEL_KEYS = ("model", "model_kwargs", "img_size", "mean", "std", "crop_pct", "interpolation", "head_hidden_size",
+              "freeze")
+
+
+def model_config(saved: dict) -> TrainConfig:
+    """The model-building part of a saved run config (``MODEL_KEYS``), with no start weights."""
+    if not isinstance(saved, dict) or "model" not in saved:
+        from .checkpoint import CheckpointError
+        raise CheckpointError("the checkpoint's config names no model; it was not written by dpl-zoo train")
+    return TrainConfig(**{k: saved[k] for k in MODEL_KEYS if k in saved}, pretrained=False, initial_checkpoint=None)
+
+
+def model_from_checkpoint(state: dict) -> tuple[nn.Module, dict]:
+    """``(model, data_config)`` as a run checkpoint holds them: the architecture from its config,
+    frozen as it trained (frozen layers' tensors keep their frozen names), its tensors, and the
+    preprocessing it trained with. No start weights are read: a start file changed or gone since
+    does not matter."""
+    cfg = model_config(state["config"])
+    model = build_model(cfg, len(state["classes"]))
+    if cfg.freeze is not None:
+        from .freeze import freeze
+        freeze(model, cfg.freeze)
+    model.load_state_dict(state["state_dict"])
+    data_config = state.get("data_config") or resolve_data_config(cfg, model)  # older checkpoints: none saved
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
+    model.pretrained_cfg = {**model.pretrained_cfg, **data_config}
+    return model, data_config
+
+
 def _create(cfg, num_classes: int) -> nn.Module:
     """``timm.create_model`` for ``cfg.model`` (a clear error for an unknown name); ``img_size`` is
     passed to architectures with a fixed input size (ViTs)."""

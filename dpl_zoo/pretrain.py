@@ -29,7 +29,8 @@ from . import distributed as dist_utils
 from . import resume as resume_rules
 from .config import ConfigError, PretrainConfig, save_config
 from .data import EvalDataset, ViewDataset, epoch_seed, eval_loader, eval_transform, stream_loader, subsample
-from .datasets import ArrayImages, DataError, content_fingerprint
+from .datasets import ArrayImages, DataError
+from .identity import data_digest
 from .moco import MoCoEncoder, weighted_knn
 from .moco_views import MoCoViews, moco_view_spec
 from .progress import Reporter
@@ -179,7 +180,7 @@ def build_pretrain_run(cfg: PretrainConfig, out_dir: Optional[Path] = None,
     return PretrainRun(cfg=cfg, device=device, model=model, task=task, optimizer=optimizer, scheduler=scheduler,
                        scaler=scaler, images=images, views=MoCoViews(spec, cfg.seed, device, cfg.channels_last),
                        pool=pool, steps_per_epoch=steps, data_config=data_config,
-                       data_fingerprint=content_fingerprint(train), knn=_knn_monitor(cfg, data, data_config),
+                       data_fingerprint=data_digest(train), knn=_knn_monitor(cfg, data, data_config),
                        out_dir=out_dir, skipped_images=len(bad), autocast=autocast_for(cfg, device))
 
 
@@ -290,7 +291,7 @@ def _pretrain(cfg: PretrainConfig, out_dir: Path, saved: Optional[dict], quiet: 
     reporter = reporter or Reporter(quiet=quiet)
     start_epoch, best = 0, {"knn_top1": None, "epoch": -1}
     if saved is not None:
-        resume_rules.check(saved, cfg, out_dir, now=resume_rules.evidence(run))
+        resume_rules.check(saved, cfg, out_dir, now=resume_rules.evidence(run.data_fingerprint))
         resume_rules.restore(run, saved)
         start_epoch, best = saved["epoch"] + 1, saved["best"]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,13 @@
 A run resumes only onto what it trained on. :data:`MAY_CHANGE` lists the config keys that may
 differ between a run and its resume, and why; every other key must be equal. Beyond the
 config, each checkpoint records the *content* the run trained on (:func:`evidence`): the
-training data's fingerprint, the labeled split, the teacher predictions' sha256. Paths may
-move (``data.root``, ``data.labeled_csv``, ``data.teacher_predictions``), their content may
-not. :func:`check` applies both; the loop calls it before anything is written.
+training data's content digest (:func:`dpl_zoo.identity.data_digest`, the digest the view
+cache is keyed by), the labeled split, the teacher predictions' sha256. Paths may move
+(``data.root``, ``data.labeled_csv``, ``data.teacher_predictions``), their content may not.
+:func:`check` applies both; the run's assembly calls it before anything is built or written.
+The start point is no input of a resume: the model, weights and preprocessing, is the
+checkpoint's (:func:`dpl_zoo.models.model_from_checkpoint`), so ``initial_checkpoint`` may
+move, change or go.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ MAY_CHANGE = {
     "workers": "loader processes", "pin_memory": "host memory pinning",
     "log_interval": "how often metrics are logged", "eval_interval": "how often the model is evaluated",
     "device": "where the run trains", "compile": "torch.compile, same computation",
-    "initial_checkpoint": "the start point: a moved file (the weights come from the checkpoint)",
+    "initial_checkpoint": "the start point: moved, rewritten or gone (the weights and their preprocessing "
+                          "come from the checkpoint)",
     "data.root": "a moved data folder (its content is compared)",
     "data.val_root": "a moved evaluation folder",
     "data.verify_images": "the start-up scan",
@@ -41,7 +46,7 @@ MAY_CHANGE = {
 
 # what each checkpoint records of the content it trained on
 EVIDENCE = {
-    "data": "the training data's content fingerprint (dpl_zoo.datasets.content_fingerprint)",
+    "data": "the training data's content digest (dpl_zoo.identity.data_digest)",
     "labeled": "sha256 of the labeled positions",
     "teacher_predictions": "sha256 of the teacher predictions (None without a teacher)",
 }
@@ -55,12 +60,17 @@ def labeled_digest(labeled) -> str:
     return hashlib.sha256(",".join(str(int(i)) for i in sorted(labeled)).encode()).hexdigest()
 
 
-def evidence(run) -> dict:
-    """What ``run`` trains on, for its checkpoints (see :data:`EVIDENCE`); a pretraining run has no
-    labeled split (an empty one) and no teacher."""
-    preds, split = getattr(run, "teacher_predictions", None), getattr(run, "split", None)
-    return {"data": run.data_fingerprint, "labeled": labeled_digest(split.labeled if split is not None else []),
-            "teacher_predictions": preds.digest() if preds is not None else None}
+# how "data" is digested: 1 (no record) a folder by file names and sizes, 2 by file content
+DATA_DIGEST_VERSION = 2
+
+
+def evidence(data: str, labeled=(), teacher_predictions=None) -> dict:
+    """What a run trains on, for its checkpoints (see :data:`EVIDENCE`): its data's content
+    digest, labeled positions and teacher predictions; a pretraining run has no labeled split
+    (an empty one) and no teacher."""
+    return {"data": data, "labeled": labeled_digest(labeled),
+            "teacher_predictions": teacher_predictions.digest() if teacher_predictions is not None else None,
+            "data_digest_version": DATA_DIGEST_VERSION}
 
 
 def check(saved: dict, cfg, where: Path, now: Optional[dict] = None, finished: bool = False) -> None:
@@ -84,8 +94,8 @@ def check(saved: dict, cfg, where: Path, now: Optional[dict] = None, finished: b
         raise CheckpointError(f"{where} records nothing of the data it trained on (written by an older dpl-zoo); "
                               f"it cannot be checked, so it cannot be resumed: start a new run")
     problems = {
-        "data": "the training data differ from those the run started with (images added, removed or renamed in "
-                "data.root?)",
+        "data": "the training data differ from those the run started with (images added, removed, renamed or "
+                "rewritten in data.root?)",
         "labeled": "the labeled split differs from the run's (another data.labeled_csv, split seed or data)",
         "teacher_predictions": "the teacher predictions differ from those the run started with"
                                if recorded.get("teacher_predictions") and now.get("teacher_predictions") else
@@ -93,6 +103,11 @@ def check(saved: dict, cfg, where: Path, now: Optional[dict] = None, finished: b
                                f"data.teacher_predictions and would resume "
                                f"{'without' if recorded.get('teacher_predictions') else 'with'} them",
     }
+    if recorded.get("data") != now.get("data") and recorded.get("data_digest_version", 1) < DATA_DIGEST_VERSION:
+        raise CheckpointError(f"cannot resume {where}: it was written by an older dpl-zoo, which recorded a data "
+                              f"folder by its file names and sizes; this one compares the files' content and cannot "
+                              f"check it against that record. Start a new run, or finish this one with the dpl-zoo "
+                              f"version that started it")
     for key in EVIDENCE:
         if recorded.get(key) != now.get(key):
             raise CheckpointError(f"cannot resume {where}: {problems[key]}; resume on the same content, or start "
@@ -108,7 +123,8 @@ def state(run, epoch: int, best: dict) -> dict:
            "config": json.loads(json.dumps(run.cfg.to_dict())), "classes": run.classes,
            "state_dict": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
            "task_state": task.get_task_state(), "best": best, "history": run.history,
-           "evidence": evidence(run),
+           "evidence": evidence(run.data_fingerprint, run.split.labeled if getattr(run, "split", None) else (),
+                                getattr(run, "teacher_predictions", None)),
            # the preprocessing trained with: a start point's own (e.g. EfficientNet-PyTorch's) is not in the config
            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in run.data_config.items()}}
     if task.has_ema():

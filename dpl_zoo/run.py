@@ -24,11 +24,12 @@ from .data import (
     EvalDataset, Split, ViewDataset, ViewMaker, ViewSpec, eval_transform, long_tail_keep, read_split_csv,
     split_from_indices, split_labeled, subsample,
 )
-from .datasets import ArrayImages, DataError, content_fingerprint, load_datasets
+from .datasets import ArrayImages, DataError, load_datasets
+from .identity import data_digest
 from .method import DebiasPLLoss
-from .models import build_model, resolve_data_config
+from .models import build_model, model_from_checkpoint, resolve_data_config
 from .optim import build_optimization
-from .runtime import autocast_for, resolve_device, seed_everything
+from .runtime import autocast_dtype, autocast_for, resolve_device, seed_everything
 from .task import DebiasPLTask
 
 UNLABELED_POOL_SEED = 0x9001    # data.unlabeled_max: one pool order for every split seed
@@ -192,14 +193,16 @@ def _image_views(cfg, data, split, model, data_config, device, val_indices, ssl,
                   EvalDataset(data.val, val_indices, tf), diag, model, cfg.workers)
 
 
-def _cached_views(cfg, data, split, model, data_config, device, val_indices, ssl, kinds, quiet) -> _Views:
+def _cached_views(cfg, data, split, model, data_config, device, val_indices, ssl, kinds, quiet,
+                  train_digest: str) -> _Views:
     """Views whose features through the frozen part are cached (filled here when missing)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from .cache import cache_dir
     from .freeze import split_for_cache
+    from .identity import frozen_part
     from .view_cache import (
-        CachedSplit, CachedViewMaker, CachedViews, FeatureStore, cache_key, eval_view_features, spec_record,
-        train_view_features, weights_digest,
+        CachedSplit, CachedViewMaker, CachedViews, FeatureEvalSet, FeatureStore, cache_key, eval_view_features,
+        spec_record, train_view_features,
     )
     k = cfg.data.cached_views
     spec = view_spec(cfg, data_config)
@@ -208,24 +211,21 @@ def _cached_views(cfg, data, split, model, data_config, device, val_indices, ssl
     prefix, tail = split_for_cache(model, cfg.freeze)
     tf = eval_transform(data_config)
     autocast = autocast_for(cfg, device)
-    eval_cfg = {key: data_config.get(key) for key in ("input_size", "mean", "std", "crop_pct", "interpolation",
-                                                       "crop_mode")}
-    common = dict(model=cfg.model, freeze=cfg.freeze, weights=weights_digest(model, tail), eval=eval_cfg,
-                  amp=cfg.amp_dtype if cfg.amp else None)
+    frozen = frozen_part(cfg, model, tail, data_config, autocast_dtype(cfg, device))
     model.eval()
     with torch.no_grad():
         feature_shape = tuple(prefix(torch.zeros(1, *data_config["input_size"], device=device)).shape[1:])
     diag_positions = subsample(split.unlabeled, cfg.data.eval_unlabeled_max, cfg.data.split_seed) if ssl else []
     rows = sorted(set(split.labeled) | set(split.unlabeled if ssl else []))
-    train_key, train_record = cache_key(kind="train", data=content_fingerprint(data.train), views=spec_record(spec),
-                                        k=k, stage=stage, **common)
-    val_key, val_record = cache_key(kind="eval", data=content_fingerprint(data.val), **common)
+    train_key, train_record = cache_key(kind="train", data=train_digest, views=spec_record(spec), k=k, stage=stage,
+                                        **frozen)
+    val_key, val_record = cache_key(kind="eval", data=_shared_digest(data.val), **frozen)
     train_store = FeatureStore(cache_dir("views", train_key), train_record, len(data.train), 2 * k + 1, feature_shape)
     val_store = FeatureStore(cache_dir("views", val_key), val_record, len(data.val), 1, feature_shape)
     show = not quiet and dist_utils.is_main()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not show) as progress:
-        if dist_utils.is_main():   # one process fills; the others wait and read
+        if dist_utils.is_main():   # one process fills; the others wait, then read what it wrote
             train_store.fill(rows, train_view_features(data.train, spec, k, stage, prefix, device, tf, cfg.workers,
                                                        autocast, cfg.channels_last), progress)
             val_store.fill(val_indices, eval_view_features(data.val, prefix, device, tf, cfg.workers, autocast,
@@ -233,7 +233,6 @@ def _cached_views(cfg, data, split, model, data_config, device, val_indices, ssl
         dist_utils.barrier()
     cached = CachedViews(train_store.read(rows), rows, [data.train.targets[i] for i in rows], k)
     val_features = val_store.read(val_indices)[:, 0]
-    from .view_cache import FeatureEvalSet
     val = FeatureEvalSet(val_features, torch.tensor([data.val.targets[i] for i in val_indices]), val_indices)
     return _Views(CachedSplit(cached, split.labeled, ["weak"]),
                   CachedSplit(cached, split.unlabeled, kinds) if ssl else None,
@@ -242,9 +241,21 @@ def _cached_views(cfg, data, split, model, data_config, device, val_indices, ssl
                   val, cached.eval_set(diag_positions) if ssl else None, tail, 0)
 
 
+def _shared_digest(dataset) -> str:
+    """The data's content digest (:func:`dpl_zoo.identity.data_digest`), read once, by rank 0."""
+    return dist_utils.broadcast_object(data_digest(dataset) if dist_utils.is_main() else None)
+
+
 def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[RunData] = None,
-              quiet: bool = True) -> Run:
-    """Data, split, model, task, optimiser and views of a run; ``data`` defaults to the recipe's."""
+              quiet: bool = True, saved: Optional[dict] = None) -> Run:
+    """Data, split, model, task, optimiser and views of a run; ``data`` defaults to the recipe's.
+
+    ``saved``: the checkpoint a resume continues. It is checked against this run's config and
+    data first (:func:`dpl_zoo.resume.check`); the model is then the checkpoint's, weights and
+    preprocessing, before any view is cached or any preprocessing is built: a resume trains on
+    what the run trained on, whatever its start file holds now (timm's ``--resume`` too takes
+    the weights from the checkpoint). The training state (optimiser, EMA, qhat, schedule) is
+    :func:`dpl_zoo.resume.restore`'s."""
     device = resolve_device(cfg)
     data = data or load_run_data(cfg)
     train_base, val_base = data.train, data.val
@@ -257,15 +268,22 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[R
     if preds is not None:
         preds.check_matches(train_base, num_classes, cfg.data.teacher_predictions or "")
     split = _split(cfg, data, num_classes)
+    digest = _shared_digest(train_base)
+    if saved is not None:   # before anything is built from the data or the weights
+        from . import resume as resume_rules
+        resume_rules.check(saved, cfg, out_dir or Path("."), now=resume_rules.evidence(digest, split.labeled, preds))
     seed_everything(cfg.seed)
-    model = build_model(cfg, num_classes)
-    if cfg.freeze is not None:
-        from .freeze import freeze
-        freeze(model, cfg.freeze)
+    if saved is None:
+        model = build_model(cfg, num_classes)
+        if cfg.freeze is not None:
+            from .freeze import freeze
+            freeze(model, cfg.freeze)
+        data_config = resolve_data_config(cfg, model)
+    else:
+        model, data_config = model_from_checkpoint(saved)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    data_config = resolve_data_config(cfg, model)
     d = cfg.dpl
     ssl = d.method != "supervised"
     n_views = 2 if d.multiviews else 1
@@ -279,7 +297,7 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[R
     if cfg.data.val_max:
         val_indices = subsample(val_indices, cfg.data.val_max, cfg.data.split_seed + 1)
     if cfg.data.cached_views:
-        views = _cached_views(cfg, data, split, model, data_config, device, val_indices, ssl, kinds, quiet)
+        views = _cached_views(cfg, data, split, model, data_config, device, val_indices, ssl, kinds, quiet, digest)
     else:
         views = _image_views(cfg, data, split, model, data_config, device, val_indices, ssl, kinds)
     # one pass over the unlabeled set per epoch, for every method: baselines get the same optimiser steps
@@ -313,7 +331,6 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[R
     return Run(cfg=cfg, device=device, model=model, task=task, optimizer=optimizer, scheduler=scheduler,
                scaler=scaler, classes=classes, split=split, labeled=views.labeled, unlabeled=views.unlabeled,
                labeled_views=views.labeled_views, unlabeled_views=views.unlabeled_views, val=views.val,
-               diag=views.diag, steps_per_epoch=steps, data_config=data_config,
-               data_fingerprint=dist_utils.broadcast_object(content_fingerprint(train_base) if dist_utils.is_main()
-                                                            else None), out_dir=out_dir, skipped_images=skipped,
+               diag=views.diag, steps_per_epoch=steps, data_config=data_config, data_fingerprint=digest,
+               out_dir=out_dir, skipped_images=skipped,
                teacher_predictions=preds, autocast=autocast_for(cfg, device), eval_workers=views.eval_workers)

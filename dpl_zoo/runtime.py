@@ -24,10 +24,17 @@ def resolve_device(cfg) -> torch.device:
     return dist_utils.local_device(device.type) if device.index is None else device
 
 
-def autocast_for(cfg, device: torch.device):
+def autocast_dtype(cfg, device: torch.device):
+    """The precision autocast computes in (None: no autocast): ``amp_dtype`` on CUDA, bfloat16 on a CPU."""
     if not cfg.amp:
+        return None
+    return getattr(torch, cfg.amp_dtype) if device.type == "cuda" else torch.bfloat16
+
+
+def autocast_for(cfg, device: torch.device):
+    dtype = autocast_dtype(cfg, device)
+    if dtype is None:
         return nullcontext
-    dtype = getattr(torch, cfg.amp_dtype) if device.type == "cuda" else torch.bfloat16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 

@@ -184,11 +184,10 @@ def fit(cfg: TrainConfig, resume: Optional[str] = None, quiet: bool = False, rep
 
 def _fit(cfg: TrainConfig, out_dir: Path, saved: Optional[dict], quiet: bool, reporter: Optional[Reporter],
          main: bool) -> dict:
-    run = build_run(cfg, out_dir, quiet=quiet)
+    run = build_run(cfg, out_dir, quiet=quiet, saved=saved)   # checks a resume, and takes its model
     reporter = reporter if (reporter is not None and main) else Reporter(quiet=quiet, silent=not main)
     start_epoch, best = 0, {"top1": -1.0, "epoch": -1}
     if saved is not None:
-        resume_rules.check(saved, cfg, out_dir, now=resume_rules.evidence(run))
         resume_rules.restore(run, saved)
         start_epoch, best = saved["epoch"] + 1, saved["best"]
     if main:

@@ -6,53 +6,44 @@ model once (batched, on the training device) and the result is stored, so traini
 the trainable rest. Steps then sample among the cached views (:class:`CachedViews`).
 
 The store (:class:`FeatureStore`) lives in the dpl-zoo cache under a key of everything that
-decides the features: architecture and cut, a digest of the frozen weights, a digest of the
-data, the view settings and ``K``. A different key is a different folder: nothing is ever
-reused across a change. Rows are dataset positions and are filled on demand, chunk by chunk
-(an interrupted fill continues; runs with other label splits share the rows they have in
-common). Views are drawn with a fixed seed from (image position, view number), so every run
-seed shares one cache.
+decides the features (:func:`dpl_zoo.identity.frozen_part`: architecture, model kwargs, cut,
+the frozen weights' content, preprocessing, precision), the data's content, the view settings
+and ``K``. A different key is a different folder: nothing is ever reused across a change. Rows
+are dataset positions and are filled on demand, chunk by chunk, from one loader whose workers
+decode and augment in parallel (an interrupted fill continues; runs with other label splits
+share the rows they have in common). Views are drawn with a fixed seed from (image position,
+view number), so every run seed shares one cache.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
 
 from .augment import plan_uniforms
-from .data import Batch, EvalDataset, ViewDataset, ViewMaker, ViewSpec, eval_loader
+from .data import Batch, EvalDataset, ViewDataset, ViewMaker, ViewSpec
+from .identity import key
 
 FORMAT = 1
 VIEW_SEED = 0x5EED          # the views of an image do not depend on the run's seed
-CHUNK = 256                 # images per fill step (and per saved progress record)
+CHUNK = 256                 # images per prefix forward (and per saved progress record)
 
-
-def weights_digest(model: nn.Module, trainable: nn.Module) -> str:
-    """sha256 of every tensor of ``model`` outside ``trainable``: the weights the cached features depend on."""
-    skip = {id(t) for t in (*trainable.parameters(), *trainable.buffers())}
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
-        if id(tensor) in skip:
-            continue
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # logical order, any layout
-    return h.hexdigest()
+# compute(rows) -> (rows of a chunk, their len(chunk) x views x feature values), chunk by chunk
+Compute = Callable[[list], Iterator[tuple[list, torch.Tensor]]]
 
 
 def cache_key(**fields) -> tuple[str, dict]:
     """A folder name and the readable record of what it depends on."""
     record = {"format": FORMAT, **fields}
-    text = json.dumps(record, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20], record
+    return key(record), record
 
 
 class FeatureStore:
@@ -86,21 +77,23 @@ class FeatureStore:
         rows = np.asarray(sorted(set(int(r) for r in rows)), dtype=np.int64)
         return rows[~self.done[rows]].tolist() if rows.size else []
 
-    def fill(self, rows: Sequence[int], compute: Callable[[list[int]], torch.Tensor], progress=None,
-             chunk: int = CHUNK) -> int:
-        """Compute the rows not yet done (``compute(rows) -> len(rows) x views x feature``);
-        returns how many were computed."""
+    def _reload_done(self) -> None:
+        """The done list as on disk: another process (rank 0 under torchrun, a run side by side)
+        may have filled rows since this one opened the store."""
+        if self._done_path.is_file():
+            self.done = np.load(self._done_path)
+
+    def fill(self, rows: Sequence[int], compute: Compute, progress=None) -> int:
+        """Compute the rows not yet done (``compute(rows)`` yields them chunk by chunk, each saved
+        as it comes); returns how many were computed."""
         from filelock import FileLock
         with FileLock(str(self.folder / ".lock")):
-            if self._done_path.is_file():   # another process may have filled rows meanwhile
-                self.done = np.load(self._done_path)
+            self._reload_done()
             todo = self.missing(rows)
             if not todo:
                 return 0
             task = progress.add_task("caching views", total=len(todo)) if progress is not None else None
-            for start in range(0, len(todo), chunk):
-                part = todo[start:start + chunk]
-                values = compute(part)
+            for part, values in compute(todo):
                 if tuple(values.shape) != (len(part), *self.shape[1:]):
                     raise RuntimeError(f"view features of shape {tuple(values.shape)}, expected "
                                        f"{(len(part), *self.shape[1:])}")
@@ -115,6 +108,7 @@ class FeatureStore:
             return len(todo)
 
     def read(self, rows: Sequence[int]) -> torch.Tensor:
+        self._reload_done()
         missing = self.missing(rows)
         if missing:
             raise RuntimeError(f"view cache {self.folder} lacks {len(missing)} rows (e.g. {missing[:3]})")
@@ -127,59 +121,101 @@ def view_kinds(k: int) -> list[str]:
     return ["weak"] * k + ["strong"] * k
 
 
-@torch.no_grad()
+class _FillItems(Dataset):
+    """What a fill needs of images (asked for by their place in the fill), a batch at a time, in
+    loader workers: the training views (unless the device crops them from in-memory pixels,
+    stage ``source``) and the evaluation view. View ``v`` of an image is drawn from its position."""
+
+    def __init__(self, base, positions: list[int], kinds: list[str], spec: ViewSpec, stage: str, eval_tf: Callable):
+        self.positions, self.stage = positions, stage
+        self.views = ViewDataset(base, positions, kinds, spec, seed=VIEW_SEED, stage=stage)
+        self.evals = EvalDataset(base, positions, eval_tf)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitems__(self, items: list[int]):
+        views = None if self.stage == "source" else self.views.__getitems__([(j, self.positions[j]) for j in items])
+        return items, views, torch.stack([self.evals[j][0] for j in items])
+
+
+def _as_is(batch):
+    return batch
+
+
+def _chunks(ds: Dataset, chunk: int, workers: int) -> Iterator[list]:
+    """``ds`` in chunks of ``chunk`` items, each a list of loader batches: one loader for the
+    whole fill, each chunk split over the ``workers`` (the items of one batch go to one worker)."""
+    per_batch = -(-chunk // workers) if workers else chunk
+    loader = DataLoader(ds, batch_size=per_batch, shuffle=False, num_workers=workers, collate_fn=_as_is)
+    group, size = [], 0
+    for batch in loader:
+        group.append(batch)
+        size += len(batch[0])
+        if size >= chunk:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _joined(batches: list[Batch]) -> Batch:
+    return Batch([torch.cat(views) for views in zip(*(b.images for b in batches))],
+                 torch.cat([b.targets for b in batches]), torch.cat([b.indices for b in batches]),
+                 torch.cat([b.draws for b in batches]), batches[0].stage)
+
+
+def _on(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def train_view_features(base, spec: ViewSpec, k: int, stage: str, prefix: Callable, device: torch.device,
-                        eval_tf: Callable, workers: int = 0, autocast=nullcontext,
-                        channels_last: bool = False) -> Callable[[list[int]], torch.Tensor]:
+                        eval_tf: Callable, workers: int = 0, autocast=nullcontext, channels_last: bool = False,
+                        chunk: int = CHUNK) -> Compute:
     """``compute(positions)`` for a :class:`FeatureStore` of training images: ``K`` weak views,
     ``K`` strong views and the evaluation view of each, through ``prefix``. The views come from
     the same view code as training without a cache (``augment_on`` decides the path)."""
     kinds = view_kinds(k)
     maker = ViewMaker(spec, kinds, VIEW_SEED, device, channels_last)
 
-    def views_of(positions: list[int]) -> list[torch.Tensor]:
-        ds = ViewDataset(base, positions, kinds, spec, seed=VIEW_SEED, stage=stage)
-        index = torch.tensor(positions)
-        if stage == "source":
-            batch = Batch([base.tensor()[index]], torch.tensor([base.targets[i] for i in positions]), index,
-                          index, "source")
-        else:
-            items = [(j, p) for j, p in enumerate(positions)]   # draw = the image's position
-            if workers:
-                loader = torch.utils.data.DataLoader(ds, batch_size=len(items), sampler=items, num_workers=workers,
-                                                     collate_fn=lambda b: b)
-                batch = next(iter(loader))
+    @torch.no_grad()
+    def compute(positions: list[int]):
+        for group in _chunks(_FillItems(base, positions, kinds, spec, stage, eval_tf), chunk, workers):
+            part = [positions[j] for items, _, _ in group for j in items]
+            index = torch.tensor(part)
+            if stage == "source":   # in-memory pixels, cropped and augmented on the device
+                batch = Batch([base.tensor()[index]], torch.tensor([base.targets[i] for i in part]), index, index,
+                              "source")
             else:
-                batch = ds.__getitems__(items)
-        return maker(batch)
-
-    def compute(positions: list[int]) -> torch.Tensor:
-        out = []
-        with autocast():
-            for x in views_of(positions):
-                out.append(prefix(x).float())
-            out.append(prefix(_eval_batch(base, positions, eval_tf, workers, device, channels_last)).float())
-        return torch.stack(out, 1)
+                batch = _joined([views for _, views, _ in group])
+            with autocast():
+                out = [prefix(x).float() for x in maker(batch)]
+                out.append(prefix(_on(torch.cat([ev for _, _, ev in group]), device, channels_last)).float())
+            yield part, torch.stack(out, 1)
 
     return compute
 
 
-@torch.no_grad()
+class _EvalItems(EvalDataset):
+    """Evaluation views a batch at a time (``__getitems__``), as the fill's loader takes them."""
+
+    def __getitems__(self, items: list[int]):
+        return items, None, torch.stack([self[j][0] for j in items])
+
+
 def eval_view_features(base, prefix: Callable, device: torch.device, eval_tf: Callable, workers: int = 0,
-                       autocast=nullcontext, channels_last: bool = False) -> Callable[[list[int]], torch.Tensor]:
+                       autocast=nullcontext, channels_last: bool = False, chunk: int = CHUNK) -> Compute:
     """``compute(positions)`` for a one-view store of evaluation images."""
-    def compute(positions: list[int]) -> torch.Tensor:
-        with autocast():
-            return prefix(_eval_batch(base, positions, eval_tf, workers, device, channels_last)).float().unsqueeze(1)
+    @torch.no_grad()
+    def compute(positions: list[int]):
+        for group in _chunks(_EvalItems(base, positions, eval_tf), chunk, workers):
+            part = [positions[j] for items, _, _ in group for j in items]
+            with autocast():
+                out = prefix(_on(torch.cat([ev for _, _, ev in group]), device, channels_last)).float()
+            yield part, out.unsqueeze(1)
+
     return compute
-
-
-def _eval_batch(base, positions: list[int], eval_tf: Callable, workers: int, device: torch.device,
-                channels_last: bool) -> torch.Tensor:
-    """The evaluation views of ``positions`` (the run's evaluation transform) on ``device``."""
-    ev = EvalDataset(base, positions, eval_tf)
-    xs = torch.cat([x for x, _, _ in eval_loader(ev, len(positions), workers, False)]).to(device)
-    return xs.contiguous(memory_format=torch.channels_last) if channels_last else xs
 
 
 # --- training on cached views ----------------------------------------------------------------
@@ -243,13 +279,31 @@ class CachedViewMaker:
     def __call__(self, batch: Batch) -> list[torch.Tensor]:
         rows = self.cached.rows(batch.indices)
         k = self.cached.k
-        # one uniform per view from the counter hash of (seed, epoch, draw): slot of view v = u[:, v]
-        slots = (plan_uniforms(self.seed, self.epoch, batch.draws, 0, len(self.kinds)) * k).long().clamp_max(k - 1)
-        out = []
-        for v, kind in enumerate(self.kinds):
-            slot = slots[:, v] + (k if kind == "strong" else 0)
-            out.append(self.cached.features[rows, slot].to(self.device, non_blocking=True).float())
-        return out
+        # one uniform per view from the counter hash of (seed, epoch, draw)
+        u = plan_uniforms(self.seed, self.epoch, batch.draws, 0, len(self.kinds))
+        slots = distinct_slots(u, self.kinds, k)
+        return [self.cached.features[rows, slots[:, v] + (k if kind == "strong" else 0)]
+                .to(self.device, non_blocking=True).float() for v, kind in enumerate(self.kinds)]
+
+
+def distinct_slots(u: torch.Tensor, kinds: Sequence[str], k: int) -> torch.Tensor:
+    """Slots ``0..K-1`` for the views of each sample (``u``: one uniform per view), without
+    replacement within a kind: the two weak (or two strong) views of ``dpl.multiviews`` are two
+    different cached views. The first view of a kind takes slot ``floor(K u)``; the ``j``-th
+    takes the ``floor((K - j) u)``-th slot the earlier ones left."""
+    slots = torch.zeros(u.shape, dtype=torch.int64)
+    for kind in dict.fromkeys(kinds):
+        views = [v for v, kd in enumerate(kinds) if kd == kind]
+        if len(views) > k:
+            raise ValueError(f"{len(views)} {kind} views of {k} cached ones: data.cached_views must be >= {len(views)}")
+        for j, v in enumerate(views):
+            slot = (u[:, v] * (k - j)).long().clamp_max(k - j - 1)
+            if j:
+                taken, _ = torch.sort(slots[:, views[:j]], dim=1)
+                for c in range(j):     # the slot-th free one: step over each taken slot at or below it
+                    slot = slot + (slot >= taken[:, c]).long()
+            slots[:, v] = slot
+    return slots
 
 
 class FeatureEvalSet(torch.utils.data.Dataset):

@@ -113,3 +113,43 @@ def _torch_threads_unchanged():
 def _isolated_dpl_zoo_cache(tmp_path_factory, monkeypatch):
     """Image scans, converted weights and downloads go to a per-test cache, never the user's."""
     monkeypatch.setenv("DPL_ZOO_CACHE", str(tmp_path_factory.mktemp("dpl-zoo-cache")))
+
+
+def make_start_folder(folder, seed=0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
+    """A test_resnet start point as ``dpl-zoo pretrain`` exports one (``model.safetensors`` +
+    ``config.json`` with its own mean/std), with BatchNorm statistics of a trained model, not the
+    identity: a frozen BatchNorm exported as a fresh one then changes the logits."""
+    import timm
+    import torch
+    from dpl_zoo.checkpoint import export_timm
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", num_classes=0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    export_timm(model, folder, None, {"mean": tuple(mean), "std": tuple(std)})
+    return folder
+
+
+def as_bmp(png):
+    """``png`` replaced by an uncompressed BMP of the same pixels: its size never changes with them."""
+    bmp = png.with_suffix(".bmp")
+    with Image.open(png) as img:
+        img.save(bmp)
+    png.unlink()
+    return bmp
+
+
+def repaint(image):
+    """Other pixels in the same file, at the same size (a BMP's size depends on its dimensions only)."""
+    import os
+    size = os.path.getsize(image)
+    with Image.open(image) as img:
+        arr = 255 - np.asarray(img.convert("RGB"))
+    Image.fromarray(arr).save(image)
+    assert os.path.getsize(image) == size
+    return image

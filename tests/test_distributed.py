@@ -43,23 +43,39 @@ def _torchrun(recipe, *args, nproc=2, extra=()):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_processes_match_one_process(image_data, tmp_path):
-    recipe = _recipe(image_data, tmp_path / "runs", tmp_path / "r.yaml", experiment="ddp")
+def _two_processes_then_one(recipe, runs):
+    """``recipe`` under torchrun (experiment ``ddp``) and in one process (``single``), which end
+    with the same weights and EMA teacher; returns their summaries and last checkpoints."""
     proc = _torchrun(recipe)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     single = fit(load_config(str(recipe), ["experiment=single"]), quiet=True)
-    a = torch.load(tmp_path / "runs" / "ddp" / "last.pth.tar", weights_only=True)
-    b = torch.load(tmp_path / "runs" / "single" / "last.pth.tar", weights_only=True)
+    a = torch.load(runs / "ddp" / "last.pth.tar", weights_only=True)
+    b = torch.load(runs / "single" / "last.pth.tar", weights_only=True)
     for key in ("state_dict", "state_dict_ema"):
         for k in b[key]:
             assert torch.allclose(a[key][k], b[key][k], atol=1e-5, rtol=1e-4), (key, k)
+    return json.loads((runs / "ddp" / "summary.json").read_text()), single, a, b
+
+
+def test_two_processes_match_one_process(image_data, tmp_path):
+    recipe = _recipe(image_data, tmp_path / "runs", tmp_path / "r.yaml", experiment="ddp")
+    ddp, single, a, b = _two_processes_then_one(recipe, tmp_path / "runs")
     assert torch.allclose(a["task_state"]["qhat"], b["task_state"]["qhat"], atol=1e-6)
-    ddp = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
     # sharded evaluation: exact global counts (12 validation images, no double counting)
     assert ddp["top1"] == pytest.approx(single["top1"]) and ddp["steps"] == single["steps"]
     rows = (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3 * 2 + 2  # one writer (rank 0): 6 step rows + 2 epoch rows
+
+
+def test_cached_views_on_a_cold_cache_under_torchrun(image_data, tmp_path):
+    """Rank 0 fills the empty view cache while rank 1, which opened the store before, waits; both
+    then train on what rank 0 wrote, as one process does on the same cache."""
+    # test_resnet: its frozen BatchNorm layers are in the cached part, the trained head has none
+    recipe = _recipe(image_data, tmp_path / "runs", tmp_path / "r.yaml", experiment="ddp", model="test_resnet",
+                     model_kwargs="{}", freeze="backbone", **{"data.cached_views": 2})
+    ddp, single, _, _ = _two_processes_then_one(recipe, tmp_path / "runs")
+    assert ddp["top1"] == pytest.approx(single["top1"]) and ddp["cached_views"] == 2
 
 
 def _children(pid):

@@ -98,11 +98,12 @@ def test_resumed_pretraining_equals_an_uninterrupted_one(fashion, tmp_path):
 
 
 def test_export_is_a_fine_tuning_start(tmp_path, image_data):
-    # pretrain on the images of a folder (labels unused), the kNN monitor on its labeled twin
+    # pretrain on the images of a folder (labels unused), the kNN monitor on its labeled twin; with
+    # a mean and std of its own, which the fine-tuning recipe does not name
     pretrain(load_pretrain_config(RECIPE, tiny_pretrain(
-        tmp_path / "pre", img_size=32, batch_size=6, **{"data.root": str(image_data / "train"),
-                                                        "knn.root": str(image_data / "train"),
-                                                        "knn.val_root": str(image_data / "val")})), quiet=True)
+        tmp_path / "pre", img_size=32, batch_size=6, mean="[0.3, 0.4, 0.5]", std="[0.2, 0.2, 0.2]",
+        **{"data.root": str(image_data / "train"), "knn.root": str(image_data / "train"),
+           "knn.val_root": str(image_data / "val")})), quiet=True)
     export = tmp_path / "pre" / "moco" / "export"
     exported = load_file(export / "model.safetensors")
     cfg = load_config(None, tiny_overrides(image_data, tmp_path / "runs", epochs=1, initial_checkpoint=str(export)))
@@ -112,7 +113,8 @@ def test_export_is_a_fine_tuning_start(tmp_path, image_data):
     assert all(torch.equal(own[k], v) for k, v in exported.items())          # every backbone tensor from the export
     assert set(own) - set(exported) == {"fc.weight", "fc.bias"}              # only the new head is not
     pre_cfg = json.loads((export / "config.json").read_text())["pretrained_cfg"]
-    assert run.data_config["mean"] == tuple(pre_cfg["mean"])                 # the start point's preprocessing
+    assert pre_cfg["mean"] == [0.3, 0.4, 0.5] and pre_cfg["std"] == [0.2, 0.2, 0.2]
+    assert run.data_config["mean"] == (0.3, 0.4, 0.5) and run.data_config["std"] == (0.2, 0.2, 0.2)   # the start's
     summary = fit(cfg, quiet=True)
     assert summary["steps"] == 2 and 0 <= summary["top1"] <= 100
     # weights made for another architecture are refused, even through a folder

@@ -9,6 +9,8 @@ from dpl_zoo.checkpoint import CheckpointError
 from dpl_zoo.config import flatten
 from dpl_zoo.train import fit
 
+from conftest import as_bmp, make_start_folder, repaint
+
 
 def _rows(run_dir, kind="train"):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -79,7 +81,8 @@ def test_prefetch_thread_leaves_the_process_thread_setting_alone(tiny_config):
 # --- the rules, as a table ---------------------------------------------------------------------------
 
 def _saved(cfg, **evidence):
-    base = {"data": "d", "labeled": "l", "teacher_predictions": None}
+    from dpl_zoo.resume import DATA_DIGEST_VERSION
+    base = {"data": "d", "labeled": "l", "teacher_predictions": None, "data_digest_version": DATA_DIGEST_VERSION}
     base.update(evidence)
     return {"config": json.loads(json.dumps(cfg.to_dict())), "epoch": 1, "evidence": base}
 
@@ -108,6 +111,22 @@ def test_what_a_resume_may_change(tiny_config, tmp_path, change, allowed):
             resume.check(saved, now, tmp_path)
 
 
+def test_a_checkpoint_with_the_older_data_record_is_refused_for_what_it_is(tiny_config, tmp_path):
+    """Before content digests a folder was recorded by file names and sizes: such a record cannot
+    match, and the refusal says why (not "the data differ"); in-memory data kept its digest."""
+    from dpl_zoo import resume
+    cfg = tiny_config(epochs=3)
+    now = resume.evidence("pixels", [1, 2])
+
+    def older(data):
+        saved = _saved(cfg, **{**now, "data": data})
+        del saved["evidence"]["data_digest_version"]
+        return saved
+    resume.check(older("pixels"), cfg, tmp_path, now=now)                    # the same digest: resumes
+    with pytest.raises(CheckpointError, match="older dpl-zoo, which recorded a data folder by its file names"):
+        resume.check(older("names and sizes"), cfg, tmp_path, now=now)
+
+
 EVIDENCE_CASES = [("data", "other", "training data differ"), ("labeled", "other", "labeled split differs"),
                   ("teacher_predictions", "abc", "started without data.teacher_predictions")]
 
@@ -126,3 +145,38 @@ def test_what_a_resume_compares(tiny_config, tmp_path, key, value, message):
     from dpl_zoo.config import PretrainConfig
     keys = set(flatten(cfg.to_dict())) | set(flatten(PretrainConfig().to_dict()))
     assert not set(resume.MAY_CHANGE) - keys   # every rule names a real key of a training or pretraining config
+
+
+# --- the rules on real runs: what changed on disk between a run and its resume -------------------------
+
+def _repaint_an_image(image, start):
+    repaint(image)                                               # same file size, other pixels
+
+
+def _rewrite_the_start_folder(image, start):
+    make_start_folder(start, seed=1, mean=(0.6, 0.6, 0.6))      # same path, other weights and preprocessing
+
+
+DISK_CASES = [
+    # (what changes, the refusal's words; None: the resume goes on, on what the run trained with)
+    ("an image rewritten at the same size", _repaint_an_image, "training data differ"),
+    ("the start folder rewritten", _rewrite_the_start_folder, None),
+]
+
+
+@pytest.mark.parametrize("change,refused", [c[1:] for c in DISK_CASES], ids=[c[0] for c in DISK_CASES])
+def test_what_a_resume_does_after_a_change_on_disk(tiny_config, image_data, tmp_path, change, refused):
+    start = make_start_folder(tmp_path / "start", seed=0, mean=(0.2, 0.3, 0.4))
+    image = as_bmp(image_data / "train" / "cat" / "000.png")
+    fit(tiny_config(epochs=1, initial_checkpoint=str(start)), quiet=True)
+    last = tmp_path / "runs" / "run" / "last.pth.tar"
+    before = last.read_bytes()
+    change(image, start)
+    if refused:
+        with pytest.raises(CheckpointError, match=refused):
+            fit(tiny_config(epochs=2, initial_checkpoint=str(start)), resume="auto", quiet=True)
+        assert last.read_bytes() == before                           # nothing written
+        return
+    assert fit(tiny_config(epochs=2, initial_checkpoint=str(start)), resume="auto", quiet=True)["resumed"]
+    # the weights come from the checkpoint, and with them the preprocessing they trained with
+    assert torch.load(last, weights_only=True)["data_config"]["mean"] == [0.2, 0.3, 0.4]

@@ -125,6 +125,9 @@ def test_ctrl_c_stops_every_run_and_resume_auto_finishes_them(image_data, tmp_pa
     for method in METHODS:
         summary = json.loads((tmp_path / "runs" / f"run-{method}" / "summary.json").read_text())
         assert summary["resumed"] and summary["steps"] == 24
+        # continued from the checkpoint: every step trained (and logged) once, none again from the start
+        rows = (tmp_path / "runs" / f"run-{method}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["step"] for r in rows if json.loads(r)["kind"] == "train"] == list(range(1, 25))
 
 
 def test_a_run_whose_process_died_is_one_error_line():

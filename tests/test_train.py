@@ -14,7 +14,7 @@ from dpl_zoo.progress import Reporter
 from dpl_zoo.dry_run import dry_run
 from dpl_zoo.train import TrainingDiverged, fit
 
-from conftest import tiny_overrides
+from conftest import make_start_folder, tiny_overrides
 
 
 @pytest.mark.parametrize("method", ["debiaspl", "fixmatch", "supervised"])
@@ -126,14 +126,15 @@ def test_channels_last_run_on_cpu(tiny_config, tmp_path, augment_on):
 
 def test_eval_of_a_checkpoint_uses_the_preprocessing_it_trained_with(tiny_config, tmp_path):
     from dpl_zoo.evaluate import load_for_eval
-    fit(tiny_config(epochs=1), quiet=True)
+    # a start point with a preprocessing of its own (as EfficientNet-PyTorch weights or a pretraining's
+    # export bring): not in the recipe, and not test_resnet's default
+    start = make_start_folder(tmp_path / "start", mean=(0.25, 0.5, 0.75), std=(0.2, 0.3, 0.4))
+    fit(tiny_config(epochs=1, initial_checkpoint=str(start)), quiet=True)
     path = tmp_path / "runs" / "run" / "last.pth.tar"
-    state = torch.load(path, weights_only=True)
-    # as a start point's own preprocessing would be (EfficientNet-PyTorch weights): not in the recipe
-    state["data_config"]["mean"] = [0.25, 0.5, 0.75]
-    torch.save(state, path)
-    model, classes = load_for_eval(str(path))
-    assert list(model.pretrained_cfg["mean"]) == [0.25, 0.5, 0.75] and len(classes) == 3
+    assert torch.load(path, weights_only=True)["data_config"]["mean"] == [0.25, 0.5, 0.75]
+    model, classes = load_for_eval(str(path))            # rebuilt without the start point
+    config = timm.data.resolve_data_config(model=model)   # what eval's transforms are made from
+    assert config["mean"] == (0.25, 0.5, 0.75) and config["std"] == (0.2, 0.3, 0.4) and len(classes) == 3
 
 
 def test_unfinished_run_is_not_restarted_over(tiny_config, tmp_path):

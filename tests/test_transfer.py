@@ -9,10 +9,11 @@ from dpl_zoo.cli import main
 from dpl_zoo.config import ConfigError, load_config
 from dpl_zoo.freeze import FreezeError, freeze, frozen_parameter_names, split_for_cache
 from dpl_zoo.optim import build_optimization
+from dpl_zoo.progress import Reporter
 from dpl_zoo.run import build_run
 from dpl_zoo.train import fit
 
-from conftest import tiny_overrides
+from conftest import as_bmp, make_start_folder, repaint, tiny_overrides
 
 
 def cached_config(tiny_config, **extra):
@@ -73,11 +74,19 @@ def test_freeze_counts_timm_groups_and_fixes_batchnorm():
                                                                                  FrozenBatchNorm2d)
 
 
+def test_freeze_backbone_freezes_the_parameters_a_vit_holds_itself():
+    """A ViT's cls_token and pos_embed are parameters of the model itself, beside its head."""
+    model = timm.create_model("test_vit", num_classes=3)
+    freeze(model, "backbone")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+
+
 @pytest.mark.parametrize("arch,spec", [("test_resnet", "backbone"), ("test_resnet", 3),
-                                       ("test_efficientnet", "backbone"), ("test_efficientnet", 4)])
+                                       ("test_efficientnet", "backbone"), ("test_efficientnet", 4),
+                                       ("test_vit", "backbone")])
 def test_cached_prefix_and_tail_compute_the_model(arch, spec):
     torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=5)
+    model = timm.create_model(arch, num_classes=5, drop_rate=0.5)
     for m in model.modules():   # BatchNorm statistics of a trained model, not the identity
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -85,12 +94,33 @@ def test_cached_prefix_and_tail_compute_the_model(arch, spec):
     freeze(model, spec)
     model.eval()
     prefix, tail = split_for_cache(model, spec)
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, *(model.pretrained_cfg["input_size"] if arch == "test_vit" else (3, 32, 32)))
     with torch.no_grad():
         torch.testing.assert_close(tail(prefix(x)), model(x))
+        features = prefix(x)                 # as the cache computes them: in eval mode, once
+        # in training the tail applies the head's dropout (drop_rate) at every step, as the model's
+        # own forward does: the same mask from the same seed (the frozen prefix draws nothing)
+        model.train()
+        torch.manual_seed(1)
+        want = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(tail(features), want)
     # the tail trains exactly the model's trainable parameters, shared, not copied
     assert {id(p) for p in tail.parameters() if p.requires_grad} == {id(p) for p in model.parameters()
                                                                       if p.requires_grad}
+
+
+def test_cached_views_refuse_stochastic_depth_in_the_frozen_part():
+    """Without a cache the frozen blocks' stochastic depth draws anew at every step; cached
+    features cannot, so the combination is refused rather than trained without it."""
+    model = timm.create_model("test_resnet", num_classes=3, drop_path_rate=0.2)
+    freeze(model, "backbone")
+    with pytest.raises(FreezeError, match="drop_path_rate"):
+        split_for_cache(model, "backbone")
+    # timm gives the first block no stochastic depth: the stem and layer1 frozen, the rest keeps it
+    model = timm.create_model("test_resnet", num_classes=3, drop_path_rate=0.2)
+    freeze(model, 2)
+    split_for_cache(model, 2)
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -111,18 +141,49 @@ def test_frozen_parameters_are_unchanged_by_training(tiny_config, tmp_path, cach
     assert any(not torch.equal(state[n], before[n]) for n in before if n.startswith("layer4."))
 
 
-def test_view_cache_is_reused_on_the_same_key_and_rebuilt_on_a_changed_one(tiny_config, image_data, tmp_path,
-                                                                           monkeypatch):
+def _count_fills(monkeypatch) -> list:
+    """``(store kind, rows computed)`` of every view-cache fill from now on."""
     from dpl_zoo import view_cache
     computed = []
     real_fill = view_cache.FeatureStore.fill
 
-    def counting_fill(self, rows, compute, progress=None, chunk=view_cache.CHUNK):
-        n = real_fill(self, rows, compute, progress, chunk)
+    def counting_fill(self, rows, compute, *args, **kwargs):
+        n = real_fill(self, rows, compute, *args, **kwargs)
         computed.append((self.record["kind"], n))
         return n
     monkeypatch.setattr(view_cache.FeatureStore, "fill", counting_fill)
+    return computed
 
+
+class Interrupt(Reporter):
+    """Stops a run (as Ctrl-C does) when it starts epoch ``at``."""
+
+    def __init__(self, at, **kwargs):
+        super().__init__(**kwargs)
+        self.at = at
+
+    def start_epoch(self, epoch, steps):
+        if epoch == self.at:
+            raise KeyboardInterrupt
+        super().start_epoch(epoch, steps)
+
+
+class EpochsSeen(Reporter):
+    """The epochs a run trains in this process."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.epochs = []
+
+    def start_epoch(self, epoch, steps):
+        self.epochs.append(epoch)
+        super().start_epoch(epoch, steps)
+
+
+def test_view_cache_is_reused_on_the_same_key_and_rebuilt_on_a_changed_one(tiny_config, image_data, tmp_path,
+                                                                           monkeypatch):
+    image = as_bmp(image_data / "train" / "cat" / "000.png")   # its size never changes with its pixels
+    computed = _count_fills(monkeypatch)
     start = str(_weights(tmp_path, seed=0))     # a fixed backbone: the run seed then changes only the head
 
     def fills(**extra):
@@ -136,11 +197,17 @@ def test_view_cache_is_reused_on_the_same_key_and_rebuilt_on_a_changed_one(tiny_
     assert fills(seed=5, **{"data.split_seed": 3}) == {"train": 0, "eval": 0}   # views do not depend on the seed
     assert fills(**{"data.cached_views": 3})["train"] == 30   # views: K
     assert fills(**{"data.scale": "[0.5, 1.0]"})["train"] == 30   # views: crop
+    assert fills(**{"data.augment_on": "device"})["train"] == 30   # views: made on the device, not by workers
+    assert fills(crop_pct=0.5) == {"train": 30, "eval": 12}   # the evaluation view's preprocessing
+    assert fills(amp=True) == {"train": 30, "eval": 12}       # features in bfloat16 (CPU autocast)
+    # what the frozen part computes without other weights: timm's model kwargs (here its pooling)
+    assert fills(model_kwargs="{global_pool: max}") == {"train": 30, "eval": 12}
     assert fills(model="test_efficientnet", initial_checkpoint=None) == {"train": 30, "eval": 12}   # model
     assert fills(initial_checkpoint=str(_weights(tmp_path, seed=1)))["train"] == 30   # weights
+    repaint(image)                                             # data: other pixels, same file size
+    assert fills()["train"] == 30
     from PIL import Image
-    img = next((image_data / "train" / "cat").iterdir())
-    Image.new("RGB", (20, 16), "white").save(img)             # data (another image size)
+    Image.new("RGB", (20, 16), "white").save(image)           # data: another image size
     assert fills()["train"] == 30
 
 
@@ -154,19 +221,13 @@ def _weights(tmp_path, seed):
 
 
 def test_resumed_cached_view_run_equals_an_uninterrupted_one(tiny_config, tmp_path):
-    from dpl_zoo.progress import Reporter
     straight = fit(cached_config(tiny_config, experiment="straight", epochs=3), quiet=True)
-
-    class Interrupt(Reporter):
-        def start_epoch(self, epoch, steps):
-            if epoch == 2:
-                raise KeyboardInterrupt
-            super().start_epoch(epoch, steps)
-
     cfg = cached_config(tiny_config, experiment="cut", epochs=3)
     with pytest.raises(KeyboardInterrupt):
-        fit(cfg, reporter=Interrupt(quiet=True))
-    resumed = fit(cfg, resume="auto", quiet=True)
+        fit(cfg, reporter=Interrupt(2, quiet=True))
+    seen = EpochsSeen(quiet=True)
+    resumed = fit(cfg, resume="auto", reporter=seen)
+    assert seen.epochs == [2]                   # continued from its checkpoint, not trained again from the start
     a = torch.load(tmp_path / "runs" / "straight" / "last.pth.tar", weights_only=True)
     b = torch.load(tmp_path / "runs" / "cut" / "last.pth.tar", weights_only=True)
     for key in ("state_dict", "state_dict_ema"):
@@ -176,19 +237,51 @@ def test_resumed_cached_view_run_equals_an_uninterrupted_one(tiny_config, tmp_pa
     assert resumed["top1"] == straight["top1"] and resumed["resumed"]
 
 
+def test_a_resume_continues_on_its_own_backbone_when_the_start_folder_changed(tiny_config, tmp_path, monkeypatch):
+    """``dpl-zoo pretrain --resume auto`` with more epochs rewrites ``runs/NAME/export`` in place:
+    a fine-tuning run started from it resumes on the weights and preprocessing it trained with
+    (as timm's ``--resume`` does), with its own cached views, never the new start's."""
+    start = make_start_folder(tmp_path / "export", seed=0, mean=(0.2, 0.3, 0.4))
+    copy = make_start_folder(tmp_path / "export-copy", seed=0, mean=(0.2, 0.3, 0.4))
+    straight = fit(cached_config(tiny_config, experiment="straight", initial_checkpoint=str(copy)), quiet=True)
+    cfg = cached_config(tiny_config, experiment="cut", initial_checkpoint=str(start))
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, reporter=Interrupt(1, quiet=True))
+    make_start_folder(start, seed=1, mean=(0.6, 0.6, 0.6))     # other weights and preprocessing, same path
+    computed = _count_fills(monkeypatch)
+    resumed = fit(cfg, resume="auto", quiet=True)
+    assert dict(computed) == {"train": 0, "eval": 0}           # the run's own cached views
+    a = torch.load(tmp_path / "runs" / "straight" / "last.pth.tar", weights_only=True)
+    b = torch.load(tmp_path / "runs" / "cut" / "last.pth.tar", weights_only=True)
+    assert b["data_config"]["mean"] == [0.2, 0.3, 0.4]
+    for key in ("state_dict", "state_dict_ema"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
+    assert resumed["top1"] == straight["top1"] and resumed["resumed"]
+
+
 def test_frozen_backbone_run_through_the_cli_exports_a_plain_timm_model(image_data, tmp_path, capsys):
+    start = make_start_folder(tmp_path / "start", seed=0)     # BatchNorm statistics of a trained backbone
     args = ["train", "--quiet", "--methods", "debiaspl"]
-    for item in tiny_overrides(image_data, tmp_path / "runs", freeze="backbone", **{"data.cached_views": 2,
-                                                                                     "backbone_lr_scale": 0.1}):
+    for item in tiny_overrides(image_data, tmp_path / "runs", freeze="backbone", initial_checkpoint=start,
+                               **{"data.cached_views": 2, "backbone_lr_scale": 0.1}):
         args += ["--set", item]
     assert main(args) == 0
     out = tmp_path / "runs" / "run"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["freeze"] == "backbone" and summary["trainable_params"] == 96 * 3 + 3
-    model = timm.create_model(f"local-dir:{out / 'export'}").eval()     # plain timm: ordinary BatchNorm layers
-    assert not any("Frozen" in type(m).__name__ for m in model.modules())
+    # plain timm names: ordinary BatchNorm layers (num_batches_tracked included), not frozen ones
+    from safetensors.torch import load_file
+    exported = load_file(out / "export" / "model.safetensors")
+    assert set(exported) == set(timm.create_model("test_resnet", num_classes=3).state_dict())
+    # with the exported weights (pretrained=True), plain timm computes what the trained run's model computes
+    model = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True).eval()
+    from dpl_zoo.evaluate import evaluate_model, load_for_eval
+    trained, _ = load_for_eval(str(out / "last.pth.tar"))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained(x))
     # the export computes what the run evaluated: top-1 on the evaluation folder from the exported model
-    from dpl_zoo.evaluate import evaluate_model
     result = evaluate_model(f"local-dir:{out / 'export'}", str(image_data / "val"), batch_size=8, workers=0,
                             device="cpu")
     assert result["top1"] == pytest.approx(summary["top1"])
