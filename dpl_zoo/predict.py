@@ -13,12 +13,15 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import DataError, UnlabeledFolder
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class _Decoded(Dataset):
@@ -58,7 +61,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 @torch.no_grad()
 def predict_folder(model: str, data: str | Path, out: str | Path = "predictions.csv", topk: int = 5,
                    batch_size: int = 64, workers: int = 2, device: Optional[str | torch.device] = None,
-                   console=None) -> dict:
+                   console: Optional["Console"] = None) -> dict:
     """Top-``topk`` classes of every image below ``data`` by ``model``, written to the CSV ``out``.
 
     Args:
@@ -81,8 +84,10 @@ def predict_folder(model: str, data: str | Path, out: str | Path = "predictions.
         ZooError, CheckpointError: ``model`` cannot be loaded.
 
     Example:
-        >>> result = predict_folder("runs/NAME-debiaspl/export", "new_images", out="predictions.csv")
-        >>> result["images"], result["skipped"]
+        ```python
+        result = predict_folder("runs/NAME-debiaspl/export", "new_images", out="predictions.csv")
+        print(result["images"], result["skipped"])
+        ```
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
