@@ -101,7 +101,7 @@ def speed(report: dict) -> str:
             lines.append(f"| {p['augment_on']} | {p['workers']} | {p['loader_img_per_s']:.0f} | "
                          f"{p['step_img_per_s']:.0f} | {p['train_img_per_s']:.0f} | {p['train_over_step']:.2f} |")
     for r in report.get("folder_views") or []:
-        lines.append(f"\nFolder of JPEGs at {r['img_size']} px, `augment_on: {r['augment_on']}`, {r['workers']} "
+        lines.append(f"\nFolder of JPEGs at {r['img_size']} px, `data.augment_on: {r['augment_on']}`, {r['workers']} "
                      f"worker, {r['device']}: {r['img_per_s']:.0f} finished views/s.")
     if report.get("end_to_end"):
         e = report["end_to_end"]
