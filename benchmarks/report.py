@@ -218,6 +218,17 @@ def imbalanced(report: dict) -> str:
         lines.append(f"| {r['ratio']:g} | {_ARMS.get(r['arm'], r['arm'])} | {_pm(r['lt_top1'])} | "
                      f"{_pm(r['balanced_top1'])} | {_pm(r['tail_recall'])} | {_pm(r['head_recall'])} | "
                      f"{_pm(r.get('pl_kl_profile', (float('nan'), float('nan'))), '.3f')} |")
+    if report.get("runs"):
+        lines += ["", "Paired by seed (mean ± sd of the per-seed differences, seeds won):", "",
+                  "| IR | comparison | profile test | balanced test |", "|---|---|---|---|"]
+        for ratio in s["ratios"]:
+            for arm, against in (("debiaspl-uniform", "fixmatch"), ("debiaspl-labeled", "fixmatch"),
+                                 ("debiaspl-labeled", "debiaspl-uniform")):
+                cells = []
+                for test in ("lt_top1", "balanced_top1"):
+                    c = _imbalanced(report, ratio, test, arm=arm, against=against)
+                    cells.append(f"{_pm(c.gain, signed=True)} ({c.wins}/{c.seeds})")
+                lines.append(f"| {ratio:g} | {_ARMS[arm]} − {_ARMS[against]} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
