@@ -73,7 +73,7 @@ def _argument_rows(parser: argparse.ArgumentParser) -> list[str]:
         name = ", ".join(action.option_strings) or action.dest
         if action.option_strings and action.nargs != 0:
             name += f" {action.metavar or action.dest.upper()}"
-        default = "" if action.nargs == 0 or action.default is None else _default(action.default)
+        default = "" if action.nargs == 0 or action.default in (None, []) else _default(action.default)
         meaning = action.help or ""
         if action.choices:
             meaning += f" (one of: {', '.join(map(str, action.choices))})"
@@ -144,7 +144,7 @@ def recipes_table(link) -> str:
                 break
             header.append(line.lstrip("#").strip())
         text = " ".join(header)
-        first = re.split(r"(?<=[.:])\s", text, maxsplit=1)[0].rstrip(":.")
+        first = re.split(r"\.\s+(?=[A-Z`])", text, maxsplit=1)[0].rstrip(".")
         rows.append(f"| `{path.stem}` | {_cell(first)} |")
     return "\n".join(rows)
 
