@@ -60,13 +60,19 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2, sync: C
 def write_report(out: Path, name: str, benchmark: str, settings: dict, t0: float, console=None, **fields) -> Path:
     """``out/name``: the benchmark's numbers with the date, the machine, its settings and its time."""
     report = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
-              "settings": settings, **fields, "seconds": time.perf_counter() - t0}
+              "command": command_line(), "settings": settings, **fields, "seconds": time.perf_counter() - t0}
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
     path.write_text(portable(json.dumps(report, indent=2, default=str), out))
     if console is not None:
         console.print(f"wrote {path} ({report['seconds'] / 60:.1f} min)")
     return path
+
+
+def command_line() -> str:
+    """How this process was started, as the results pages show it (``python benchmarks/NAME.py ...``)."""
+    import shlex
+    return " ".join(["python", *(shlex.quote(a) for a in sys.argv)])
 
 
 def portable(text: str, out: Path) -> str:

@@ -1,12 +1,25 @@
-"""Markdown tables from the benchmark JSON files, for the README's Results section.
+"""Markdown from the benchmark results: each study's tables, the README's headline table and the
+fine-tuning page's decision table, all computed from ``benchmarks/results/*.json``.
 
-    python benchmarks/report.py benchmarks/results/*.json
+    python benchmarks/report.py benchmarks/results/*.json     # print the tables of these files
+    python benchmarks/docgen.py                               # write them into README.md and docs/
+
+A study (``STUDIES``) is one results page: its title, the result files it shows and the command
+that made each. Adding a results file takes a renderer (a function of its JSON, registered in
+``RENDER`` under the file's ``benchmark`` name) and a ``Source`` in a study, new or existing:
+``docgen`` then writes its page, its line in the results index and its entry in the site's nav.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
 
 
 def _f(v, spec=".2f"):
@@ -17,17 +30,35 @@ def _pm(pair, spec=".2f", signed=False):
     return f"{_f(pair[0], ('+' if signed else '') + spec)} ± {_f(pair[1], spec)}"
 
 
-def _when(report: dict) -> str:
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def machine(report: dict) -> str:
+    """Where a result was measured, as a timing needs it stated."""
     m = report["machine"]
-    where = m.get("gpu") or f"{m['cpu_count']} CPU cores"
-    return f"{report['date']}, {where}, torch {m['torch']}, {report['seconds'] / 60:.0f} min in all"
+    where = f"{m['gpu']}, {m['cpu_count']} CPU cores" if m.get("gpu") else f"{m['cpu_count']} CPU cores, no GPU"
+    return f"{where} ({m.get('processor', '?')}), torch {m['torch']}, timm {m.get('timm', '?')}, Python {m['python']}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def provenance(report: dict, path: str, command: str) -> str:
+    """The line above every rendered result: the command, the file, the date and the machine."""
+    parallel = report.get("settings", {}).get("parallel") if isinstance(report.get("settings"), dict) else None
+    runs = f"; {parallel} single-thread runs side by side" if parallel and parallel > 1 else ""
+    took = f"; {_duration(report['seconds'])} in all" if report.get("seconds") else ""
+    return (f"`{report.get('command') or command}` wrote `{path}` on {report['date']}: {machine(report)}"
+            f"{runs}{took}.")
 
 
 def gain(report: dict) -> str:
     s = report["settings"]
     steps = s["overrides"].get("steps_per_epoch", 0) * s["overrides"].get("epochs", 0)
     lines = [f"Embedded MNIST, `mnist_demo` recipe at {steps} steps, {s['seeds']} seeds, "
-             f"{s.get('parallel', 1)} single-thread runs side by side ({_when(report)}):", "",
+             f"{s.get('parallel', 1)} single-thread runs side by side:", "",
              "| labels/class | method | test top-1 (mean ± sd) | accepted PL acc. | mask | PL KL(uniform) | "
              "PL max/min | gain vs FixMatch (mean ± sd) | seeds won |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["table"]:
@@ -51,7 +82,7 @@ def speed(report: dict) -> str:
     lines = []
     if report["models"]:
         lines += [f"Step cost on {s['device']}: batch {s['batch']} labeled + {s['mu']} x {s['batch']} unlabeled per "
-                  f"view pair, {s['img_size']} px, medians of {s['rounds']} interleaved rounds ({_when(report)}):", "",
+                  f"view pair, {s['img_size']} px, medians of {s['rounds']} interleaved rounds:", "",
                   "| model | views | DebiasPL step s | FixMatch step s | hand-written step s | DebiasPL/FixMatch "
                   "(target <= 1.03) | DebiasPL/hand | peak memory DebiasPL/hand | img/s | MFU (bf16 peak) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -70,7 +101,7 @@ def speed(report: dict) -> str:
             lines.append(f"| {p['augment_on']} | {p['workers']} | {p['loader_img_per_s']:.0f} | "
                          f"{p['step_img_per_s']:.0f} | {p['train_img_per_s']:.0f} | {p['train_over_step']:.2f} |")
     for r in report.get("folder_views") or []:
-        lines.append(f"\nFolder of JPEGs at {r['img_size']} px, `augment_on: {r['augment_on']}`, {r['workers']} "
+        lines.append(f"\nFolder of JPEGs at {r['img_size']} px, `data.augment_on: {r['augment_on']}`, {r['workers']} "
                      f"worker, {r['device']}: {r['img_per_s']:.0f} finished views/s.")
     if report.get("end_to_end"):
         e = report["end_to_end"]
@@ -89,6 +120,8 @@ def load(report: dict) -> str:
                 f"{report['ratio']:.3f} |")
     if "ratio_hub" in report:
         rows.append(f"| ratio warm `dpl_zoo.load` / plain, pinned Hub commit | {report['ratio_hub']:.3f} |")
+    if "hub_requests_warm" in report:
+        rows.append(f"| requests to the Hub during the warm loads | {report['hub_requests_warm']} |")
     return "\n".join(rows)
 
 
@@ -103,7 +136,7 @@ def _won(r: dict) -> str:
 def finetune_probe(report: dict) -> str:
     s = report["settings"]
     lines = [f"Linear probe of frozen `{s['model']}` features (logistic regression on each draw's labeled images, "
-             f"{s['test']} test images, {s['seeds']} label draws; {_when(report)}):", "",
+             f"{s['test']} test images, {s['seeds']} label draws):", "",
              "| px | labels/class | ImageNet start | random start | lead |", "|---|---|---|---|---|"]
     rows = report["table"]
     for r in [r for r in rows if r["start"] == "pretrained"]:
@@ -148,8 +181,8 @@ def finetune_frozen(report: dict) -> str:
              f"Frozen `{s['model']}` at {s['img_size']} px, {s['cached_views']} weak + {s['cached_views']} strong "
              f"cached views per image, {s['unlabeled'] or 'all'} unlabeled images, {s['steps']} steps of "
              f"{s['batch']} + {s['mu']} x {s['batch']}, all {s['test']} test images; {report['runs_done']} runs, "
-             f"caching {report['cache_seconds'] / 60:.1f} min in the invocation that wrote this file "
-             f"({_when(report)}):", "",
+             f"caching {report['cache_seconds'] / 60:.1f} min in the invocation that wrote this file"
+             ":", "",
              "| labels/class | frozen | head | method | tau | threshold | test top-1 | vs FixMatch | seeds won | "
              "accepted PL acc. | mask | PL KL(uniform) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(report["table"], key=lambda r: r["budget"]):
@@ -164,8 +197,8 @@ def finetune_frozen(report: dict) -> str:
 def finetune_full(report: dict) -> str:
     s = report["settings"]
     lines = [f"Full fine-tuning of `{s['model']}` at {s['img_size']} px, {s['labels']} labels per class, "
-             f"{s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, {s['test']} test images "
-             f"({_when(report)}):", "",
+             f"{s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, {s['test']} test images"
+             ":", "",
              "| start | method | test top-1 | per seed | vs FixMatch | seeds won | accepted PL acc. | PL KL(uniform) | "
              "s / run |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["table"]:
@@ -178,20 +211,31 @@ def finetune_full(report: dict) -> str:
 def imbalanced(report: dict) -> str:
     s = report["settings"]
     lines = [f"Long-tailed Fashion-MNIST (head class {s['head']} images), {s['label_fraction']:.0%} labeled, "
-             f"`test_resnet` from scratch, {s['steps']} steps, {s['seeds']} seeds, mean ± sd ({_when(report)}):", "",
-             "| IR | arm | LT test top-1 | balanced test top-1 | balanced acc. | tail recall | head recall | "
-             "PL KL from the training profile |", "|---|---|---|---|---|---|---|---|"]
+             f"`test_resnet` from scratch, {s['steps']} steps, {s['seeds']} seeds, mean ± sd:", "",
+             "| IR | arm | profile test top-1 | balanced test top-1 | rarest-class recall | commonest-class recall | "
+             "PL KL from the training profile |", "|---|---|---|---|---|---|---|"]
     for r in report["table"]:
-        lines.append(f"| {r['ratio']:g} | {r['arm']} | {_pm(r['lt_top1'])} | {_pm(r['balanced_top1'])} | "
-                     f"{_pm(r['balanced_acc'])} | {_pm(r['tail_recall'])} | {_pm(r['head_recall'])} | "
+        lines.append(f"| {r['ratio']:g} | {_ARMS.get(r['arm'], r['arm'])} | {_pm(r['lt_top1'])} | "
+                     f"{_pm(r['balanced_top1'])} | {_pm(r['tail_recall'])} | {_pm(r['head_recall'])} | "
                      f"{_pm(r.get('pl_kl_profile', (float('nan'), float('nan'))), '.3f')} |")
+    if report.get("runs"):
+        lines += ["", "Paired by seed (mean ± sd of the per-seed differences, seeds won):", "",
+                  "| IR | comparison | profile test | balanced test |", "|---|---|---|---|"]
+        for ratio in s["ratios"]:
+            for arm, against in (("debiaspl-uniform", "fixmatch"), ("debiaspl-labeled", "fixmatch"),
+                                 ("debiaspl-labeled", "debiaspl-uniform")):
+                cells = []
+                for test in ("lt_top1", "balanced_top1"):
+                    c = _imbalanced(report, ratio, test, arm=arm, against=against)
+                    cells.append(f"{_pm(c.gain, signed=True)} ({c.wins}/{c.seeds})")
+                lines.append(f"| {ratio:g} | {_ARMS[arm]} − {_ARMS[against]} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
 def vit(report: dict) -> str:
     s = report["settings"]
-    lines = [f"MNIST, {s['labels_per_class']} labels per class, {s['steps']} steps, {s['seeds']} seeds "
-             f"({_when(report)}):", "",
+    lines = [f"MNIST, {s['labels_per_class']} labels per class, {s['steps']} steps, {s['seeds']} seeds"
+             ":", "",
              "| method | test top-1 (mean ± sd) | accepted PL acc. | PL KL(uniform) | gain vs FixMatch | seeds won |",
              "|---|---|---|---|---|---|"]
     for r in report["table"]:
@@ -205,8 +249,8 @@ def vit(report: dict) -> str:
 def two_class(report: dict) -> str:
     s = report["settings"]
     lines = [f"Two classes at 2:1 (Fashion-MNIST {' and '.join(s['classes'])}), 3% labeled, `{s['model']}` at "
-             f"{s['img_size']} px, {s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, {s['seeds']} seeds "
-             f"({_when(report)}):", "",
+             f"{s['img_size']} px, {s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, {s['seeds']} seeds"
+             ":", "",
              "| recipe | arm | top-1 | balanced acc. | per seed | mask | accepted PL acc. | seeds below supervised |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["table"]:
@@ -221,7 +265,7 @@ def pretrain(report: dict) -> str:
     s, pre = report["settings"], report.get("pretraining") or {}
     lines = [f"Fashion-MNIST at {s['img_size']} px; pretraining `test_resnet` {s['pre_epochs']} epochs of "
              f"{s['pre_batch']} (queue {s['queue']}); fine-tuning {s['steps']} steps of {s['batch']} + {s['mu']} x "
-             f"{s['batch']}, {s['seeds']} seeds ({_when(report)}):", "",
+             f"{s['batch']}, {s['seeds']} seeds:", "",
              "| start | labels | method | test top-1 (mean ± sd) | per seed | vs FixMatch (paired) | seeds won | "
              "accepted PL acc. | PL KL(uniform) | s / run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -260,14 +304,383 @@ def pretrain_estimate(report: dict) -> str:
     return "\n".join(lines)
 
 
-RENDER = {"two-class": two_class, "gain": gain, "speed": speed, "load": load, "finetune-probe": finetune_probe,
-          "finetune-frozen": finetune_frozen, "finetune-full": finetune_full, "imbalanced": imbalanced, "vit": vit,
-          "pretrain": pretrain, "pretrain_estimate": pretrain_estimate}
+_ARMS = {"fixmatch": "FixMatch", "debiaspl-uniform": "DebiasPL, `uniform`", "debiaspl-labeled": "DebiasPL, `labeled`"}
+
+
+def finetune_earlier(report: dict) -> str:
+    """The first fine-tuning measurement (48 px, one lr for every layer, tau 0.5, fixed EMA decay)."""
+    s = report["settings"]
+    lines = [f"Full fine-tuning at {s['img_size']} px, {s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, "
+             f"{s['seeds']} seeds, {s['test']} test images:", "",
+             "| start | method | test top-1 | per seed | accepted PL acc. | PL KL(uniform) | s / run |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["table"]:
+        lines.append(f"| {r['start']} | {r['method']} | {_pm((r['top1_mean'], r['top1_sd']))} | "
+                     f"{', '.join(f'{v:.1f}' for v in r['top1_per_seed'])} | {_f(r['pl_acc_mean'], '.1f')} | "
+                     f"{_f(r['pl_kl_mean'], '.3f')} | {r['seconds_mean']:.0f} |")
+    if report.get("linear_probe"):
+        lines += ["", "| start | linear probe top-1 |", "|---|---|"]
+        lines += [f"| {r['start']} | {_pm((r['probe_top1_mean'], r['probe_top1_sd']))} |" for r in report["linear_probe"]]
+    return "\n".join(lines)
+
+
+def gpu_check(report: dict) -> str:
+    lines = ["| part | status | what it reported | s |", "|---|---|---|---|"]
+    for name, part in report["parts"].items():
+        detail = str(part.get("detail", "")).replace("|", "\\|")
+        lines.append(f"| {name} | {part['status']} | {detail} | {_f(part.get('seconds'), '.0f')} |")
+    return "\n".join(lines)
+
+
+def usb_peer(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"Fashion-MNIST, {s['labels_per_class']} labels per class, EfficientNet-Lite0 (ImageNet) at "
+             f"{s['img_size']} px, {s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, {s['seeds']} seeds, "
+             f"{s['device']}:", "",
+             "| library | algorithm | seeds | test top-1, EMA weights | training img/s | s / run | not ok |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["table"]:
+        lines.append(f"| {r['lib']} | {r['algorithm']} | {r['seeds']} | {_pm((r['top1_mean'], r['top1_sd']))} | "
+                     f"{_f(r['img_per_s_mean'], '.0f')} | {_f(r['seconds_mean'], '.0f')} | "
+                     f"{'; '.join(r['not_ok']) or '-'} |")
+    return "\n".join(lines)
+
+
+RENDER: dict[str, Callable[[dict], str]] = {
+    "two-class": two_class, "gain": gain, "speed": speed, "load": load, "finetune-probe": finetune_probe,
+    "finetune-frozen": finetune_frozen, "finetune-full": finetune_full, "imbalanced": imbalanced, "vit": vit,
+    "pretrain": pretrain, "pretrain_estimate": pretrain_estimate, "finetune": finetune_earlier,
+    "gpu_check": gpu_check, "gpu_check (parts rerun after the fixes)": gpu_check, "usb_peer": usb_peer}
+
+
+def verdicts(report: dict) -> str:
+    """The benchmark's own verdicts on its targets, as it wrote them."""
+    items = report.get("verdicts") or {}
+    out = []
+    for name, value in items.items():
+        if isinstance(value, dict):
+            value = "; ".join(f"{k}: {_verdict(v)}" for k, v in value.items())
+        out.append(f"- {name}: {_verdict(value)}")
+    return "\n".join(out)
+
+
+def _verdict(value) -> str:
+    if value is True or value is False:
+        return "**met**" if value else "**missed**"
+    if isinstance(value, float):
+        return f"{value:+.2f}"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+# --- studies: one results page each ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """A result file (a glob under benchmarks/results/) and the command that wrote it, unless the file
+    records its own ``command``."""
+    pattern: str
+    command: str
+    heading: str = ""       # a heading above it when a page shows several files
+
+
+@dataclass(frozen=True)
+class Study:
+    slug: str               # the page: docs/results/<slug>.md
+    title: str
+    summary: str            # what it measures, one sentence, no numbers (those come from the files)
+    sources: tuple
+    figures: tuple = ()     # figures under benchmarks/results/ not named in a file's "figure" field
+
+
+STUDIES: tuple = (
+    Study("gain", "Accuracy gain and pseudo-label balance (MNIST)",
+          "DebiasPL against FixMatch and supervised training on the embedded MNIST digits, at 1 and 2 labels "
+          "per class, over 5 seeds.",
+          (Source("gain.json", "python benchmarks/gain.py"),), ("embedded_default.png",)),
+    Study("finetune", "Fine-tuning a pretrained backbone",
+          "ImageNet EfficientNet-Lite0 on Fashion-MNIST: which resolution carries the features over, the frozen "
+          "backbone grid that chose the recipe's settings, full fine-tuning, and the first measurement.",
+          (Source("finetune_probe.json", "python benchmarks/finetune.py --part probe", "Which resolution"),
+           Source("finetune_frozen.json", "python benchmarks/finetune.py --part frozen", "Frozen backbone"),
+           Source("finetune_full.json", "python benchmarks/finetune.py --part full", "Full fine-tuning"),
+           Source("finetune.json", "python benchmarks/finetune.py", "The first measurement (48 px)"))),
+    Study("pretrain", "In-domain pretraining",
+          "MoCo v2 + EMAN pretraining on Fashion-MNIST's own images, then supervised, FixMatch and DebiasPL from "
+          "the in-domain, ImageNet and random starts.",
+          (Source("pretrain.json", "python benchmarks/pretrain.py", "The benchmark"),
+           Source("pretrain_estimate_cpu.json", "python benchmarks/pretrain.py --estimate",
+                  "Its cost, estimated before it ran"))),
+    Study("imbalanced", "Imbalanced data: which target prior",
+          "Long-tailed Fashion-MNIST at two imbalance ratios: FixMatch, and DebiasPL debiasing towards a uniform "
+          "or the labeled split's class distribution.",
+          (Source("imbalanced.json", "python benchmarks/imbalanced.py"),)),
+    Study("two-class", "A two-class case",
+          "Two classes at about 2:1 with the shipped fine-tuning recipe: no semi-supervised arm may end below "
+          "supervised training.",
+          (Source("two_class.json", "python benchmarks/two_class.py"),)),
+    Study("vit", "A ViT from scratch",
+          "A small timm ViT trained from scratch on the embedded MNIST digits at 10 labels per class.",
+          (Source("vit.json", "python benchmarks/vit.py"),)),
+    Study("speed", "Step cost and data pipeline",
+          "What a DebiasPL step costs against FixMatch and a hand-written step, on CPU and on one GPU, and how "
+          "fast the data pipeline feeds it.",
+          (Source("speed.json", "python benchmarks/speed.py --end-to-end --folder --rounds 9", "On 2 CPU cores"),
+           Source("gpu/speed_cuda_h200.json", "python benchmarks/gpu_check.py", "On one GPU"))),
+    Study("load", "Load latency",
+          "What `dpl_zoo.load` costs against a plain timm + safetensors load of the same file.",
+          (Source("load.json", "python benchmarks/load.py"),)),
+    Study("gpu", "The GPU check: what ran on a GPU",
+          "The runs of `benchmarks/gpu_check.py` on one GPU so far, part by part.",
+          (Source("gpu/gpu_check_h200_first.json", "python benchmarks/gpu_check.py", "First run"),
+           Source("gpu/gpu_check_h200_rerun.json", "python benchmarks/gpu_check.py", "The failed parts, after the fixes"),
+           Source("gpu/gpu_check.json", "python benchmarks/gpu_check.py", "The latest run"))),
+    Study("usb-peer", "The peer: USB",
+          "USB's FixMatch, FreeMatch, SoftMatch and DebiasPL beside this library on the same split, backbone and "
+          "budget.",
+          (Source("usb_peer*.json", "python benchmarks/usb_peer.py --full"),)),
+)
+
+
+def study(slug: str) -> Study:
+    return next(s for s in STUDIES if s.slug == slug)
+
+
+def files(source: Source, results: Path = RESULTS) -> list[Path]:
+    """The result files of a source, without the toy runs the tests write."""
+    return sorted(p for p in results.glob(source.pattern) if "_toy" not in p.name)
+
+
+def present(results: Path = RESULTS) -> list[Study]:
+    """The studies with at least one result file: the ones that have a page."""
+    return [s for s in STUDIES if any(files(src, results) for src in s.sources)]
+
+
+def load_report(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def rel(path: Path) -> str:
+    return path.resolve().relative_to(REPO).as_posix()
+
+
+def render_file(path: Path, command: str) -> str:
+    """One result file: where it comes from, its tables, its figure and its verdicts."""
+    report = load_report(path)
+    name = report.get("benchmark")
+    if name not in RENDER:
+        raise KeyError(f"{rel(path)}: no renderer for benchmark {name!r}; add one to RENDER in benchmarks/report.py")
+    parts = [provenance(report, rel(path), command), RENDER[name](report)]
+    if report.get("figure"):
+        parts.append(figure(_figure_path(report["figure"], path)))
+    if report.get("verdicts"):
+        parts.append("Its verdicts on its targets:\n\n" + verdicts(report))
+    return "\n\n".join(parts)
+
+
+def _figure_path(name: str, report_path: Path) -> Path:
+    candidate = REPO / name
+    return candidate if candidate.is_file() else report_path.parent / name
+
+
+def figure(path: Path) -> str:
+    """A figure as the results pages show it (``docgen`` serves benchmarks/results/ as figures/)."""
+    return f"![{path.stem.replace('_', ' ')}](figures/{path.resolve().relative_to(RESULTS).as_posix()})"
+
+
+def page_block(s: Study, results: Path = RESULTS) -> str:
+    """The generated part of a study's page."""
+    out = []
+    for source in s.sources:
+        for path in files(source, results):
+            if source.heading:
+                out.append(f"### {source.heading}")
+            out.append(render_file(path, source.command))
+    out += [figure(results / f) for f in s.figures]
+    return "\n\n".join(out)
+
+
+# --- tables that compare across studies ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Comparison:
+    """DebiasPL against FixMatch on one setting: both means ± sd, the gain paired by seed, seeds won."""
+    fixmatch: tuple
+    debiaspl: tuple
+    gain: tuple
+    wins: int
+    seeds: int
+
+
+def _gain_budget(report: dict, budget: int) -> Comparison:
+    rows = {r["method"]: r for r in report["table"] if r["budget"] == budget}
+    fm, dpl = rows["fixmatch"], rows["debiaspl"]
+    return Comparison((fm["top1_mean"], fm["top1_sd"]), (dpl["top1_mean"], dpl["top1_sd"]),
+                      (dpl["gain_mean"], dpl["gain_sd"]), dpl["wins"], dpl["seeds"])
+
+
+def _frozen(report: dict, budget: int, tau: float = 2, threshold: float = 0.7, head=None,
+            freeze="backbone") -> Comparison:
+    sel = [r for r in report["table"] if r["budget"] == budget and r["head"] == head and r["freeze"] == freeze]
+    if freeze == "backbone":
+        sel = [r for r in sel if r["threshold"] in (threshold, None)]
+    fm = next(r for r in sel if r["method"] == "fixmatch")
+    dpl = next(r for r in sel if r["method"] == "debiaspl" and (freeze != "backbone" or r["tau"] == tau))
+    return Comparison((fm["top1_mean"], fm["top1_sd"]), (dpl["top1_mean"], dpl["top1_sd"]),
+                      (dpl["gain_mean"], dpl["gain_sd"]), dpl["wins"], dpl["seeds"])
+
+
+def _row(report: dict, **match) -> dict:
+    return next(r for r in report["table"] if all(r.get(k) == v for k, v in match.items()))
+
+
+def _paired(report: dict, **match) -> Comparison:
+    fm, dpl = _row(report, method="fixmatch", **match), _row(report, method="debiaspl", **match)
+    return Comparison((fm["top1_mean"], fm["top1_sd"]), (dpl["top1_mean"], dpl["top1_sd"]),
+                      (dpl["gain_mean"], dpl["gain_sd"]), dpl["wins"], dpl["seeds"])
+
+
+def _vit(report: dict) -> Comparison:
+    fm, dpl = _row(report, method="fixmatch"), _row(report, method="debiaspl")
+    return Comparison(tuple(fm["top1"]), tuple(dpl["top1"]), tuple(dpl["gain"]), dpl["wins"], dpl["seeds"])
+
+
+def _imbalanced(report: dict, ratio: float, test: str, arm: str = "debiaspl-uniform",
+                against: str = "fixmatch") -> Comparison:
+    """``arm`` against ``against`` on one test set, paired by seed from the file's runs."""
+    score = {(r["job"]["ratio"], r["job"]["arm"], r["job"]["seed"]): r["scores"][test] for r in report["runs"]}
+    seeds = sorted({k[2] for k in score if k[0] == ratio})
+    a = [score[(ratio, against, s)] for s in seeds]
+    b = [score[(ratio, arm, s)] for s in seeds]
+    diff = [y - x for x, y in zip(a, b)]
+    return Comparison(_mean_sd(a), _mean_sd(b), _mean_sd(diff), sum(d > 0 for d in diff), len(seeds))
+
+
+@dataclass(frozen=True)
+class HeadlineRow:
+    slug: str               # the study page it links to
+    file: str               # the result file it is computed from
+    data: str               # data, model and start
+    labels: str
+    compare: Callable[[dict], Comparison]
+
+
+HEADLINE: tuple = (
+    HeadlineRow("gain", "gain.json", "MNIST digits, `test_resnet` from scratch", "1 per class",
+                lambda r: _gain_budget(r, 1)),
+    HeadlineRow("gain", "gain.json", "MNIST digits, `test_resnet` from scratch", "2 per class",
+                lambda r: _gain_budget(r, 2)),
+    HeadlineRow("finetune", "finetune_frozen.json", "Fashion-MNIST, frozen ImageNet EfficientNet-Lite0, linear head",
+                "1 per class", lambda r: _frozen(r, 1)),
+    HeadlineRow("finetune", "finetune_frozen.json", "Fashion-MNIST, frozen ImageNet EfficientNet-Lite0, linear head",
+                "4 per class", lambda r: _frozen(r, 4)),
+    HeadlineRow("finetune", "finetune_full.json", "Fashion-MNIST, whole ImageNet EfficientNet-Lite0 fine-tuned",
+                "4 per class", lambda r: _paired(r, start="pretrained")),
+    HeadlineRow("pretrain", "pretrain.json", "Fashion-MNIST, `test_resnet` from in-domain MoCo pretraining",
+                "4 per class", lambda r: _paired(r, start="moco", budget="4/class")),
+    HeadlineRow("imbalanced", "imbalanced.json", "long-tailed Fashion-MNIST (ratio 100), balanced test set",
+                "1%", lambda r: _imbalanced(r, 100.0, "balanced_top1")),
+    HeadlineRow("vit", "vit.json", "MNIST digits, a small ViT from scratch", "10 per class", _vit),
+)
+
+
+def headline(link: Callable[[str], str], results: Path = RESULTS) -> str:
+    """The README's table: DebiasPL against FixMatch in every study, computed from the result files."""
+    lines = ["| data and model | labels | FixMatch | DebiasPL | DebiasPL − FixMatch, paired by seed | seeds won | "
+             "measured |", "|---|---|---|---|---|---|---|"]
+    for row in HEADLINE:
+        report = load_report(results / row.file)
+        c = row.compare(report)
+        lines.append(f"| [{row.data}]({link(f'results/{row.slug}.md')}) | {row.labels} | {_pm(c.fixmatch)} | "
+                     f"{_pm(c.debiaspl)} | {_pm(c.gain, signed=True)} | {c.wins}/{c.seeds} | {report['date']}, "
+                     f"{_short_machine(report)} |")
+    return "\n".join(lines)
+
+
+def _short_machine(report: dict) -> str:
+    m = report["machine"]
+    return m["gpu"] if m.get("gpu") else f"{m['cpu_count']} CPU cores"
+
+
+def _seconds(report: dict, **match) -> float:
+    return _row(report, **match)["seconds_mean"]
+
+
+def decision_table(link: Callable[[str], str], results: Path = RESULTS) -> str:
+    """The fine-tuning page's table: each decision, what to choose, and the measurement behind it."""
+    pre, frozen, full = (load_report(results / f) for f in ("pretrain.json", "finetune_frozen.json",
+                                                            "finetune_full.json"))
+    imb, speed_cpu, speed_gpu = (load_report(results / f) for f in ("imbalanced.json", "speed.json",
+                                                                    "gpu/speed_cuda_h200.json"))
+    page = lambda slug: link(f"results/{slug}.md")  # noqa: E731
+    probe = {(r["start"], r["budget"]): r for r in pre["probes"]}
+    dpl = {r["start"]: r for r in pre["table"] if r["method"] == "debiaspl" and r["budget"] == "4/class"}
+    start = (f"4 labels per class, linear probe of the features: in-domain (`test_resnet`) "
+             f"{probe[('moco', '4/class')]['probe_mean']:.1f}, ImageNet (EfficientNet-Lite0) "
+             f"{probe[('imagenet', '4/class')]['probe_mean']:.1f}, random {probe[('random', '4/class')]['probe_mean']:.1f}; "
+             f"DebiasPL from each "
+             f"{dpl['moco']['top1_mean']:.1f} / {dpl['imagenet']['top1_mean']:.1f} / {dpl['random']['top1_mean']:.1f} "
+             f"([in-domain pretraining]({page('pretrain')}), {pre['date']})")
+    f4, p4 = _frozen(frozen, 4), _frozen(frozen, 4, freeze=frozen["settings"]["stage_freeze"])
+    w4 = _paired(full, start="pretrained")
+    fs, ss = frozen["settings"], full["settings"]
+    how_much = (f"4 labels per class, DebiasPL: backbone frozen {f4.debiaspl[0]:.1f} at {fs['img_size']} px "
+                f"({_seconds(frozen, budget=4, head=None, freeze='backbone', method='debiaspl', tau=2, threshold=0.7):.0f} "
+                f"s a run), last stage trained (`freeze: {fs['stage_freeze']}`) {p4.debiaspl[0]:.1f} "
+                f"({_seconds(frozen, budget=4, freeze=fs['stage_freeze'], method='debiaspl'):.0f} s), whole network "
+                f"{w4.debiaspl[0]:.1f} at {ss['img_size']} px ({_seconds(full, start='pretrained', method='debiaspl'):.0f} s)"
+                f", on {_short_machine(frozen)} ([fine-tuning]({page('finetune')}), {frozen['date']})")
+    budgets = ", ".join(f"{b} per class {_frozen(frozen, b).gain[0]:+.1f} ({_frozen(frozen, b).wins}/"
+                        f"{_frozen(frozen, b).seeds})" for b in fs["budgets"])
+    budget = f"DebiasPL − FixMatch, frozen backbone: {budgets} ([fine-tuning]({page('finetune')}))"
+    ratio = max(imb["settings"]["ratios"])
+    prof_l = _imbalanced(imb, ratio, "lt_top1", arm="debiaspl-labeled", against="debiaspl-uniform")
+    bal_u = _imbalanced(imb, ratio, "balanced_top1", arm="debiaspl-uniform", against="debiaspl-labeled")
+    prior = (f"long-tailed Fashion-MNIST, ratio {ratio:g}: on a test set with the training profile `labeled` "
+             f"{prof_l.debiaspl[0]:.1f} vs `uniform` {prof_l.fixmatch[0]:.1f}; on a balanced test set `uniform` "
+             f"{bal_u.debiaspl[0]:.1f} vs `labeled` {bal_u.fixmatch[0]:.1f} ([imbalanced data]({page('imbalanced')}))")
+    taus = ", ".join(f"tau {t:g} {statistics.fmean(_frozen(frozen, b, tau=t).debiaspl[0] for b in fs['budgets']):.1f}"
+                     for t in fs["taus"])
+    tau = (f"DebiasPL, frozen backbone, threshold 0.7, mean over {', '.join(map(str, fs['budgets']))} labels per "
+           f"class: {taus} ([fine-tuning]({page('finetune')}))")
+    rn_cpu = next(m for m in speed_cpu["models"] if m["model"] == "resnet50")
+    rn_gpu = next(m for m in speed_gpu["models"] if m["model"] == "resnet50")
+    hardware = (f"a ResNet-50 DebiasPL step: {rn_cpu['img_per_s']:.0f} images/s at {rn_cpu['img_size']} px on "
+                f"{_short_machine(speed_cpu)}, {rn_gpu['img_per_s']:,.0f} images/s at {rn_gpu['img_size']} px on one "
+                f"{_short_machine(speed_gpu)} ([step cost]({page('speed')}))")
+    rows = [
+        ("where the backbone starts", "ImageNet weights (`model=NAME pretrained=true`) for photo-like images; your own "
+         "unlabeled images through `dpl-zoo pretrain` when they are far from ImageNet; never random", start),
+        ("how much of it trains", "on a CPU: `freeze=backbone` with `data.cached_views`; `freeze=N` to train the last "
+         "stages too; the whole network on a GPU", how_much),
+        ("how many labels", "DebiasPL's gain over FixMatch is largest with the fewest labels; with many, FixMatch's "
+         "pseudo-labels are less biased and there is less to gain", budget),
+        ("which target prior (`dpl.target_prior`)", "`labeled` (the recipe's) when the data you will predict has the "
+         "training set's class profile; `uniform` when balanced accuracy is what you report", prior),
+        ("how strongly to debias (`dpl.tau`)", "the recipe's 2 on new data; the paper's 0.4 leaves part of the bias",
+         tau),
+        ("CPU or GPU", "a CPU trains a head on cached frozen features well; fine-tuning the whole network wants a GPU",
+         hardware),
+    ]
+    lines = ["| decision | choose | measured |", "|---|---|---|"]
+    lines += [f"| {d} | {c} | {m} |" for d, c, m in rows]
+    return "\n".join(lines)
+
+
+def results_index(link: Callable[[str], str], results: Path = RESULTS) -> str:
+    """One line per study page: its title, what it measures and when."""
+    lines = []
+    for s in present(results):
+        dates = sorted({load_report(p)["date"] for src in s.sources for p in files(src, results)})
+        when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+        lines.append(f"- [{s.title}]({link(f'results/{s.slug}.md')}): {s.summary} ({when})")
+    return "\n".join(lines)
 
 
 def main(paths) -> int:
     for path in paths:
-        report = json.loads(Path(path).read_text())
+        report = load_report(Path(path))
         if report.get("benchmark") in RENDER:
             print(RENDER[report["benchmark"]](report))
             print()

@@ -64,6 +64,21 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="top-k classes of every image in a folder (labels not needed), as a CSV",
+                       description="Applies a trained model to new images: every image below --data (class "
+                                   "sub-folders or none) gets its top-k classes and confidences in one CSV row; "
+                                   "unreadable images are listed and skipped.")
+    p.add_argument("model", help="a run's .pth.tar checkpoint, an exported folder (model.safetensors + "
+                                 "config.json), or a zoo name")
+    p.add_argument("--data", required=True, help="a folder of images, with class sub-folders or without")
+    p.add_argument("--out", default="predictions.csv", help="the CSV to write (default: predictions.csv)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
 def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="curves and pseudo-label histograms of runs, in one PNG")
     p.add_argument("runs", nargs="+", help="run folders (runs/NAME)")
@@ -129,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_pretrain(sub)
     _add_eval(sub)
+    _add_predict(sub)
     _add_plot(sub)
     _add_zoo(sub)
     _add_pseudo_label(sub)
@@ -243,6 +259,25 @@ def cmd_eval(args) -> int:
         console.print(f"results written to {args.out}")
     console.print(f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  balanced {result['balanced_top1']:.2f}  "
                   f"on {result['images']} images ({result['data']}, {result['device']})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict_folder
+    result = predict_folder(args.model, args.data, out=args.out, topk=args.topk, batch_size=args.batch_size,
+                            workers=args.workers, device=args.device, console=console)
+    console.print(f"top-{result['topk']} classes of {result['images']} images written to {result['out']} "
+                  f"({result['device']})", soft_wrap=True)
+    if not result["label_names"]:
+        console.print("the model carries no class names: the label columns hold class indices")
+    skipped = result["skipped"]
+    if skipped:
+        console.print(f"skipped {len(skipped)} unreadable images (listed in {result['skipped_file']}):",
+                      soft_wrap=True)
+        for name, problem in skipped[:20]:
+            console.print(f"  {name}: {problem}", soft_wrap=True, markup=False, highlight=False)
+        if len(skipped) > 20:
+            console.print(f"  ... and {len(skipped) - 20} more")
     return 0
 
 
@@ -385,7 +420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     configure_logging()
     args = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "list": cmd_list, "info": cmd_info,
+    handlers = {"train": cmd_train, "pretrain": cmd_pretrain, "eval": cmd_eval, "predict": cmd_predict,
+                "list": cmd_list, "info": cmd_info,
                 "convert": cmd_convert,
                 "publish": cmd_publish, "publish-zoo": cmd_publish_zoo, "pseudo-label": cmd_pseudo_label,
                 "plot": cmd_plot}

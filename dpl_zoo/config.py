@@ -31,20 +31,20 @@ class ConfigError(ValueError):
 class DPLConfig:
     """The method: DebiasPL on FixMatch, with the names of the paper and its reference code."""
     method: str = "debiaspl"           # debiaspl | fixmatch (tau = 0) | supervised (labeled data only)
-    tau: float = 0.4
+    tau: float = 0.4                   # debiasing strength (tau x log qhat in pseudo-labels and margin); 0 = FixMatch
     tau_pl: Optional[float] = None     # counterfactual pseudo-labels; defaults to tau
     tau_margin: Optional[float] = None  # adaptive margin; defaults to tau
     debias: bool = True                # ablation switch for the counterfactual pseudo-labels
     margin: bool = True                # ablation switch for the adaptive margin
-    threshold: float = 0.95
+    threshold: float = 0.95            # confidence a pseudo-label needs to be used
     mu: int = 5                        # unlabeled batch = mu x labeled batch
-    lambda_u: float = 1.0
-    qhat_momentum: float = 0.999
-    masked_qhat: bool = False
-    multiviews: bool = False
-    lambda_cld: float = 0.0
+    lambda_u: float = 1.0              # weight of the unlabeled loss
+    qhat_momentum: float = 0.999       # EMA momentum of the class prior qhat (short runs: 0.99)
+    masked_qhat: bool = False          # update qhat from accepted pseudo-labels only
+    multiviews: bool = False           # two weak and two strong views per unlabeled image
+    lambda_cld: float = 0.0            # weight of the CLD term (0: off)
     ema_teacher: bool = True           # EMAN: the EMA model makes the pseudo-labels
-    clip_threshold: float = 0.4
+    clip_threshold: float = 0.4        # CLIP confidence that lets CLIP's label back up a rejected pseudo-label
     # the class distribution pseudo-labels are debiased towards: uniform (the paper), labeled
     # (the labeled split's class frequencies; 1/2 for a class without labels), or C numbers (a list or a file)
     target_prior: Any = "uniform"
@@ -54,22 +54,22 @@ class DPLConfig:
 class DataConfig:
     """Where the images come from and how they are split and augmented."""
     dataset: str = "mnist"             # mnist (embedded) | folder | any timm create_dataset name
-    root: Optional[str] = None
-    train_split: str = "train"
-    val_split: str = "validation"
+    root: Optional[str] = None         # folder (class/image) or file the dataset is read from
+    train_split: str = "train"         # timm datasets: the training split's name
+    val_split: str = "validation"      # timm datasets: the evaluation split's name
     val_root: Optional[str] = None     # folder datasets: a separate evaluation folder
-    labels_per_class: Optional[int] = None
-    label_fraction: Optional[float] = None
-    split_seed: int = 0
+    labels_per_class: Optional[int] = None  # labeled images per class
+    label_fraction: Optional[float] = None  # share of each class that is labeled (at least one image)
+    split_seed: int = 0                # seed of the labeled/unlabeled split
     # a long-tailed training set from a balanced one: class c keeps long_tail_max x ratio^(-c/(C-1))
     # images (seeded), before the labeled split; labeled and unlabeled then share that profile
     long_tail_ratio: Optional[float] = None
-    long_tail_max: Optional[int] = None
+    long_tail_max: Optional[int] = None  # images kept of the most frequent class (with long_tail_ratio)
     labeled_csv: Optional[str] = None  # authors' split format: a column `Index`
     val_fraction: float = 0.2          # embedded MNIST: held-out test share
     scale: tuple = (0.08, 1.0)         # weak view: RandomResizedCrop scale
-    ratio: tuple = (3 / 4, 4 / 3)
-    hflip: float = 0.5
+    ratio: tuple = (3 / 4, 4 / 3)      # weak view: RandomResizedCrop aspect ratio range
+    hflip: float = 0.5                 # probability of a horizontal flip
     strong_aa: str = "rand-m10-n2"     # timm auto_augment spec of the strong view
     # where the random augmentation runs: "workers" (per image, PIL, in the loader processes) or
     # "device" (batched tensors on the training device; the workers only decode and crop)
@@ -92,8 +92,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """Everything a run needs; saved resolved next to its outputs."""
-    model: str = "test_resnet"
-    pretrained: bool = False
+    model: str = "test_resnet"         # timm model name, optionally with a pretrained tag (convnext_tiny.fb_in22k)
+    pretrained: bool = False           # start from timm's weights for `model` (the head is replaced for your classes)
     initial_checkpoint: Optional[str] = None   # path or http(s) URL; the layout is detected (dpl_zoo.layouts)
     initial_checkpoint_sha256: Optional[str] = None  # its sha256, checked after download (a mismatch is removed)
     # recipes whose method needs a (self-supervised) start refuse to run without one...
@@ -101,50 +101,50 @@ class TrainConfig:
     from_scratch: bool = False         # ...unless training from random weights is asked for explicitly
     num_classes: Optional[int] = None  # default: from the data
     img_size: Optional[int] = None     # default: the model's pretrained_cfg
-    model_kwargs: dict = field(default_factory=dict)
+    model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (e.g. {drop_path_rate: 0.1})
     # transfer: `backbone` (everything but the classifier) or N (the first N of timm's coarse parameter
     # groups: the stem, then stages), frozen with timm's freeze (BatchNorm statistics fixed too)
     freeze: Any = None
     # the new head: a linear classifier (default), or an MLP with one hidden layer of this width
     # (Linear, ReLU, Linear)
     head_hidden_size: Optional[int] = None
-    mean: Optional[tuple] = None
-    std: Optional[tuple] = None
+    mean: Optional[tuple] = None       # input normalisation mean; default: the weights' or the start point's
+    std: Optional[tuple] = None        # input normalisation std; default: the weights' or the start point's
     crop_pct: Optional[float] = None   # evaluation: resize to img_size / crop_pct, centre crop img_size
     interpolation: Optional[str] = None  # bilinear | bicubic | ...
     batch_size: int = 64               # labeled images per step (global)
-    lr: float = 0.03
-    opt: str = "momentum"
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
+    lr: float = 0.03                   # learning rate of the new head (backbone_lr_scale scales the rest)
+    opt: str = "momentum"              # timm optimiser name (momentum = SGD with Nesterov off, adamw, ...)
+    weight_decay: float = 5e-4         # L2 weight decay (see filter_bias_and_bn)
+    momentum: float = 0.9              # SGD momentum
     layer_decay: Optional[float] = None  # layer-wise lr decay (timm create_optimizer_v2), for ViTs
     # lr of every parameter outside the new classifier, as a fraction of lr (0.1: the pretrained
     # backbone learns 10x slower than the new head, as in TLlib's transfer recipes)
     backbone_lr_scale: Optional[float] = None
     filter_bias_and_bn: bool = True    # no weight decay on biases and norm layers (timm's default)
-    sched: str = "cosine"
-    epochs: int = 10
+    sched: str = "cosine"              # timm lr schedule (cosine, step, ...), stepped every optimiser step
+    epochs: int = 10                   # length of the run, in epochs of steps_per_epoch steps
     steps_per_epoch: Optional[int] = None  # default: one pass over the unlabeled set
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-5
-    min_lr: float = 0.0
-    model_ema_decay: float = 0.999
+    warmup_epochs: int = 0             # linear lr warm-up from warmup_lr
+    warmup_lr: float = 1e-5            # lr at the start of the warm-up
+    min_lr: float = 0.0                # lr the schedule ends at
+    model_ema_decay: float = 0.999     # EMA (EMAN) teacher decay
     model_ema_warmup: bool = False     # timm's EMA warm-up: the decay ramps up to model_ema_decay (short runs)
-    clip_grad: Optional[float] = None
-    amp: bool = False
+    clip_grad: Optional[float] = None  # clip the gradient norm to this value (default: no clipping)
+    amp: bool = False                  # mixed precision autocast (amp_dtype)
     amp_dtype: str = "float16"         # on CUDA: float16 (with a gradient scaler) or bfloat16; CPU uses bfloat16
-    channels_last: bool = False
+    channels_last: bool = False        # NHWC memory format (faster convolutions on many CPUs and GPUs)
     sync_bn: bool = False              # SyncBatchNorm under torchrun
-    compile: bool = False
-    workers: int = 2
-    pin_memory: bool = False
-    seed: int = 0
-    deterministic: bool = False
+    compile: bool = False              # torch.compile the student and the criterion
+    workers: int = 2                   # data loader processes
+    pin_memory: bool = False           # pinned host memory for loader batches (CUDA)
+    seed: int = 0                      # seed of the run: initialisation, sampling order and random views
+    deterministic: bool = False        # deterministic torch algorithms, for this run only
     eval_interval: int = 1             # epochs between evaluations
     log_interval: int = 20             # steps between metric rows
-    output: str = "runs"
-    experiment: Optional[str] = None
-    device: Optional[str] = None
+    output: str = "runs"               # folder that holds the run folders
+    experiment: Optional[str] = None   # run folder name (default: recipe name and time); fixed for --resume auto
+    device: Optional[str] = None       # cpu, cuda, cuda:1 ... (default: cuda when available; torchrun: its rank's GPU)
     dpl: DPLConfig = field(default_factory=DPLConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -166,20 +166,20 @@ class MoCoConfig:
 class PretrainDataConfig:
     """The unlabeled images and the MoCo v2 augmentation (two views of each image)."""
     dataset: str = "folder"            # folder (any image files below root) | mnist | fashion_mnist | a timm name
-    root: Optional[str] = None
-    train_split: str = "train"
+    root: Optional[str] = None         # folder of images (any nesting) or the dataset's file
+    train_split: str = "train"         # timm datasets: the split to pretrain on
     val_fraction: float = 0.2          # embedded MNIST: held-out test share
     unlabeled_max: Optional[int] = None  # at most this many images (a seeded subset)
     scale: tuple = (0.2, 1.0)          # RandomResizedCrop scale (MoCo v2: 0.2)
-    ratio: tuple = (3 / 4, 4 / 3)
-    hflip: float = 0.5
+    ratio: tuple = (3 / 4, 4 / 3)      # RandomResizedCrop aspect ratio range
+    hflip: float = 0.5                 # probability of a horizontal flip
     color_jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue (torchvision ColorJitter)
-    color_jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
+    color_jitter_p: float = 0.8        # probability of the colour jitter
+    grayscale_p: float = 0.2           # probability of RandomGrayscale
+    blur_p: float = 0.5                # probability of the Gaussian blur
     blur_sigma: tuple = (0.1, 2.0)     # Gaussian blur sigma range in pixels of the training size (MoCo v2 at 224 px)
-    verify_images: bool = True
-    strict: bool = False
+    verify_images: bool = True         # scan folder images at start, skip unreadable ones
+    strict: bool = False               # an unreadable image is an error instead of skipped
 
 
 @dataclass
@@ -189,8 +189,8 @@ class KNNConfig:
     root: Optional[str] = None         # a labeled class folder (root/<class>/<image>): the memory bank
     val_root: Optional[str] = None     # the labeled images to classify; default: a sibling val/validation/test
     val_split: str = "validation"      # timm datasets: the split to classify
-    k: int = 200
-    temperature: float = 0.07
+    k: int = 200                       # neighbours that vote
+    temperature: float = 0.07          # vote weight exp(similarity / temperature)
     bank_max: Optional[int] = 10000    # at most this many bank images (seeded subset)
     val_max: Optional[int] = 2000      # at most this many images classified (seeded subset)
     interval: int = 1                  # epochs between kNN evaluations
@@ -199,38 +199,38 @@ class KNNConfig:
 @dataclass
 class PretrainConfig:
     """A self-supervised pretraining run (``dpl-zoo pretrain``); keys as in :class:`TrainConfig`."""
-    model: str = "resnet50"
+    model: str = "resnet50"            # timm backbone to pretrain (its classifier is dropped)
     pretrained: bool = False           # continue from timm's weights instead of random ones
-    model_kwargs: dict = field(default_factory=dict)
+    model_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
     img_size: Optional[int] = None     # default: the model's pretrained_cfg
-    mean: Optional[tuple] = None
-    std: Optional[tuple] = None
+    mean: Optional[tuple] = None       # input normalisation mean; default: the model's
+    std: Optional[tuple] = None        # input normalisation std; default: the model's
     crop_pct: Optional[float] = None   # evaluation (kNN monitor, and the export's preprocessing)
-    interpolation: Optional[str] = None
-    batch_size: int = 256
-    lr: float = 0.03
-    opt: str = "momentum"
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
+    interpolation: Optional[str] = None  # bilinear | bicubic | ... (evaluation and export)
+    batch_size: int = 256              # images per step (two views each)
+    lr: float = 0.03                   # learning rate
+    opt: str = "momentum"              # timm optimiser name
+    weight_decay: float = 1e-4         # L2 weight decay
+    momentum: float = 0.9              # SGD momentum
     filter_bias_and_bn: bool = False   # MoCo decays every parameter
-    sched: str = "cosine"
-    epochs: int = 200
+    sched: str = "cosine"              # timm lr schedule, stepped every optimiser step
+    epochs: int = 200                  # length of the run, in epochs of steps_per_epoch steps
     steps_per_epoch: Optional[int] = None  # default: one pass over the images
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-5
-    min_lr: float = 0.0
-    clip_grad: Optional[float] = None
-    amp: bool = False
-    amp_dtype: str = "float16"
-    channels_last: bool = False
-    workers: int = 2
-    pin_memory: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    log_interval: int = 20
-    output: str = "runs"
-    experiment: Optional[str] = None
-    device: Optional[str] = None
+    warmup_epochs: int = 0             # linear lr warm-up from warmup_lr
+    warmup_lr: float = 1e-5            # lr at the start of the warm-up
+    min_lr: float = 0.0                # lr the schedule ends at
+    clip_grad: Optional[float] = None  # clip the gradient norm to this value (default: no clipping)
+    amp: bool = False                  # mixed precision autocast (amp_dtype)
+    amp_dtype: str = "float16"         # on CUDA: float16 (with a gradient scaler) or bfloat16; CPU uses bfloat16
+    channels_last: bool = False        # NHWC memory format
+    workers: int = 2                   # data loader processes
+    pin_memory: bool = False           # pinned host memory for loader batches (CUDA)
+    seed: int = 0                      # seed of the run: initialisation, sampling order and random views
+    deterministic: bool = False        # deterministic torch algorithms, for this run only
+    log_interval: int = 20             # steps between metric rows
+    output: str = "runs"               # folder that holds the run folders
+    experiment: Optional[str] = None   # run folder name (default: recipe name and time); fixed for --resume auto
+    device: Optional[str] = None       # cpu, cuda, cuda:1 ... (default: cuda when available)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)

@@ -68,7 +68,27 @@ def _maximal_modules(model: nn.Module, names: set[str]) -> list[str]:
 
 
 def freeze(model: nn.Module, spec: FreezeSpec) -> list[str]:
-    """Freeze ``spec`` of ``model`` in place with timm's ``freeze``; returns the frozen module names."""
+    """Freeze part of ``model`` in place with timm's ``freeze``: parameters stop taking gradients
+    and BatchNorm layers become frozen ones (running statistics fixed).
+
+    Args:
+        model: a timm model.
+        spec: ``"backbone"`` (everything but the classifier), ``N`` (timm's first ``N`` coarse
+            parameter groups: the stem, then stages), or None (nothing).
+
+    Returns:
+        The names of the frozen modules.
+
+    Raises:
+        FreezeError: ``N`` outside the model's groups, a model without timm's ``group_matcher``
+            (use ``"backbone"``), or a spec that would freeze the head too.
+
+    Example:
+        ```python
+        model = timm.create_model("resnet50", num_classes=10)
+        freeze(model, 4)              # the stem and layer1..layer3; layer4 and the head train
+        ```
+    """
     names = set(frozen_parameter_names(model, spec))
     if not names:
         return []

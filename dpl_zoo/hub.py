@@ -18,9 +18,12 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .registry import CONFIG_NAME, MOCO_EMAN_LICENSE, MOCO_EMAN_NOTE, WEIGHTS_NAME, ZooEntry, ZooError
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 PAPER_URL = "https://arxiv.org/abs/2201.01490"
 STAGING_MARKER = ".dpl-zoo-staging"
@@ -129,8 +132,21 @@ def card_from_entry(entry: ZooEntry, measured: Optional[dict] = None) -> CardInf
 
 def card_from_run(source: Path, repo_id: str, baseline: Optional[Path] = None,
                   dataset: Optional[str] = None) -> CardInfo:
-    """A card for a run folder (``summary.json`` or an ``eval.json`` from ``dpl-zoo eval``);
-    ``dataset``: the Hub dataset id to report results on (default: from the run's data)."""
+    """The model card's content for a run folder: its numbers from ``eval.json`` (``dpl-zoo eval
+    --out``) or ``summary.json``, its recipe, architecture and licence.
+
+    Args:
+        source: a run folder or its ``export/`` folder.
+        repo_id: the Hub repo it will be published to, ``ORG/NAME``.
+        baseline: a baseline run folder (e.g. the FixMatch run) for the card's gain.
+        dataset: the Hub dataset id the results are reported on (default: from the run's data).
+
+    Returns:
+        A `CardInfo` for `stage`.
+
+    Raises:
+        ZooError: the run (or the baseline) has no ``summary.json`` or ``eval.json``.
+    """
     run_dir = source if (source / "summary.json").is_file() or (source / "eval.json").is_file() else source.parent
     metrics = _read_metrics(run_dir)
     if metrics is None:
@@ -252,8 +268,30 @@ def fresh_staging_dir(out_dir: Path) -> Path:
 
 def stage(source: str | Path, out_dir: str | Path, info: CardInfo, extra: Optional[dict] = None) -> Path:
     """Everything a Hub repo needs in one fresh folder: weights, timm config, card, and the
-    run's recipe and metrics with local paths reduced to base names. ``extra``: more JSON
-    files to stage, ``{name: data}`` (e.g. an ``eval.json`` measured here)."""
+    run's recipe and metrics with local paths reduced to base names.
+
+    Args:
+        source: a run folder, its ``export/`` folder or a converted folder.
+        out_dir: the staging folder, replaced on every call (a folder dpl-zoo did not make is
+            refused, never emptied).
+        info: the card's content (`card_from_run`).
+        extra: more JSON files to stage, ``{name: data}`` (e.g. an ``eval.json`` measured here).
+
+    Returns:
+        ``out_dir``, ready for `publish`.
+
+    Raises:
+        ZooError: ``source`` holds no weights; ``out_dir`` is a folder dpl-zoo did not make.
+
+    Example:
+        ```python
+        from pathlib import Path
+        from dpl_zoo.hub import card_from_run, publish, stage
+        run = Path("runs/mymodel-debiaspl")
+        info = card_from_run(run, "my-org/mymodel", baseline=Path("runs/mymodel-fixmatch"))
+        commit = publish(stage(run, run / "hub-staging", info), "my-org/mymodel")
+        ```
+    """
     source, out_dir = Path(source), Path(out_dir)
     weights = export_folder(source)
     fresh_staging_dir(out_dir)
@@ -282,12 +320,23 @@ def staged_files(staged: Path) -> list[Path]:
 
 
 def publish(staged: str | Path, repo_id: str, private: bool = False, token: Optional[str] = None,
-            commit_message: str = "Add DebiasPL model (dpl-zoo)"):
-    """Create the repo if needed and make it hold exactly the staged folder; returns the
-    ``CommitInfo`` (``commit_url``, ``oid``: the commit hash to pin).
+            commit_message: str = "Add DebiasPL model (dpl-zoo)") -> CommitInfo:
+    """Create the repo if needed and make it hold exactly the staged folder (files it no longer
+    has are deleted in the same commit).
 
-    The token comes from ``token``, else huggingface_hub's usual places (HF_TOKEN, the
-    login cache); it is never printed or written into any file.
+    Args:
+        staged: a folder made by `stage`.
+        repo_id: ``ORG/NAME``.
+        private: create the repo private.
+        token: a Hub token; default: huggingface_hub's usual places (``HF_TOKEN``, the login
+            cache). It is never printed or written into any file.
+        commit_message: the commit's message.
+
+    Returns:
+        ``commit_url``, and ``oid``: the commit hash to pin.
+
+    Raises:
+        HubError: one line saying what to do (not logged in, no access, the Hub unreachable, ...).
     """
     from huggingface_hub import HfApi
     api = HfApi(token=token)

@@ -148,8 +148,17 @@ def debiased_pseudo_labels(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Counterfactual pseudo-labels: ``p = softmax(lw - tau * log qhat)``.
 
-    Returns ``(probs, targets, mask)``; ``mask`` is float (1 where ``max p >= threshold``).
     Gradients never flow back to the weak logits.
+
+    Args:
+        weak_logits: N x C.
+        log_prior: 1 x C, ``log qhat`` (or ``log qhat - log p*``).
+        tau: debiasing strength; 0 gives FixMatch's pseudo-labels.
+        threshold: confidence a pseudo-label needs to be used.
+
+    Returns:
+        ``(probs, targets, mask)``: N x C probabilities, N class indices, and a float mask (1 where
+        ``max p >= threshold``).
     """
     _check_range("tau", tau, 0.0, math.inf)
     _check_range("threshold", threshold, 0.0, 1.0)
@@ -163,7 +172,16 @@ def debiased_pseudo_labels(
 
 
 def adaptive_margin(strong_logits: torch.Tensor, log_prior: torch.Tensor, tau: float) -> torch.Tensor:
-    """Logit-adjusted strong logits ``ls + tau * log qhat``: over-predicted classes get a larger margin."""
+    """Logit-adjusted strong logits ``ls + tau * log qhat``: over-predicted classes get a larger margin.
+
+    Args:
+        strong_logits: N x C.
+        log_prior: 1 x C, ``log qhat`` (or ``log qhat - log p*``).
+        tau: margin strength; 0 returns the logits unchanged (in float32).
+
+    Returns:
+        The adjusted N x C logits, float32.
+    """
     _check_range("tau", tau, 0.0, math.inf)
     logits = strong_logits.float()
     if tau != 0:
@@ -242,9 +260,36 @@ class DebiasPLLoss(nn.Module):
     of the weak views and from each view alone, times two strong views). The two
     components can be switched off or given their own temperature for ablations:
     ``debias=False`` or ``tau_pl=0`` removes the counterfactual pseudo-labels,
-    ``margin=False`` or ``tau_margin=0`` the adaptive margin. ``tau=0`` is FixMatch.
-    ``target_prior`` (C numbers) debiases towards that class distribution instead of uniform:
-    ``log qhat - log p*`` replaces ``log qhat`` in both adjustments.
+    ``margin=False`` or ``tau_margin=0`` the adaptive margin. ``tau=0`` is FixMatch, bit for bit.
+    The class prior ``qhat`` is a buffer (``self.prior.qhat``), saved with ``state_dict()`` and
+    all-reduced under ``torch.distributed``.
+
+    Args:
+        num_classes: C, at least 2.
+        tau: debiasing strength of both components (the paper: 0.4 on ImageNet; 2 for transfer).
+        threshold: confidence a (debiased) pseudo-label needs to be used.
+        qhat_momentum: EMA momentum of ``qhat`` (0.999 on ImageNet; 0.99 for runs of ~1,000 steps).
+        lambda_u: weight of the unlabeled loss.
+        lambda_cld: weight of the CLD term (0: off).
+        masked_qhat: update ``qhat`` from accepted pseudo-labels only.
+        tau_pl: tau of the counterfactual pseudo-labels alone (default: ``tau``).
+        tau_margin: tau of the adaptive margin alone (default: ``tau``).
+        debias: False removes the counterfactual pseudo-labels.
+        margin: False removes the adaptive margin.
+        clip_threshold: CLIP confidence that lets CLIP's label back up a rejected pseudo-label.
+        sync_qhat: all-reduce the prior's batch statistics under ``torch.distributed``.
+        target_prior: C positive numbers to debias towards instead of uniform
+            (``log qhat - log p*`` replaces ``log qhat`` in both adjustments).
+
+    Raises:
+        ValueError: a setting out of range (negative tau, a threshold outside [0, 1], ...).
+
+    Example:
+        ```python
+        criterion = DebiasPLLoss(num_classes=10, tau=0.4, threshold=0.95)
+        out = criterion(weak_logits, strong_logits, labeled_logits, labels)
+        out.loss.backward()
+        ```
     """
 
     def __init__(
@@ -295,6 +340,25 @@ class DebiasPLLoss(nn.Module):
             clip_targets: Optional[torch.Tensor] = None,
             clip_confidence: Optional[torch.Tensor] = None,
     ) -> DebiasPLOutput:
+        """One step's loss; updates ``qhat`` from the weak logits.
+
+        Args:
+            weak_logits: N x C logits of the weak views (the teacher's, or the student's; never
+                back-propagated), or a list of two for multiviews.
+            strong_logits: N x C logits of the strong views, the same number of views.
+            labeled_logits: the labeled batch's logits (with ``labels``), for ``loss_x``.
+            labels: the labeled batch's class indices.
+            clip_targets: N zero-shot teacher labels, for the CLIP-assisted term.
+            clip_confidence: N teacher confidences, with ``clip_targets``.
+
+        Returns:
+            The loss and its terms, the pseudo-labels, their mask and class histogram, and
+            ``qhat`` after the update.
+
+        Raises:
+            ValueError: views of different shapes or counts, a wrong class count, ``labels``
+                without ``labeled_logits`` (or the reverse).
+        """
         weak = _as_views("weak_logits", weak_logits)
         strong = _as_views("strong_logits", strong_logits)
         if len(weak) != len(strong) or len(weak) not in (1, 2):

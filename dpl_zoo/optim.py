@@ -25,7 +25,29 @@ def classifier_parameter_ids(model: nn.Module) -> set[int]:
 def param_groups(model: nn.Module, weight_decay: float, filter_bias_and_bn: bool = True,
                  layer_decay: Optional[float] = None, backbone_lr_scale: Optional[float] = None) -> list[dict]:
     """timm's parameter groups for ``model``, with the backbone's ``lr_scale`` multiplied by
-    ``backbone_lr_scale`` (each group split into its classifier and backbone parts)."""
+    ``backbone_lr_scale`` (each group split into its classifier and backbone parts). timm's
+    schedulers apply ``lr_scale``; frozen parameters are in no group.
+
+    Args:
+        model: a timm model (``get_classifier()`` names the new head).
+        weight_decay: the decay of the decayed groups.
+        filter_bias_and_bn: no decay on biases and normalisation layers (timm's default).
+        layer_decay: layer-wise lr decay (timm's ``param_groups_layer_decay``), e.g. for ViTs.
+        backbone_lr_scale: the lr of everything outside the classifier as a fraction of ``lr``
+            (0.1: the pretrained layers learn ten times slower than the new head).
+
+    Returns:
+        Parameter groups for ``timm.optim.create_optimizer_v2`` or any torch optimiser.
+
+    Raises:
+        ValueError: ``backbone_lr_scale`` with a model that has no ``get_classifier()``.
+
+    Example:
+        ```python
+        groups = param_groups(model, weight_decay=5e-4, backbone_lr_scale=0.1)
+        optimizer = timm.optim.create_optimizer_v2(groups, "momentum", lr=0.01)
+        ```
+    """
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
     no_decay = getattr(model, "no_weight_decay", lambda: set())()
     if layer_decay is not None:

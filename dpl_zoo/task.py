@@ -25,8 +25,24 @@ class DebiasPLTask(TrainingTask):
     code with ``tau = 0`` in the criterion. With ``ema_decay`` set, an EMAN teacher
     (timm ``ModelEmaV3``: parameters and BatchNorm statistics averaged) makes the
     pseudo-labels and stays in eval mode; otherwise the student's own weak-view
-    logits, detached, do. ``ema_warmup`` ramps the EMA decay up as timm's ``--model-ema-warmup``
-    does.
+    logits, detached, do. ``qhat`` and the target prior are task state
+    (``get_task_state`` / ``load_task_state``), so timm-style checkpoints carry them.
+
+    Args:
+        model: the student, a timm model (its head sized for your classes).
+        criterion: the `DebiasPLLoss` (moved to ``device``).
+        method: ``debiaspl``, ``fixmatch`` or ``supervised``.
+        ema_decay: the EMAN teacher's decay; None: no teacher.
+        multiviews: two weak and two strong views per unlabeled image.
+        device: where the criterion's buffers go (the logits' device).
+        ema_warmup: ramp the EMA decay up, as timm's ``--model-ema-warmup`` does (short runs).
+
+    Example:
+        ```python
+        task = DebiasPLTask(model, DebiasPLLoss(10, tau=2.0), ema_decay=0.999, ema_warmup=True)
+        loss = task(x, y, [weak, strong])["loss"]      # labeled batch, then the unlabeled views
+        loss.backward(); optimizer.step(); task.update_ema()
+        ```
     """
 
     def __init__(self, model: nn.Module, criterion: DebiasPLLoss, method: str = "debiaspl",

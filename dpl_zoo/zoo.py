@@ -62,7 +62,26 @@ def _with_finetune_note(notes: str) -> str:
 
 def register(entry: ZooEntry, overwrite: bool = False) -> ZooEntry:
     """Add an entry (e.g. for your own published model) so ``load(entry.name)`` and, when it
-    has a ``timm_tag``, ``timm.create_model(entry.timm_name, pretrained=True)`` find it."""
+    has a ``timm_tag``, ``timm.create_model(entry.timm_name, pretrained=True)`` find it.
+
+    Args:
+        entry: the entry; one with weights (``hub`` or ``release``) needs a ``timm_tag``.
+        overwrite: replace an entry of the same name (and its timm tag).
+
+    Returns:
+        The registered entry.
+
+    Raises:
+        ZooError: the name is taken and ``overwrite`` is False.
+
+    Example:
+        ```python
+        from dpl_zoo import HubWeights, ZooEntry, register
+        register(ZooEntry(name="mine", architecture="resnet50", num_classes=10, label_set="mine",
+                          dataset="my images", label_budget="10% labels", recipe="finetune",
+                          timm_tag="mine", hub=HubWeights("my-org/mine", revision=COMMIT, sha256=SHA256)))
+        ```
+    """
     if entry.name in _REGISTRY and not overwrite:
         raise ZooError(f"zoo entry {entry.name!r} exists; pass overwrite=True to replace it")
     from .timm_tags import register_tag, unregister_tag
@@ -149,7 +168,19 @@ for _entry in (
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Zoo names matching a shell-style pattern, e.g. ``list_models("resnet50-*")``."""
+    """Zoo names matching a shell-style pattern.
+
+    Args:
+        pattern: an ``fnmatch`` pattern over the registry's names.
+
+    Returns:
+        The matching names, sorted.
+
+    Example:
+        ```python
+        dpl_zoo.list_models("resnet50-dpl-clip-*")
+        ```
+    """
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
@@ -158,6 +189,18 @@ def is_registered(name) -> bool:
 
 
 def model_info(name: str) -> ZooEntry:
+    """Everything the registry knows about an entry: architecture, classes, preprocessing, where
+    its weights come from, its numbers (each marked reported or measured), licence, recipe.
+
+    Raises:
+        ZooError: an unknown name; the message names the closest ones.
+
+    Example:
+        ```python
+        entry = dpl_zoo.model_info("resnet50-dpl-1pct")
+        entry.metrics.top1, entry.source, entry.timm_name
+        ```
+    """
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -246,12 +289,36 @@ def load(name: str | os.PathLike, pretrained: bool = True, num_classes: Optional
          keep_release: bool = False, **timm_kwargs) -> torch.nn.Module:
     """A ready timm model in eval mode, with ``pretrained_cfg`` set for timm's data helpers.
 
-    ``name``: a zoo name (see :func:`list_models`), ``hf-hub:ORG/NAME[@REVISION]``, or a
-    folder with ``model.safetensors`` + ``config.json`` as ``local-dir:DIR`` or an explicit
-    path. A zoo name is ``timm.create_model(entry.timm_name, pretrained=True)`` with the
-    weights fetched and verified first (Hub, else the authors' release, converted once into
-    the dpl-zoo cache; ``keep_release=True`` keeps the original ``.pth.tar`` there).
-    ``num_classes`` different from the checkpoint gets a freshly initialised head, as in timm.
+    A zoo name is ``timm.create_model(entry.timm_name, pretrained=True)`` with the weights fetched
+    and verified first (the Hub, else the authors' release, converted once into the dpl-zoo cache).
+    Further keyword arguments go to ``timm.create_model``.
+
+    Args:
+        name: a zoo name (see `list_models`), ``hf-hub:ORG/NAME[@REVISION]``, or a folder with
+            ``model.safetensors`` + ``config.json`` as ``local-dir:DIR`` or an explicit path
+            (``./DIR``, ``~/DIR``, a ``pathlib.Path``). A bare name always means the registry.
+        pretrained: False builds a zoo entry's architecture with random weights (zoo names only).
+        num_classes: a class count other than the checkpoint's gets a freshly initialised head,
+            as in timm (its class names are then dropped).
+        device: where to put the model (default: where timm creates it, the CPU).
+        force_download: fetch the weights again even if a checked copy is cached.
+        keep_release: keep the authors' original ``.pth.tar`` in the cache after conversion.
+
+    Returns:
+        The model, in eval mode; ``model.pretrained_cfg`` holds its preprocessing (input size,
+        crop, mean/std, interpolation) and ``label_names``.
+
+    Raises:
+        ZooError: an unknown name (with the closest names), weights no source can deliver, a
+            download that fails or whose sha256 differs from the pinned or recorded one, a
+            ``config.json`` that does not describe the entry's model.
+
+    Example:
+        ```python
+        import dpl_zoo, timm
+        model = dpl_zoo.load("resnet50-dpl-1pct")             # or "local-dir:runs/NAME/export"
+        transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+        ```
     """
     import timm
     kind, ref = parse_model_name(name)
