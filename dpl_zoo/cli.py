@@ -159,7 +159,7 @@ def cmd_train(args) -> int:
     from .dry_run import dry_run
     from .runtime import resolve_device
     from .side_by_side import fit_side_by_side, threads_per_run, use_side_by_side
-    from .train import fit
+    from .train import fit, stamped_name
 
     recipe = args.recipe or DEFAULT_RECIPE
     overrides = list(args.overrides) + (["data.strict=true"] if args.strict else [])
@@ -183,8 +183,7 @@ def cmd_train(args) -> int:
     # every rank must use the same run names: join the process group, then take rank 0's clock
     device_type = resolve_device(cfg).type
     dist_utils.init_from_env(device_type)
-    stamp = dist_utils.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
-    base = cfg.experiment or f"{Path(recipe).stem}-{stamp}"
+    base = cfg.experiment or stamped_name(cfg.output, Path(recipe).stem)
     # every run's recipe is checked before any run starts
     runs = [(method, load_config(recipe, overrides + [f"dpl.method={method}",
                                                       f"experiment={base}-{method}" if len(methods) > 1 else

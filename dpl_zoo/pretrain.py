@@ -274,9 +274,9 @@ def pretrain(cfg: PretrainConfig, resume: Optional[str] = None, quiet: bool = Fa
              reporter: Optional[Reporter] = None) -> dict:
     """Pretrain to the end; returns the summary also written to ``summary.json``. ``resume``: a
     ``last.pth.tar``, or ``"auto"`` as for :func:`dpl_zoo.train.fit`."""
-    from .train import resolve_run_folder
+    from .train import resolve_run_folder, stamped_name
     device = resolve_device(cfg)
-    name = lambda: cfg.experiment or f"{cfg.model}-moco-{time.strftime('%Y%m%d-%H%M%S')}"  # noqa: E731
+    name = lambda: cfg.experiment or stamped_name(cfg.output, f"{cfg.model}-moco")  # noqa: E731
     out_dir, saved, finished = resolve_run_folder(cfg, resume, name)
     if finished is not None:
         return finished

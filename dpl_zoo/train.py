@@ -128,8 +128,21 @@ def evaluate(run: Run) -> dict:
 
 # --- fit ----------------------------------------------------------------------------------------
 
+def stamped_name(output, prefix: str) -> str:
+    """``PREFIX-YYYYmmdd-HHMMSS``, with ``-2``, ``-3``... when a run of the same second already
+    took that name under ``output`` (two unnamed runs started within a second must not collide).
+    Rank 0 chooses; every rank gets the same name."""
+    name = None
+    if dist_utils.is_main():
+        base = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name, n = base, 2
+        while any(Path(output).glob(f"{name}*")):
+            name, n = f"{base}-{n}", n + 1
+    return dist_utils.broadcast_object(name)
+
+
 def run_name(cfg: TrainConfig) -> str:
-    return cfg.experiment or f"{cfg.model}-{cfg.dpl.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg.experiment or stamped_name(cfg.output, f"{cfg.model}-{cfg.dpl.method}")
 
 
 def resolve_run_folder(cfg, resume: Optional[str], name) -> tuple[Path, Optional[dict], Optional[dict]]:

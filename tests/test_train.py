@@ -391,3 +391,22 @@ def test_prefetched_inputs_are_the_inline_inputs(tiny_config):
         for a, b in zip(inline, ahead):
             assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
             assert all(torch.equal(v, w) for v, w in zip(a.views, b.views))
+
+
+def test_unnamed_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Two unnamed runs within one second (the docs' examples back to back) must not share a name:
+    the second would be refused as 'already holds a finished run'."""
+    from dpl_zoo.train import stamped_name
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20260101-000000")
+    first = stamped_name(tmp_path, "finetune")
+    assert first == "finetune-20260101-000000"
+    (tmp_path / first).mkdir()
+    second = stamped_name(tmp_path, "finetune")
+    assert second == "finetune-20260101-000000-2"
+    (tmp_path / second).mkdir()
+    assert stamped_name(tmp_path, "finetune") == "finetune-20260101-000000-3"
+    # several methods side by side take BASE-METHOD folders: their base is taken too
+    assert stamped_name(tmp_path / "other", "x") == "x-20260101-000000"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x-20260101-000000-debiaspl").mkdir()
+    assert stamped_name(tmp_path / "other", "x") == "x-20260101-000000-2"
