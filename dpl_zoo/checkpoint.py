@@ -53,11 +53,13 @@ def load(path: str | Path) -> dict:
 
 
 def export_timm(model: torch.nn.Module, out_dir: str | Path, label_names: Optional[list[str]] = None,
-                data_config: Optional[dict] = None, head_hidden_size: Optional[int] = None) -> Path:
+                data_config: Optional[dict] = None, head_hidden_size: Optional[int] = None,
+                training: Optional[dict] = None) -> Path:
     """``model.safetensors`` + timm ``config.json`` (pretrained_cfg, label names): loadable with
     ``timm.create_model("local-dir:...")`` and ready to publish. An MLP head
     (``head_hidden_size``) is recorded in ``config.json`` as ``dpl_zoo.head_hidden_size``: plain
-    timm cannot build it, ``dpl_zoo.load`` can."""
+    timm cannot build it, ``dpl_zoo.load`` can. ``training``: what the model card should say of how
+    it was trained (method, target prior, the prior estimate), kept as ``dpl_zoo.training``."""
     from timm.models import save_for_hf
     out_dir = Path(out_dir)
     model_config = {"label_names": list(label_names)} if label_names else None
@@ -67,10 +69,11 @@ def export_timm(model: torch.nn.Module, out_dir: str | Path, label_names: Option
         # channels_last training: safetensors stores contiguous tensors only
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True)
-    if head_hidden_size:
+    section = {k: v for k, v in (("head_hidden_size", head_hidden_size), ("training", training)) if v}
+    if section:
         config_path = out_dir / "config.json"
         config = json.loads(config_path.read_text())
-        config["dpl_zoo"] = {"head_hidden_size": head_hidden_size}
+        config["dpl_zoo"] = section
         config_path.write_text(json.dumps(config, indent=4))
     if data_cfg:  # the preprocessing trained with; set here, not through save_for_hf(data_config=), which older timm (1.0.29) lacks
         config_path = out_dir / "config.json"

@@ -46,8 +46,13 @@ class DPLConfig:
     ema_teacher: bool = True           # EMAN: the EMA model makes the pseudo-labels
     clip_threshold: float = 0.4        # CLIP confidence that lets CLIP's label back up a rejected pseudo-label
     # the class distribution pseudo-labels are debiased towards: uniform (the paper), labeled
-    # (the labeled split's class frequencies; 1/2 for a class without labels), or C numbers (a list or a file)
+    # (the labeled split's class frequencies; 1/2 for a class without labels), estimated (the
+    # unlabeled data's, estimated while training: dpl_zoo.prior_estimate), or C numbers (a list or a file)
     target_prior: Any = "uniform"
+    estimate_start: str = "uniform"    # target_prior estimated: the prior used until the estimate is formed (uniform | labeled)
+    estimate_momentum: float = 0.99    # target_prior estimated: momentum of the online EM step
+    estimate_warmup: int = 100         # target_prior estimated: steps the probe trains before EM moves the estimate
+    estimate_min_accepted: Optional[int] = None  # target_prior estimated: accepted pseudo-labels before use (default 20 x classes)
 
 
 @dataclass
@@ -329,6 +334,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _validate_start(cfg)
     _validate_transfer(cfg)
     _validate_target_prior(d.target_prior)
+    if d.estimate_start not in ("uniform", "labeled"):
+        raise ConfigError(f"dpl.estimate_start must be uniform or labeled, got {d.estimate_start!r}")
+    if not 0.0 <= d.estimate_momentum < 1.0:
+        raise ConfigError(f"dpl.estimate_momentum must be in [0, 1), got {d.estimate_momentum!r}")
+    if d.estimate_warmup < 0 or (d.estimate_min_accepted is not None and d.estimate_min_accepted < 0):
+        raise ConfigError("dpl.estimate_warmup and dpl.estimate_min_accepted must be >= 0")
     if cfg.data.augment_on not in AUGMENT_ON:
         raise ConfigError(f"data.augment_on must be one of {', '.join(AUGMENT_ON)}, got {cfg.data.augment_on!r}")
     if cfg.amp_dtype not in ("float16", "bfloat16"):
@@ -411,7 +422,7 @@ def _validate_transfer(cfg: TrainConfig) -> None:
 
 
 def _validate_target_prior(value: Any) -> None:
-    if value in ("uniform", "labeled"):
+    if value in ("uniform", "labeled", "estimated"):
         return
     if isinstance(value, (list, tuple)):
         if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value):
@@ -419,10 +430,11 @@ def _validate_target_prior(value: Any) -> None:
         return
     if isinstance(value, str):
         if not Path(value).is_file():
-            raise ConfigError(f"dpl.target_prior {value!r} is neither uniform, labeled nor an existing file of "
+            raise ConfigError(f"dpl.target_prior {value!r} is neither uniform, labeled, estimated nor an existing file of "
                               f"class weights (one number per class, whitespace or comma separated)")
         return
-    raise ConfigError(f"dpl.target_prior must be uniform, labeled, a list of numbers or a file, got {value!r}")
+    raise ConfigError(f"dpl.target_prior must be uniform, labeled, estimated, a list of numbers or a file, "
+                      f"got {value!r}")
 
 
 def _lookup(cfg: TrainConfig, dotted: str) -> Any:

@@ -132,6 +132,10 @@ class _Tail(nn.Module):
         self.head = nn.Sequential(*head)
         self.drop_rate = drop_rate
 
+    def get_classifier(self) -> nn.Module:
+        """The model's classifier, as timm models name it (hooks and probes find it the same way)."""
+        return self.head[-1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(x)
         for module in self.head[:-1]:

@@ -67,6 +67,7 @@ class CardInfo:
     load_name: Optional[str] = None
     timm_name: Optional[str] = None
     tags: tuple = ()
+    target_prior: str = ""          # what the pseudo-labels were debiased towards (a run's summary)
 
     @property
     def gain(self) -> Optional[float]:
@@ -175,7 +176,26 @@ def card_from_run(source: Path, repo_id: str, baseline: Optional[Path] = None,
         baseline_provenance="measured" if base else "",
         recipe_yaml=_yaml(strip_local_paths(cfg)) if recipe_file.is_file() else "# no recipe recorded",
         license=MOCO_EMAN_LICENSE if from_moco_eman else "mit", license_note=MOCO_EMAN_NOTE if from_moco_eman else "",
-        load_name=f"hf-hub:{repo_id}", tags=("semi-supervised",))
+        load_name=f"hf-hub:{repo_id}", tags=("semi-supervised",), target_prior=target_prior_note(metrics))
+
+
+def target_prior_note(summary: dict) -> str:
+    """One sentence on the target the pseudo-labels were debiased towards (empty without one)."""
+    mode, values = summary.get("target_prior_mode"), summary.get("target_prior")
+    if not mode or not values:
+        return ""
+    shares = ", ".join(f"{v:.3f}" for v in values)
+    if mode == "estimated":
+        estimate = summary.get("prior_estimate") or values
+        used = ("in use by the end of training" if summary.get("estimate_in_use") else
+                "never formed (too few confident pseudo-labels): training debiased towards the start prior")
+        return (f"Pseudo-labels were debiased towards the unlabeled data's class prior, estimated during "
+                f"training (`dpl.target_prior: estimated`, {used}); final estimate: "
+                f"{', '.join(f'{v:.3f}' for v in estimate)}.")
+    what = {"uniform": "a uniform class prior (the paper's method)",
+            "labeled": "the labeled split's class frequencies (`dpl.target_prior: labeled`)",
+            "given": "a class prior given in the recipe"}.get(mode, mode)
+    return f"Pseudo-labels were debiased towards {what}: {shares}."
 
 
 def _run_data(cfg: dict, metrics: dict) -> str:
@@ -232,7 +252,9 @@ def model_card(info: CardInfo):
         baseline_top1=_fmt(info.baseline_top1), gain=_fmt(info.gain, sign=True), provenance=info.provenance,
         provenance_note=f"{note.get(info.provenance, '')} Source: {info.source}.{paper}",
         license_note=info.license_note, load_name=info.load_name, timm_name=info.timm_name, repo_id=info.repo_id,
-        recipe_yaml=info.recipe_yaml.strip(), training_note="The resolved recipe this model was trained with:")
+        recipe_yaml=info.recipe_yaml.strip(),
+        training_note=(info.target_prior + "\n\n" if info.target_prior else "") +
+        "The resolved recipe this model was trained with:")
 
 
 def _fmt(value: Optional[float], sign: bool = False) -> str:

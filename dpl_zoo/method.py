@@ -95,6 +95,12 @@ class ClassPrior(nn.Module):
         self.target.copy_((t / t.sum()).float().view(1, -1))
         self.uniform_target = bool((t == t[0]).all())
 
+    def follow(self, target: torch.Tensor) -> None:
+        """Debias towards ``target`` (1 x C, normalised, positive) from now on, e.g. an estimate that
+        moves every step; a tensor copy, no host sync, and never treated as uniform."""
+        self.target.copy_(target.detach().view(1, -1).to(self.target))
+        self.uniform_target = False
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.uniform_target = bool((self.target == self.target[0, 0]).all())

@@ -77,7 +77,9 @@ def check(saved: dict, cfg, where: Path, now: Optional[dict] = None, finished: b
     """Refuse a resume of ``saved`` (a checkpoint, or ``{"config": ...}`` of a finished run) with
     ``cfg`` that would train something else. ``now``: this run's :func:`evidence`, compared when
     given. ``finished``: ``saved`` is a finished run, so a shorter ``epochs`` is no resume either."""
-    before, after = flatten(saved["config"]), flatten(cfg.to_dict())
+    after = flatten(cfg.to_dict())
+    # a key the checkpoint's dpl-zoo did not have yet: that run trained as its default does now
+    before = {**flatten(type(cfg)().to_dict()), **flatten(saved["config"])}
     diffs = [k for k in sorted(set(before) | set(after)) if k not in MAY_CHANGE and not _same(before.get(k),
                                                                                                after.get(k))]
     if diffs:

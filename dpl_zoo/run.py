@@ -27,6 +27,7 @@ from .data import (
 from .datasets import ArrayImages, DataError, load_datasets
 from .identity import data_digest
 from .method import DebiasPLLoss
+from .prior_estimate import PriorEstimator
 from .models import build_model, model_from_checkpoint, resolve_data_config
 from .optim import build_optimization
 from .runtime import autocast_dtype, autocast_for, resolve_device, seed_everything
@@ -91,19 +92,39 @@ class Run:
         return self.cfg.dpl.method != "supervised"
 
 
+def labeled_prior(labeled_targets: list[int], num_classes: int) -> list[float]:
+    """The labeled split's class shares. Only a class without labels (a labeled_csv, a zero-shot
+    teacher) gets a pseudo-count of 1/2, so its log-share stays finite. Add-one smoothing for every
+    class inflated rare ones: at 100:1 imbalance with 1% labels (75) the rarest class's share became
+    2.4% for a real 0.4%; raw it is 1.3%, set by the split's one-label floor."""
+    counts = np.bincount(np.asarray(labeled_targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    counts[counts == 0] = 0.5
+    return (counts / counts.sum()).tolist()
+
+
+def prior_estimator(cfg: TrainConfig, labeled_targets: list[int], num_classes: int,
+                    model: nn.Module) -> Optional[PriorEstimator]:
+    """The estimator of ``dpl.target_prior: estimated`` (None otherwise). Its probe learns at the
+    run's lr and weight decay; it only runs where there are pseudo-labels to debias (debiaspl)."""
+    d = cfg.dpl
+    if d.target_prior != "estimated" or d.method != "debiaspl":
+        return None
+    from .task import classifier_of
+    return PriorEstimator(
+        num_classes, classifier_of(model).in_features, labeled_prior(labeled_targets, num_classes),
+        start=d.estimate_start, momentum=d.estimate_momentum, warmup=d.estimate_warmup,
+        min_accepted=d.estimate_min_accepted, lr=cfg.lr, weight_decay=cfg.weight_decay, lambda_u=d.lambda_u)
+
+
 def target_prior(cfg: TrainConfig, labeled_targets: list[int], num_classes: int) -> Optional[list[float]]:
     """``dpl.target_prior`` as C numbers (None: uniform, the paper's method)."""
     value = cfg.dpl.target_prior
     if value == "uniform":
         return None
     if value == "labeled":
-        # the labeled frequencies themselves; only a class without labels (a labeled_csv, a zero-shot
-        # teacher) gets a pseudo-count of 1/2, so its log-share stays finite. Add-one smoothing for
-        # every class inflated rare ones: at 100:1 imbalance with 1% labels (75) the rarest class's
-        # share became 2.4% for a real 0.4%; raw it is 1.3%, set by the split's one-label floor
-        counts = np.bincount(np.asarray(labeled_targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
-        counts[counts == 0] = 0.5
-        return (counts / counts.sum()).tolist()
+        return labeled_prior(labeled_targets, num_classes)
+    if value == "estimated":   # until the estimate is formed: its start prior
+        return labeled_prior(labeled_targets, num_classes) if cfg.dpl.estimate_start == "labeled" else None
     if isinstance(value, str):
         text = Path(value).read_text().replace(",", " ").split()
         try:
@@ -309,7 +330,8 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[R
     criterion = build_criterion(cfg, num_classes, prior).to(device)
     task = DebiasPLTask(views.student, criterion, method=d.method,
                         ema_decay=cfg.model_ema_decay if (d.ema_teacher or d.method == "supervised") else None,
-                        ema_warmup=cfg.model_ema_warmup, multiviews=d.multiviews, device=device)
+                        ema_warmup=cfg.model_ema_warmup, multiviews=d.multiviews, device=device,
+                        prior_estimator=prior_estimator(cfg, labeled_targets, num_classes, views.student))
     if cfg.compile:
         # compile the student before any DDP wrapping, as timm does; the EMA teacher stays eager
         task.trainable_module = torch.compile(task.trainable_module)

@@ -16,6 +16,18 @@ from timm.task import TrainingTask
 from timm.utils.model import unwrap_model
 
 from .method import DebiasPLLoss, DebiasPLOutput
+from .prior_estimate import PriorEstimator
+
+
+def classifier_of(model: nn.Module) -> nn.Linear:
+    """The linear classifier whose input (pre-logit features) the prior estimate reads."""
+    model = unwrap_model(model)
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(classifier, nn.Linear):
+        raise ValueError(f"dpl.target_prior: estimated reads the features going into the model's linear "
+                         f"classifier; {type(model).__name__}'s get_classifier() gives "
+                         f"{type(classifier).__name__}: use a timm model with a linear head, or a fixed target_prior")
+    return classifier
 
 
 class DebiasPLTask(TrainingTask):
@@ -36,6 +48,9 @@ class DebiasPLTask(TrainingTask):
         multiviews: two weak and two strong views per unlabeled image.
         device: where the criterion's buffers go (the logits' device).
         ema_warmup: ramp the EMA decay up, as timm's ``--model-ema-warmup`` does (short runs).
+        prior_estimator: estimate the unlabeled prior and debias towards it
+            (:class:`~dpl_zoo.prior_estimate.PriorEstimator`); it reads the pre-logit features of the
+            model that makes the pseudo-labels, on the labeled batch and the (first) weak view.
 
     Example:
         ```python
@@ -47,7 +62,8 @@ class DebiasPLTask(TrainingTask):
 
     def __init__(self, model: nn.Module, criterion: DebiasPLLoss, method: str = "debiaspl",
                  ema_decay: Optional[float] = 0.999, multiviews: bool = False,
-                 device: Optional[torch.device] = None, ema_warmup: bool = False):
+                 device: Optional[torch.device] = None, ema_warmup: bool = False,
+                 prior_estimator: Optional[PriorEstimator] = None):
         super().__init__(device=device, verbose=False)
         self.trainable_module = model
         # the criterion's buffers (qhat, the target prior) must sit where the logits are
@@ -59,6 +75,19 @@ class DebiasPLTask(TrainingTask):
             # warm-up (timm's): the decay starts low and rises to ema_decay, so in a short run the
             # teacher follows the student instead of staying near its random new head
             self.setup_ema(decay=ema_decay, use_warmup=ema_warmup)
+        self.prior_estimator = prior_estimator
+        self._capture, self._features = False, None
+        if prior_estimator is not None:
+            if method == "supervised":
+                raise ValueError("a prior estimate needs pseudo-labels: method supervised has none")
+            if device is not None:
+                self.prior_estimator.to(device)
+            # after setup_ema: the teacher is a copy, and a hook on the student would be copied with it
+            classifier_of(self.teacher()).register_forward_hook(self._keep_features)
+
+    def _keep_features(self, module, inputs, output) -> None:
+        if self._capture:
+            self._features = inputs[0].detach()
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> "DebiasPLTask":
         """Wrap the student in DistributedDataParallel; the teacher stays unwrapped (no gradients)."""
@@ -134,23 +163,38 @@ class DebiasPLTask(TrainingTask):
             raise ValueError(f"expected {self.weak_views} weak and {self.weak_views} strong views, got {len(unlabeled)} tensors")
         weak, strong = list(unlabeled[:self.weak_views]), list(unlabeled[self.weak_views:])
         n, nu = x.shape[0], weak[0].shape[0]
+        estimating = self.prior_estimator is not None
         if self.has_ema():
             logits = student(torch.cat([x, *strong]))
             with torch.no_grad():
-                weak_logits = self.teacher()(torch.cat(weak)).split(nu)
+                self._capture = estimating
+                # the estimate also reads the teacher's features of the labeled batch
+                teacher_in = torch.cat([x, *weak]) if estimating else torch.cat(weak)
+                weak_logits = self.teacher()(teacher_in)[n if estimating else 0:].split(nu)
+                self._capture = False
         else:
             # one forward over everything, as FixMatch does, so BatchNorm sees the whole batch
+            self._capture = estimating
             logits = student(torch.cat([x, *weak, *strong]))
+            self._capture = False
             weak_logits = logits[n:n + nu * self.weak_views].detach().split(nu)
             logits = torch.cat([logits[:n], logits[n + nu * self.weak_views:]])
         logits_x, strong_logits = logits[:n], logits[n:].split(nu)
         result: DebiasPLOutput = self.criterion(list(weak_logits), list(strong_logits), logits_x, y,
                                                 clip_targets=clip_targets, clip_confidence=clip_confidence)
+        if estimating:
+            features, self._features = self._features, None
+            self.prior_estimator.step(features[:n], y, features[n:n + nu], result.targets, result.mask)
+            # the next step debiases towards the new estimate (the start prior until it is formed)
+            self.criterion.prior.follow(self.prior_estimator.target())
         return {"loss": result.loss, "output": logits_x, "result": result}
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         prior = self.criterion.prior
-        return {"qhat": prior.qhat.detach().cpu().clone(), "target_prior": prior.target.detach().cpu().clone()}
+        state = {"qhat": prior.qhat.detach().cpu().clone(), "target_prior": prior.target.detach().cpu().clone()}
+        if self.prior_estimator is not None:
+            state["prior_estimate"] = {k: v.detach().cpu().clone() for k, v in self.prior_estimator.state_dict().items()}
+        return state
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
                         module: Optional[nn.Module] = None, ema: bool = False) -> None:
@@ -165,6 +209,12 @@ class DebiasPLTask(TrainingTask):
         self.criterion.prior.qhat.copy_(qhat)
         if "target_prior" in state:  # checkpoints before the target prior existed debiased towards uniform
             self.criterion.prior.set_target(state["target_prior"].flatten())
+        if self.prior_estimator is not None:
+            if "prior_estimate" not in state:
+                raise ValueError("checkpoint has no prior estimate: it was trained with a fixed dpl.target_prior, "
+                                 "this run estimates it; resume with the run's own target_prior")
+            self.prior_estimator.load_state_dict(state["prior_estimate"])
+            self.criterion.prior.follow(self.prior_estimator.target())
 
 
 def _ema_slots(ema_module: nn.Module, student: nn.Module) -> list[tuple[nn.Module, nn.Module, str, str]]:

@@ -56,6 +56,17 @@ def train_step(run: Run, inputs: StepInputs, step: int) -> dict:
     return out
 
 
+def estimate_fields(run: Run) -> dict:
+    """The prior estimate's state for logs and the summary (``dpl.target_prior: estimated``); empty
+    otherwise."""
+    est = run.task.prior_estimator
+    if est is None:
+        return {}
+    return {"prior_estimate": [round(v, 6) for v in est.prior.flatten().tolist()],
+            "estimate_in_use": bool(est.ready()), "estimate_accepted": int(est.accepted),
+            "estimate_steps": int(est.steps)}
+
+
 def _diverged(run: Run, step: int, epoch: int, loss: float) -> TrainingDiverged:
     return TrainingDiverged(
         f"loss is {loss} at step {step} (epoch {epoch}); training stopped. The last good checkpoint is kept in "
@@ -88,7 +99,7 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter, metrics_log) -> di
         if (step + 1) % cfg.log_interval == 0:
             metrics_log({"kind": "train", "epoch": epoch, "step": step + 1,
                          **{k: row[k] for k in ("loss", "loss_x", "loss_u", "mask_rate")},
-                         "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": img_s})
+                         "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": img_s, **estimate_fields(run)})
     reporter.end_epoch()
     elapsed = time.perf_counter() - start
     # sums over ranks: losses and rates averaged over every process, counts and histograms global
@@ -228,10 +239,18 @@ def _fit(cfg: TrainConfig, out_dir: Path, saved: Optional[dict], quiet: bool, re
         stats = train_one_epoch(run, epoch, reporter, log)
         if run.ssl:
             dist_utils.check_same_across_ranks(run.task.criterion.prior.qhat, "qhat")
+            dist_utils.check_same_across_ranks(run.task.criterion.prior.target, "the target prior")
+        estimate = estimate_fields(run)
+        if estimate:
+            est = run.task.prior_estimator
+            reporter.say(f"prior estimate: {'in use' if estimate['estimate_in_use'] else 'not formed yet, debiasing towards the start prior (' + est.start + ')'}"
+                         f" | {estimate['estimate_accepted']} pseudo-labels accepted (needs {est.min_accepted}), "
+                         f"{estimate['estimate_steps']} steps (needs {est.warmup}) | "
+                         + " ".join(f"{v:.3f}" for v in estimate["prior_estimate"]))
         if dist_utils.is_distributed():  # reshape, not view: channels_last weights are not contiguous
             dist_utils.check_same_across_ranks(torch.cat([p.detach().reshape(-1) for p in run.model.parameters()]),
                                                "the student's weights")
-        row = {"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * run.steps_per_epoch, **stats}
+        row = {"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * run.steps_per_epoch, **stats, **estimate}
         final = None
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
             final = row["eval"] = evaluate(run)
@@ -259,7 +278,19 @@ def export(run: Run, out_dir: Path) -> Path:
     """The whole trained model as a timm folder (frozen layers as ordinary ones)."""
     from .freeze import exportable
     return ckpt.export_timm(exportable(run.model), out_dir, run.classes, run.data_config,
-                            head_hidden_size=run.cfg.head_hidden_size)
+                            head_hidden_size=run.cfg.head_hidden_size, training=training_record(run))
+
+
+def training_record(run: Run) -> dict:
+    """How the model was trained, for the export's config and the model card: the method and the
+    target its pseudo-labels were debiased towards (with the estimate, when it was estimated)."""
+    record = {"method": run.cfg.dpl.method}
+    if run.ssl:
+        mode = run.cfg.dpl.target_prior
+        record["target_prior"] = mode if mode in ("uniform", "labeled", "estimated") else "given"
+        record["target_prior_values"] = [round(v, 6) for v in run.task.criterion.prior.target.flatten().tolist()]
+        record.update(estimate_fields(run))
+    return record
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -308,6 +339,10 @@ def _summary(run: Run, final: dict, best: dict, elapsed: float, resumed: bool) -
         "pl_hist": pl.get("pl_hist"),
         "qhat": prior.qhat.flatten().tolist() if run.ssl else None,
         "target_prior": prior.target.flatten().tolist() if run.ssl else None,
+        "target_prior_mode": (cfg.dpl.target_prior if isinstance(cfg.dpl.target_prior, str) and
+                              cfg.dpl.target_prior in ("uniform", "labeled", "estimated") else "given")
+        if run.ssl else None,
+        **estimate_fields(run),
         "per_class_top1": final["student"]["per_class_top1"], "seconds": elapsed, "resumed": resumed,
         "output": str(run.out_dir) if run.out_dir else None,
     }
