@@ -143,8 +143,9 @@ class PriorEstimator(nn.Module):
         c, d = self.num_classes, self.feature_dim
         grad_w, rest = stats[:2 * c * d].view(2, c, d), stats[2 * c * d:]
         grad_b, batch_hist, em, (n_l, n_u) = rest[:2 * c].view(2, c), rest[2 * c:3 * c], rest[3 * c:4 * c], rest[4 * c:]
-        gw = grad_w[0] / n_l + grad_w[1] / n_u + self.weight_decay * self.weight
-        gb = grad_b[0] / n_l + grad_b[1] / n_u
+        rows = (n_l + n_u).clamp(min=1.0)
+        gw = (grad_w[0] + grad_w[1]) / rows + self.weight_decay * self.weight
+        gb = (grad_b[0] + grad_b[1]) / rows
         self.weight_velocity.mul_(self.probe_momentum).add_(gw)
         self.bias_velocity.mul_(self.probe_momentum).add_(gb)
         self.weight.sub_(self.lr * self.weight_velocity)
