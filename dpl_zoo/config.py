@@ -71,6 +71,9 @@ class DataConfig:
     long_tail_ratio: Optional[float] = None
     long_tail_max: Optional[int] = None  # images kept of the most frequent class (with long_tail_ratio)
     labeled_csv: Optional[str] = None  # authors' split format: a column `Index`
+    # the unlabeled images: positions in a CSV of the same format (default: every image not labeled);
+    # a label budget then draws its labels from outside this pool
+    unlabeled_csv: Optional[str] = None
     val_fraction: float = 0.2          # embedded MNIST: held-out test share
     scale: tuple = (0.08, 1.0)         # weak view: RandomResizedCrop scale
     ratio: tuple = (3 / 4, 4 / 3)      # weak view: RandomResizedCrop aspect ratio range

@@ -36,6 +36,7 @@ MAY_CHANGE = {
     "data.verify_images": "the start-up scan",
     "data.teacher_predictions": "a moved predictions file (its sha256 is compared)",
     "data.labeled_csv": "a moved split file (the split is compared)",
+    "data.unlabeled_csv": "a moved split file (the unlabeled positions are compared)",
     # pretraining (dpl-zoo pretrain): the kNN monitor reads the model, it never changes it
     "knn.enabled": "the kNN monitor only reads the model", "knn.root": "a moved labeled folder (monitor only)",
     "knn.val_root": "a moved labeled folder (monitor only)", "knn.val_split": "the monitor's split",
@@ -49,6 +50,7 @@ EVIDENCE = {
     "data": "the training data's content digest (dpl_zoo.identity.data_digest)",
     "labeled": "sha256 of the labeled positions",
     "teacher_predictions": "sha256 of the teacher predictions (None without a teacher)",
+    "unlabeled": "sha256 of the unlabeled positions (not recorded by checkpoints before data.unlabeled_csv)",
 }
 
 
@@ -64,13 +66,13 @@ def labeled_digest(labeled) -> str:
 DATA_DIGEST_VERSION = 2
 
 
-def evidence(data: str, labeled=(), teacher_predictions=None) -> dict:
+def evidence(data: str, labeled=(), teacher_predictions=None, unlabeled=()) -> dict:
     """What a run trains on, for its checkpoints (see :data:`EVIDENCE`): its data's content
     digest, labeled positions and teacher predictions; a pretraining run has no labeled split
     (an empty one) and no teacher."""
     return {"data": data, "labeled": labeled_digest(labeled),
             "teacher_predictions": teacher_predictions.digest() if teacher_predictions is not None else None,
-            "data_digest_version": DATA_DIGEST_VERSION}
+            "unlabeled": labeled_digest(unlabeled), "data_digest_version": DATA_DIGEST_VERSION}
 
 
 def check(saved: dict, cfg, where: Path, now: Optional[dict] = None, finished: bool = False) -> None:
@@ -99,6 +101,7 @@ def check(saved: dict, cfg, where: Path, now: Optional[dict] = None, finished: b
         "data": "the training data differ from those the run started with (images added, removed, renamed or "
                 "rewritten in data.root?)",
         "labeled": "the labeled split differs from the run's (another data.labeled_csv, split seed or data)",
+        "unlabeled": "the unlabeled images differ from the run's (another data.unlabeled_csv or unlabeled_max)",
         "teacher_predictions": "the teacher predictions differ from those the run started with"
                                if recorded.get("teacher_predictions") and now.get("teacher_predictions") else
                                f"the run started {'with' if recorded.get('teacher_predictions') else 'without'} "
@@ -111,6 +114,8 @@ def check(saved: dict, cfg, where: Path, now: Optional[dict] = None, finished: b
                               f"check it against that record. Start a new run, or finish this one with the dpl-zoo "
                               f"version that started it")
     for key in EVIDENCE:
+        if key == "unlabeled" and key not in recorded:   # older checkpoints: their pool followed from the rest
+            continue
         if recorded.get(key) != now.get(key):
             raise CheckpointError(f"cannot resume {where}: {problems[key]}; resume on the same content, or start "
                                   f"a new run")
@@ -126,7 +131,8 @@ def state(run, epoch: int, best: dict) -> dict:
            "state_dict": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
            "task_state": task.get_task_state(), "best": best, "history": run.history,
            "evidence": evidence(run.data_fingerprint, run.split.labeled if getattr(run, "split", None) else (),
-                                getattr(run, "teacher_predictions", None)),
+                                getattr(run, "teacher_predictions", None),
+                                run.split.unlabeled if getattr(run, "split", None) else ()),
            # the preprocessing trained with: a start point's own (e.g. EfficientNet-PyTorch's) is not in the config
            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in run.data_config.items()}}
     if task.has_ema():

@@ -164,8 +164,18 @@ def _split(cfg: TrainConfig, data: RunData, num_classes: int) -> Split:
     elif cfg.data.labels_per_class is None and cfg.data.label_fraction is None:
         raise DataError("no label budget: set data.labels_per_class, data.label_fraction or data.labeled_csv")
     else:
+        # with a given unlabeled pool the labels are drawn from the other images
+        pool = set(_unlabeled_pool(cfg, len(train))) if cfg.data.unlabeled_csv else set()
         split = split_labeled(train.targets, num_classes, cfg.data.labels_per_class, cfg.data.label_fraction,
-                              cfg.data.split_seed, exclude)
+                              cfg.data.split_seed, sorted(set(exclude) | pool))
+    if cfg.data.unlabeled_csv:
+        pool = _unlabeled_pool(cfg, len(train))
+        overlap = set(pool) & set(split.labeled)
+        if overlap:
+            raise DataError(f"data.unlabeled_csv and the labeled split share {len(overlap)} images (e.g. position "
+                            f"{min(overlap)}): an image is labeled or unlabeled, not both; fix the two CSV files")
+        bad = set(exclude)
+        split = Split(split.labeled, sorted(i for i in set(pool) if i not in bad))
     cap = cfg.data.unlabeled_max
     if cap is not None and len(split.unlabeled) > cap:
         # the first `cap` unlabeled images of one fixed order of the dataset: runs with other split
@@ -174,6 +184,15 @@ def _split(cfg: TrainConfig, data: RunData, num_classes: int) -> Split:
         order = np.random.default_rng(UNLABELED_POOL_SEED).permutation(len(train)).tolist()
         split = Split(split.labeled, sorted([i for i in order if i in keep][:cap]))
     return split
+
+
+def _unlabeled_pool(cfg: TrainConfig, n: int) -> list[int]:
+    pool = read_split_csv(cfg.data.unlabeled_csv)
+    out_of_range = [i for i in pool if not 0 <= i < n]
+    if out_of_range:
+        raise DataError(f"data.unlabeled_csv {cfg.data.unlabeled_csv} names position {out_of_range[0]}, but the "
+                        f"training data has {n} images (positions 0 to {n - 1}); is it the split of other data?")
+    return pool
 
 
 def view_spec(cfg: TrainConfig, data_config: dict) -> ViewSpec:
@@ -292,7 +311,8 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[R
     digest = _shared_digest(train_base)
     if saved is not None:   # before anything is built from the data or the weights
         from . import resume as resume_rules
-        resume_rules.check(saved, cfg, out_dir or Path("."), now=resume_rules.evidence(digest, split.labeled, preds))
+        resume_rules.check(saved, cfg, out_dir or Path("."), now=resume_rules.evidence(digest, split.labeled, preds,
+                                                                                   split.unlabeled))
     seed_everything(cfg.seed)
     if saved is None:
         model = build_model(cfg, num_classes)

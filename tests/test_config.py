@@ -122,6 +122,6 @@ def test_new_keys_are_validated():
     for bad, message in (("data.augment_on=gpu", "augment_on must be one of"), ("layer_decay=1.5", "layer_decay"),
                          ("crop_pct=0", "crop_pct"), ("interpolation=cubic", "interpolation must be"),
                          ("dpl.target_prior=[1, 0, 2]", "positive number"),
-                         ("dpl.target_prior=nofile.txt", "neither uniform, labeled nor an existing file")):
+                         ("dpl.target_prior=nofile.txt", "neither uniform, labeled, estimated nor an existing file")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [bad])

@@ -410,3 +410,29 @@ def test_unnamed_runs_started_in_the_same_second_get_their_own_folders(tmp_path,
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x-20260101-000000-debiaspl").mkdir()
     assert stamped_name(tmp_path / "other", "x") == "x-20260101-000000-2"
+
+
+def test_an_unlabeled_csv_gives_the_pool_and_the_labels_come_from_elsewhere(tiny_config, tmp_path):
+    """data.unlabeled_csv: the unlabeled images are exactly those positions; a label budget draws
+    outside them; an overlap with a labeled_csv is an error; a resume on another pool is refused."""
+    from dpl_zoo.data import write_split_csv
+    from dpl_zoo.datasets import DataError
+    from dpl_zoo.checkpoint import CheckpointError
+    from dpl_zoo.run import build_run
+    pool = list(range(0, 30, 2))          # 15 of the 30 images
+    write_split_csv(tmp_path / "pool.csv", pool)
+    run = build_run(tiny_config(**{"data.unlabeled_csv": str(tmp_path / "pool.csv")}))
+    assert run.split.unlabeled == pool and not set(run.split.labeled) & set(pool)
+    assert len(run.split.labeled) == 2 * len(run.classes)
+    write_split_csv(tmp_path / "labeled.csv", [2, 3])
+    with pytest.raises(DataError, match="share 1 images"):
+        build_run(tiny_config(**{"data.unlabeled_csv": str(tmp_path / "pool.csv"), "data.labels_per_class": None,
+                                 "data.labeled_csv": str(tmp_path / "labeled.csv")}))
+    write_split_csv(tmp_path / "far.csv", [5, 400])
+    with pytest.raises(DataError, match="names position 400"):
+        build_run(tiny_config(**{"data.unlabeled_csv": str(tmp_path / "far.csv")}))
+    fit(tiny_config(epochs=1, **{"data.unlabeled_csv": str(tmp_path / "pool.csv")}), quiet=True)
+    write_split_csv(tmp_path / "pool.csv", pool[:-1])     # same file name, another pool
+    with pytest.raises(CheckpointError, match="unlabeled images differ"):
+        fit(tiny_config(epochs=2, **{"data.unlabeled_csv": str(tmp_path / "pool.csv")}),
+            resume=str(tmp_path / "runs" / "run" / "last.pth.tar"))
