@@ -22,6 +22,8 @@ from .prior_estimate import PriorEstimator
 def classifier_of(model: nn.Module) -> nn.Linear:
     """The linear classifier whose input (pre-logit features) the prior estimate reads."""
     model = unwrap_model(model)
+    if isinstance(model, nn.Linear):   # a frozen backbone's cached pooled features: the head is the model
+        return model
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(classifier, nn.Linear):
         raise ValueError(f"dpl.target_prior: estimated reads the features going into the model's linear "
