@@ -21,12 +21,14 @@ def read_run(folder: str | Path) -> dict:
     metrics, summary_path = folder / "metrics.jsonl", folder / "summary.json"
     if not metrics.is_file():
         raise DataError(f"{folder} is not a run folder (no metrics.jsonl); pass folders that dpl-zoo train wrote")
-    points = []
+    points, estimates = [], []
     for line in metrics.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a half-written last line of a running or killed run
+        if row.get("kind") == "train" and row.get("prior_estimate"):
+            estimates.append((row["step"], row["prior_estimate"]))
         if row.get("kind") == "epoch" and "eval" in row:
             pl = row["eval"].get("pseudo_labels", {})
             points.append({"step": row["step"], "top1": row["eval"]["student"]["top1"],
@@ -36,12 +38,13 @@ def read_run(folder: str | Path) -> dict:
     if summary.get("top1") is not None:
         label += f" ({summary['top1']:.1f}%)"
     return {"label": label, "name": folder.name, "points": points, "hist": summary.get("pl_hist"),
-            "target": summary.get("target_prior")}
+            "target": summary.get("target_prior"), "estimates": estimates}
 
 
 def plot_runs(folders: Sequence[str | Path], out: str | Path, title: Optional[str] = None) -> Path:
     """Four curves over steps, then each run's final pseudo-label class histogram against the
-    distribution it was debiased towards (uniform unless a target prior was set)."""
+    distribution it was debiased towards (uniform unless a target prior was set), then, for runs
+    with ``dpl.target_prior: estimated``, each class's estimated share over steps."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -50,9 +53,10 @@ def plot_runs(folders: Sequence[str | Path], out: str | Path, title: Optional[st
         raise DataError("dpl-zoo plot needs matplotlib: pip install 'dpl-zoo[demo]'") from e
     runs = [read_run(f) for f in folders]
     with_hist = [r for r in runs if r["hist"]]
-    cols = max(len(CURVES), len(with_hist), 1)
-    fig, axes = plt.subplots(2 if with_hist else 1, cols, figsize=(3.6 * cols, 6.4 if with_hist else 3.2),
-                             squeeze=False)
+    with_est = [r for r in runs if r["estimates"]]
+    cols = max(len(CURVES), len(with_hist), len(with_est), 1)
+    n_rows = 1 + bool(with_hist) + bool(with_est)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(3.6 * cols, 3.2 * n_rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, name) in zip(axes[0], CURVES):
         for i, r in enumerate(runs):
@@ -80,6 +84,18 @@ def plot_runs(folders: Sequence[str | Path], out: str | Path, title: Optional[st
             ax.set_xlabel("class")
             ax.legend(fontsize=8)
         for ax in axes[1][len(with_hist):]:
+            ax.axis("off")
+    if with_est:
+        for ax, r in zip(axes[-1], with_est):
+            steps = [s for s, _ in r["estimates"]]
+            for c in range(len(r["estimates"][0][1])):
+                ax.plot(steps, [e[c] for _, e in r["estimates"]], lw=1, label=f"class {c}")
+            ax.set_title(f"{r['label']}: estimated class prior", fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if len(r["estimates"][0][1]) <= 10:
+                ax.legend(fontsize=6, ncol=2)
+        for ax in axes[-1][len(with_est):]:
             ax.axis("off")
     if title:
         fig.suptitle(title)

@@ -230,3 +230,13 @@ def test_only_debiaspl_estimates_and_bad_settings_are_refused(tiny_config):
         tiny_config(**{**ESTIMATED, "dpl.estimate_momentum": 1.0})
     with pytest.raises(ConfigError, match="neither uniform, labeled, estimated"):
         tiny_config(**{"dpl.target_prior": "estimate"})
+
+
+def test_dpl_zoo_plot_draws_the_estimate_over_steps(tiny_config, tmp_path):
+    pytest.importorskip("matplotlib")
+    from dpl_zoo.plot import plot_runs, read_run
+    fit(tiny_config(**ESTIMATED), quiet=True)
+    run = read_run(tmp_path / "runs" / "run")
+    assert [s for s, _ in run["estimates"]] == [1, 2, 3, 4] and len(run["estimates"][0][1]) == 3
+    out = plot_runs([tmp_path / "runs" / "run"], tmp_path / "p.png")
+    assert out.stat().st_size > 1000
