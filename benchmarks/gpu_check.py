@@ -69,7 +69,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_facts, write_report  # noqa: E402
+from _common import json_text, machine_facts, write_report  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 BUNDLE = ROOT / ".gpu"
@@ -723,7 +723,7 @@ def check(parts: list[Part], results: Path, work: Path, bundle: Path, out: Optio
                       date=time.strftime("%Y-%m-%d"), seconds=seconds, deadline=ctx.seconds,
                       this_run="measured")
         (results / "parts").mkdir(parents=True, exist_ok=True)
-        (results / "parts" / f"{part.name}.json").write_text(json.dumps(result, indent=2, default=str))
+        (results / "parts" / f"{part.name}.json").write_text(json_text(result))
         if part.keep and result["status"] not in COMPLETE:
             _keep(part, ctx.work, results, key)
         elif part.keep:
@@ -776,22 +776,6 @@ def _warm_fashion_cache(bundle: Path) -> None:
         load_fashion_mnist(str(data))
 
 
-def part_pretrain(minutes: float, out: Path, bundle: Path, quick: bool) -> dict:
-    """``benchmarks/pretrain.py --full``: MoCo pretraining on Fashion-MNIST, then the fine-tuning arms
-    from three starts, in the minutes given."""
-    report, timed_out = _full_benchmark("pretrain", minutes, out, bundle, quick)
-    if report is None:
-        return timed_out
-    s, pre = report["settings"], report.get("pretraining") or {}
-    knn = pre.get("knn_top1")
-    pretraining = "not finished" if not pre else f"{pre.get('seconds', 0):.0f} s" + (
-        "" if knn is None else f", kNN {knn:.1f}")
-    return {"status": _status(report, timed_out), "table": report["table"], "probes": report.get("probes", []),
-            "pretraining": pre,
-            "detail": f"{s['runs_done']}/{s['runs_planned']} runs; pretraining {pretraining}; " + "; ".join(
-                f"{r['start']} {r['budget']} {r['method']} {r['top1_mean']:.1f}" for r in report["table"])}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prepare", action="store_true", help="fill .gpu/ with the offline data and USB's wheels, here")
@@ -819,7 +803,7 @@ def main(argv=None) -> int:
         work = Path(args.work)
         os.environ.setdefault("DPL_ZOO_CACHE", str(work.parent / "cache"))
         result = INNER[args.inner](work, bundle, args.deadline, args.rehearse)
-        (work / "result.json").write_text(json.dumps(result, indent=2, default=str))
+        (work / "result.json").write_text(json_text(result))
         return 0
     import torch
     work = Path(args.work or f"/tmp/dpl-gpu-check-{os.getpid()}")

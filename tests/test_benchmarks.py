@@ -455,3 +455,35 @@ def test_usb_peer_toy_with_usb_cuda_calls_on_the_cpu(tmp_path):
     again = time.time()                             # finished runs are read back, not trained again
     _run("usb_peer.py", "--toy", "--cpu-emulate", "--data", str(folder), "--out", str(tmp_path))
     assert time.time() - again < 60
+
+
+def _strict_json(text):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_result_files_are_strict_json_with_null_for_missing_numbers(tmp_path, monkeypatch):
+    files = sorted((BENCH / "results").rglob("*.json"))
+    assert len(files) > 5
+    for path in files:
+        _strict_json(path.read_text())   # NaN or Infinity anywhere: ValueError naming it
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _common import json_text, write_report
+    # a supervised arm's pseudo-label accuracy is NaN: written as null, nested or not
+    path = write_report(tmp_path, "r.json", "toy", {"x": float("nan")}, time.perf_counter(),
+                        table=[{"pl_acc_mean": float("nan"), "top1": 50.0, "sd": (float("inf"), 1.0)}])
+    report = _strict_json(path.read_text())
+    assert report["settings"]["x"] is None and report["table"] == [{"pl_acc_mean": None, "top1": 50.0,
+                                                                    "sd": [None, 1.0]}]
+    assert _strict_json(json_text({"p": Path("a")}, indent=None)) == {"p": "a"}
+
+
+def test_every_result_file_is_a_current_study_s():
+    """A results file no study page names (an old study's, no longer produced) does not stay."""
+    report = runpy.run_path(str(BENCH / "report.py"))
+    named = {s.pattern for study in report["STUDIES"] for s in study.sources}
+    import fnmatch
+    files = [p.name for p in (BENCH / "results").glob("*.json")]
+    orphans = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in named)]
+    assert not orphans, f"results no study names: {orphans}"
