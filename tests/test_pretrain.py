@@ -140,6 +140,15 @@ def test_pretrain_cli_on_an_unlabeled_folder(tmp_path, capsys):
     assert "did you mean 'queue_size'" in capsys.readouterr().out
     assert main(["pretrain", RECIPE, *sets, "--set", "experiment=other", "--set", "batch_size=50"]) == 2
     assert "fewer than one batch" in capsys.readouterr().out
+    # a kNN monitor folder that is not there names the setting to fix
+    assert main(["pretrain", RECIPE, *sets, "--set", "experiment=k", "--set", f"knn.root={tmp_path / 'nope'}"]) == 2
+    assert f"'{tmp_path / 'nope'}' does not exist; set knn.root to" in capsys.readouterr().out
+    # the pretraining checkpoint is not a classifier: eval says so in one line and points to the export
+    labeled = make_image_folder(tmp_path / "labeled", classes=("a", "b"), per_class=2)
+    assert main(["eval", str(tmp_path / "runs" / "moco" / "last.pth.tar"), "--data", str(labeled)]) == 2
+    out, err = capsys.readouterr()
+    assert "is a dpl-zoo pretrain checkpoint" in out and f"initial_checkpoint={tmp_path / 'runs' / 'moco' / 'export'}" \
+        in out.replace("\n", "") and "Traceback" not in out + err
 
 
 def test_pretrain_config_errors():
