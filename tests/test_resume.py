@@ -21,8 +21,19 @@ def test_resume_with_more_epochs_continues_the_schedule_instead_of_training_at_l
     run = tmp_path / "runs" / "run"
     fit(tiny_config(epochs=2, sched="cosine"), quiet=True)
     (run / "summary.json").unlink()          # as if it had stopped after its last checkpoint
-    summary = fit(tiny_config(epochs=4, sched="cosine"), resume=str(run / "last.pth.tar"), quiet=True)
+    used = []   # the lr each optimiser step of the resumed run trains at (the log shows it after the update)
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: used.append(max(g["lr"] for g in opt.param_groups)))
+    try:
+        summary = fit(tiny_config(epochs=4, sched="cosine"), resume=str(run / "last.pth.tar"), quiet=True)
+    finally:
+        hook.remove()
     assert summary["steps"] == 8
+    # steps 5..8 only (none retrained from the start), each at the 4-epoch cosine's lr after step t - 1
+    assert used == pytest.approx([0.01 * (1 + torch.cos(torch.tensor(torch.pi * t / 8)).item()) / 2
+                                  for t in (4, 5, 6, 7)], rel=1e-5)
+    assert [r["step"] for r in _rows(run)] == list(range(1, 9))
     lrs = {r["step"]: r["lr"] for r in _rows(run)}
     # the cosine of 4 epochs (8 steps) continues from step 4: lr(t) = 0.01 * (1 + cos(pi t / 8)) / 2 after step t
     for step in (5, 6, 7):
@@ -54,6 +65,14 @@ def test_resume_after_a_labeled_csv_run_checks_the_data(tiny_config, image_data,
     shutil.rmtree(run)
     fit(tiny_config(epochs=1, **{"data.labels_per_class": None, "data.labeled_csv": str(split)}), quiet=True)
     (run / "summary.json").unlink()
+    # another labeled CSV on the same data: other images labeled, refused
+    from dpl_zoo.data import read_split_csv, write_split_csv
+    other = tmp_path / "other.csv"
+    write_split_csv(other, [i + 1 if (i + 1) % 10 else i - 1 for i in read_split_csv(split)])   # same classes
+    assert set(read_split_csv(other)) != set(read_split_csv(split))
+    with pytest.raises(CheckpointError, match="labeled split differs"):
+        fit(tiny_config(epochs=2, **{"data.labels_per_class": None, "data.labeled_csv": str(other)}),
+            resume=str(run / "last.pth.tar"), quiet=True)
     # an image added to the data folder shifts the positions the split file points at
     Image.new("RGB", (16, 16), "red").save(image_data / "train" / "cat" / "000a.png")
     with pytest.raises(CheckpointError, match="training data differ"):
@@ -97,6 +116,16 @@ CONFIG_CASES = [
     ({"data.cached_views": 2, "freeze": "backbone"}, False), ({"model_ema_warmup": True}, False),
     ({"epochs": 1}, False),   # ends before the epochs already trained
 ]
+
+
+def test_cached_views_alone_may_not_change_on_resume(tiny_config, tmp_path):
+    """On a frozen backbone, cached views on or off (or another K) train on other inputs (K fixed
+    views per image instead of fresh ones at every step): refused, with nothing else changed."""
+    from dpl_zoo import resume
+    for before, after in ((None, 2), (2, None), (2, 4)):
+        saved = _saved(tiny_config(epochs=3, freeze="backbone", **{"data.cached_views": before}))
+        with pytest.raises(CheckpointError, match=r"differs in: data\.cached_views\)"):
+            resume.check(saved, tiny_config(epochs=3, freeze="backbone", **{"data.cached_views": after}), tmp_path)
 
 
 @pytest.mark.parametrize("change,allowed", CONFIG_CASES, ids=[",".join(c) for c, _ in CONFIG_CASES])
