@@ -427,9 +427,12 @@ def collect_usb(ctx: Ctx, rc: int, stopped: bool) -> dict:
             "runs": [{k: v for k, v in r.items() if k not in ("split",)} for r in report["runs"]]}
 
 
+GPU_TEST_FILES = ("test_gpu.py", "test_resume.py")   # the files holding tests marked gpu
+
+
 def tests_cmd(ctx: Ctx) -> list[str]:
     return [ctx.python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-            str(ROOT / "tests" / "test_gpu.py")]
+            *(str(ROOT / "tests" / name) for name in GPU_TEST_FILES)]
 
 
 def collect_tests(ctx: Ctx, rc: int, stopped: bool) -> dict:
@@ -477,7 +480,7 @@ PARTS: list[Part] = [
           *LIBRARY), {"size": "full"}, cores=3, reserve=25, report=usb_report,
          keep=("usb/usb_peer-*/runs/*.json",)),
     Part("tests", "pytest -m gpu", 2, 240, tests_cmd, collect_tests,
-         ("tests/test_gpu.py", "tests/conftest.py", *LIBRARY), cores=2),
+         (*(f"tests/{name}" for name in GPU_TEST_FILES), "tests/conftest.py", *LIBRARY), cores=2),
     Part("syncs", "host syncs per training step", 2, 90, inner_cmd("syncs"), collect_inner, tuple(LIBRARY),
          {"steps": 40, "log_interval": 20}, cores=1, inner=inner_syncs),
 ]

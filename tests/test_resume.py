@@ -42,6 +42,36 @@ def test_resume_with_more_epochs_continues_the_schedule_instead_of_training_at_l
     assert lrs[5] > 0 and lrs[6] > 0
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_channels_last_run_cut_off_and_resumed_trains_on_from_its_checkpoint(tiny_config, tmp_path, augment_on,
+                                                                             device):
+    from dpl_zoo.progress import Reporter
+    sets = dict(channels_last=True, epochs=2, device=device, amp=device == "cuda", **{"data.augment_on": augment_on})
+    straight = fit(tiny_config(experiment="straight", **sets), quiet=True)
+
+    class CutOff(Reporter):   # the process dies after epoch 0's checkpoint
+        def start_epoch(self, epoch, steps):
+            if epoch == 1:
+                raise KeyboardInterrupt
+            super().start_epoch(epoch, steps)
+    cfg = tiny_config(experiment="cut", **sets)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, reporter=CutOff(quiet=True))
+    run = tmp_path / "runs" / "cut"
+    cut = torch.load(run / "last.pth.tar", weights_only=True)
+    assert cut["epoch"] == 0
+    resumed = fit(cfg, resume=str(run / "last.pth.tar"), quiet=True)
+    assert resumed["resumed"] and resumed["steps"] == straight["steps"] == 4
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]          # epoch 1 trained once, after the resume
+    end = torch.load(run / "last.pth.tar", weights_only=True)
+    assert end["epoch"] == 1 and not all(torch.equal(end["state_dict"][k], v) for k, v in cut["state_dict"].items())
+    if device == "cpu":   # deterministic here: the same weights as the run that was never cut off
+        same = torch.load(tmp_path / "runs" / "straight" / "last.pth.tar", weights_only=True)["state_dict"]
+        assert all(torch.equal(end["state_dict"][k], v) for k, v in same.items())
+
+
 def test_auto_resume_of_a_finished_run_with_more_epochs_trains_on(tiny_config, tmp_path):
     first = fit(tiny_config(epochs=2), resume="auto", quiet=True)
     assert first["steps"] == 4
