@@ -233,6 +233,31 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path, capsys):
     assert (tmp_path / "out" / "gpu_results.tar.gz").stat().st_size > 0
 
 
+def _rehearse(tmp_path, *args):
+    _run("gpu_check.py", "--rehearse", "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out"), "--minutes", "40", "--bundle", str(tmp_path / "no-bundle"), *args)
+    return json.loads((tmp_path / "out" / "gpu_check.json").read_text())["parts"]
+
+
+def test_gpu_check_rehearses_its_quick_parts_on_the_cpu(tmp_path):
+    """The rehearsal runs the parts' real commands and collectors (at toy size, on the CPU)."""
+    parts = _rehearse(tmp_path, "--only", "data,syncs")
+    assert parts["data"]["status"] == "ok" and set(parts["data"]["results"]) == {"workers", "device"}
+    assert parts["syncs"]["status"] == "skipped" and "no CPU counterpart" in parts["syncs"]["detail"]
+    assert {p["status"] for n, p in parts.items() if n not in ("data", "syncs")} == {"skipped"}
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
+    """Every part's wiring before GPU time is spent (about 7 minutes on 2 cores). USB's side needs
+    its wheels (``--prepare``, network): without them that part fails saying so."""
+    parts = _rehearse(tmp_path)
+    for name, part in parts.items():
+        if name == "usb" and "no semilearn wheel" in part["detail"]:
+            continue
+        assert part["status"] in ("ok", "over target", "skipped" if name == "syncs" else "ok"), (name, part)
+
+
 def _toy_part(name, phase, seconds, code, collect=None, **kw):
     """A check part that runs ``python -c code`` in its work folder (no CUDA needed)."""
     import sys as _sys
