@@ -18,6 +18,7 @@ slice of the cores this process may use (the GPU check pins its parts so).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -57,13 +58,29 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2, sync: C
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
+def json_text(obj, indent: int = 2) -> str:
+    """``obj`` as JSON that strict readers accept: NaN and infinities (a supervised arm has no
+    pseudo-label accuracy) become ``null``; other objects their ``str``."""
+    return json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_report(out: Path, name: str, benchmark: str, settings: dict, t0: float, console=None, **fields) -> Path:
     """``out/name``: the benchmark's numbers with the date, the machine, its settings and its time."""
     report = {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
               "command": command_line(), "settings": settings, **fields, "seconds": time.perf_counter() - t0}
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
-    path.write_text(portable(json.dumps(report, indent=2, default=str), out))
+    path.write_text(portable(json_text(report), out))
     if console is not None:
         console.print(f"wrote {path} ({report['seconds'] / 60:.1f} min)")
     return path
@@ -223,7 +240,7 @@ def _run_job(job: dict) -> dict:
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         summary["cpu_seconds"] = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         summary["device"] = _device_type(cfg)   # what a later reuse compares (device: null depends on the machine)
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        (folder / "summary.json").write_text(json_text(summary))
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if kind == "pretrain":
         summary["curve"] = [{"step": r["step"], "loss": r["loss"], "knn_top1": r.get("knn", {}).get("knn_top1")}

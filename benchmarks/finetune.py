@@ -307,8 +307,11 @@ def frozen_part(size: dict, args, runs: Path) -> dict:
     tau = args.stage_tau if args.stage_tau is not None else size["taus"][min(2, len(size["taus"]) - 1)]
     jobs += frozen_jobs(size, args, runs, stage_arms(size, tau, size["thresholds"][0]), size["stage_budgets"],
                         size["stage_seeds"])
-    cache_seconds = fill_caches(jobs)
-    console.print(f"view caches ready ({cache_seconds:.0f} s)")
+    if args.max_minutes == 0:   # report the finished runs only: no run starts, so no cache is read or filled
+        cache_seconds = None
+    else:
+        cache_seconds = fill_caches(jobs)
+        console.print(f"view caches ready ({cache_seconds:.0f} s)")
     results = run_jobs(jobs, rerun_changed=args.rerun_changed, parallel=args.parallel or size["parallel"],
                        console=console,
                        deadline=time.time() + 60 * args.max_minutes if args.max_minutes is not None else None)

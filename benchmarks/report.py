@@ -181,8 +181,9 @@ def finetune_frozen(report: dict) -> str:
              f"Frozen `{s['model']}` at {s['img_size']} px, {s['cached_views']} weak + {s['cached_views']} strong "
              f"cached views per image, {s['unlabeled'] or 'all'} unlabeled images, {s['steps']} steps of "
              f"{s['batch']} + {s['mu']} x {s['batch']}, all {s['test']} test images; {report['runs_done']} runs, "
-             f"caching {report['cache_seconds'] / 60:.1f} min in the invocation that wrote this file"
-             ":", "",
+             + (f"caching {report['cache_seconds'] / 60:.1f} min in the invocation that wrote this file"
+                if report.get("cache_seconds") is not None else "a report of runs finished earlier, no caching")
+             + ":", "",
              "| labels/class | frozen | head | method | tau | threshold | test top-1 | vs FixMatch | seeds won | "
              "accepted PL acc. | mask | PL KL(uniform) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(report["table"], key=lambda r: r["budget"]):
@@ -307,23 +308,6 @@ def pretrain_estimate(report: dict) -> str:
 _ARMS = {"fixmatch": "FixMatch", "debiaspl-uniform": "DebiasPL, `uniform`", "debiaspl-labeled": "DebiasPL, `labeled`"}
 
 
-def finetune_earlier(report: dict) -> str:
-    """The first fine-tuning measurement (48 px, one lr for every layer, tau 0.5, fixed EMA decay)."""
-    s = report["settings"]
-    lines = [f"Full fine-tuning at {s['img_size']} px, {s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, "
-             f"{s['seeds']} seeds, {s['test']} test images:", "",
-             "| start | method | test top-1 | per seed | accepted PL acc. | PL KL(uniform) | s / run |",
-             "|---|---|---|---|---|---|---|"]
-    for r in report["table"]:
-        lines.append(f"| {r['start']} | {r['method']} | {_pm((r['top1_mean'], r['top1_sd']))} | "
-                     f"{', '.join(f'{v:.1f}' for v in r['top1_per_seed'])} | {_f(r['pl_acc_mean'], '.1f')} | "
-                     f"{_f(r['pl_kl_mean'], '.3f')} | {r['seconds_mean']:.0f} |")
-    if report.get("linear_probe"):
-        lines += ["", "| start | linear probe top-1 |", "|---|---|"]
-        lines += [f"| {r['start']} | {_pm((r['probe_top1_mean'], r['probe_top1_sd']))} |" for r in report["linear_probe"]]
-    return "\n".join(lines)
-
-
 def gpu_check(report: dict) -> str:
     lines = ["| part | status | what it reported | s |", "|---|---|---|---|"]
     for name, part in report["parts"].items():
@@ -371,7 +355,7 @@ def mismatch(report: dict) -> str:
 RENDER: dict[str, Callable[[dict], str]] = {
     "two-class": two_class, "gain": gain, "speed": speed, "load": load, "finetune-probe": finetune_probe,
     "finetune-frozen": finetune_frozen, "finetune-full": finetune_full, "imbalanced": imbalanced, "vit": vit,
-    "pretrain": pretrain, "pretrain_estimate": pretrain_estimate, "finetune": finetune_earlier,
+    "pretrain": pretrain, "pretrain_estimate": pretrain_estimate,
     "gpu_check": gpu_check, "gpu_check (parts rerun after the fixes)": gpu_check, "usb_peer": usb_peer,
     "mismatch": mismatch}
 
@@ -424,11 +408,10 @@ STUDIES: tuple = (
           (Source("gain.json", "python benchmarks/gain.py"),), ("embedded_default.png",)),
     Study("finetune", "Fine-tuning a pretrained backbone",
           "ImageNet EfficientNet-Lite0 on Fashion-MNIST: which resolution carries the features over, the frozen "
-          "backbone grid that chose the recipe's settings, full fine-tuning, and the first measurement.",
+          "backbone grid that chose the recipe's settings, and full fine-tuning.",
           (Source("finetune_probe.json", "python benchmarks/finetune.py --part probe", "Which resolution"),
            Source("finetune_frozen.json", "python benchmarks/finetune.py --part frozen", "Frozen backbone"),
-           Source("finetune_full.json", "python benchmarks/finetune.py --part full", "Full fine-tuning"),
-           Source("finetune.json", "python benchmarks/finetune.py", "The first measurement (48 px)"))),
+           Source("finetune_full.json", "python benchmarks/finetune.py --part full", "Full fine-tuning"))),
     Study("pretrain", "In-domain pretraining",
           "MoCo v2 + EMAN pretraining on Fashion-MNIST's own images, then supervised, FixMatch and DebiasPL from "
           "the in-domain, ImageNet and random starts.",

@@ -45,7 +45,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_report  # noqa: E402
+from _common import json_text, write_report  # noqa: E402
 
 from dpl_zoo.method import DebiasPLLoss  # noqa: E402
 from dpl_zoo.task import DebiasPLTask  # noqa: E402
@@ -555,7 +555,7 @@ def main(argv=None) -> int:
         if args.rows:
             Path(args.rows).parent.mkdir(parents=True, exist_ok=True)
             with open(args.rows, "a") as f:
-                f.write(json.dumps({"kind": kind, **row}, default=str) + "\n")
+                f.write(json_text({"kind": kind, **row}, indent=None) + "\n")
         return row
     results = [] if args.no_models else [
         emit("step", bench_model(m, size, 10, b, args.mu, v, device, rounds, 2, args.amp, args.compile_criterion))

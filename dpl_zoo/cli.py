@@ -283,7 +283,7 @@ def cmd_predict(args) -> int:
 def cmd_pseudo_label(args) -> int:
     from .datasets import DataError, ImageFolderDataset, load_mnist
     from .teachers import SIMPLE_TEMPLATES, imagenet_templates, predict_zero_shot, zero_shot_accuracy
-    dataset = load_mnist(0.2)[0] if args.data == "mnist" else ImageFolderDataset(args.data)
+    dataset = load_mnist(0.2)[0] if args.data == "mnist" else ImageFolderDataset(args.data, setting="--data")
     if args.classes == "imagenet":
         from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
         names = list(IMAGENET_CLASSNAMES)
@@ -408,14 +408,7 @@ def configure_logging() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cache import DownloadError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .convert import ConversionError
-    from .datasets import DataError
-    from .train import TrainingDiverged
-    from .registry import ZooError
-    from .side_by_side import RunProcessError
+    from .errors import user_error_line
 
     configure_logging()
     args = build_parser().parse_args(argv)
@@ -426,15 +419,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "plot": cmd_plot}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ConversionError, DownloadError, ZooError, TrainingDiverged,
-            FileExistsError, RunProcessError) as e:
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # unwrapped: paths stay copyable
-        return 2
-    except Exception as e:  # noqa: BLE001 - library errors become one line; anything else propagates
-        from .hub import describe_hub_error
-        line = describe_hub_error(e)
+    except Exception as e:  # noqa: BLE001 - user errors become one line; anything else (a bug) propagates
+        line = user_error_line(e)
         if line is None:
             raise
-        console.print(f"[bold red]error:[/] {line}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {line}", soft_wrap=True)  # unwrapped: paths stay copyable
         return 2
-

@@ -185,11 +185,13 @@ class ImageFolderDataset(Dataset):
     and broadcast); unreadable ones are listed in ``bad_indices`` and never renumbered.
     """
 
-    def __init__(self, root: str | Path, verify: bool = True, strict: bool = False, threads: int = 8):
+    def __init__(self, root: str | Path, verify: bool = True, strict: bool = False, threads: int = 8,
+                 setting: str = "data.root"):
         from torchvision.datasets.folder import find_classes, make_dataset
         root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"dataset folder {str(root)!r} does not exist; set data.root to a folder of class sub-folders")
+        if not root.is_dir():   # ``setting``: what the user set (knn.root, --data ...), named in the error
+            raise DataError(f"dataset folder {str(root)!r} does not exist; set {setting} to a folder of class "
+                            f"sub-folders")
         try:
             self.classes, class_to_idx = find_classes(str(root))
         except FileNotFoundError:
@@ -302,7 +304,7 @@ def load_datasets(cfg) -> tuple[Dataset, Dataset]:
         val_root = cfg.val_root or _sibling_split(cfg.root)
         if val_root is None:
             raise DataError(f"no evaluation folder for {cfg.root}: set data.val_root")
-        val = ImageFolderDataset(val_root, cfg.verify_images, cfg.strict)
+        val = ImageFolderDataset(val_root, cfg.verify_images, cfg.strict, setting="data.val_root")
         if val.classes != train.classes:
             raise DataError(f"evaluation classes {val.classes[:5]}... differ from training classes {train.classes[:5]}...")
         return train, val

@@ -38,7 +38,8 @@ def _synthetic_data(cfg: TrainConfig, num_classes: int, img_size: int) -> RunDat
 
 def dry_run(cfg: TrainConfig, img_size: int = 32, batch_size: int = 2) -> dict:
     """One step of a recipe on a tiny synthetic batch at reduced size. Cached views are made
-    per step instead (the frozen part runs, nothing is written to the cache)."""
+    per step instead (the frozen part runs, nothing is written to the cache), after the checks
+    the real run makes on its frozen part."""
     num_classes = cfg.num_classes or 10
     data_cfg = dataclasses.replace(cfg.data, dataset="synthetic", labeled_csv=None, label_fraction=None,
                                    labels_per_class=None if cfg.data.labels_from == "teacher" else 1,
@@ -47,6 +48,9 @@ def dry_run(cfg: TrainConfig, img_size: int = 32, batch_size: int = 2) -> dict:
                                 batch_size=batch_size, steps_per_epoch=1, epochs=1, warmup_epochs=0, workers=0,
                                 compile=False, data=data_cfg)
     run = build_run(small, data=_synthetic_data(small, num_classes, img_size))
+    if cfg.data.cached_views:   # the checks the real run makes before caching (which cut, which randomness)
+        from .freeze import split_for_cache
+        split_for_cache(run.model, cfg.freeze)
     lab_loader, unl_loader = epoch_loaders(run, epoch=0)
     run.task.train()
     lab, unl = next(iter(lab_loader)), (next(iter(unl_loader)) if unl_loader is not None else None)

@@ -90,6 +90,11 @@ def load_for_eval(ref: str) -> tuple[nn.Module, list[str] | None]:
         if "arch" not in state or "state_dict" not in state:
             raise ckpt.CheckpointError(f"{path} is not a dpl-zoo run checkpoint; convert authors' checkpoints with "
                                        f"`dpl-zoo convert` first")
+        from .layouts import is_pretrain_checkpoint
+        if is_pretrain_checkpoint(state["state_dict"]):
+            raise ckpt.CheckpointError(f"{path} is a dpl-zoo pretrain checkpoint (a backbone without a classifier): "
+                                       f"nothing to evaluate on classes; fine-tune from its export first "
+                                       f"(--set initial_checkpoint={path.parent / 'export'}) and evaluate that run")
         from .models import model_from_checkpoint
         model, _ = model_from_checkpoint(state)
         return model.eval(), list(state["classes"])
@@ -110,7 +115,7 @@ def evaluate_model(ref: str, data: str, batch_size: int = 128, workers: int = 2,
     if data == "mnist":
         _, dataset = load_mnist(0.2)
     else:
-        dataset = ImageFolderDataset(data)
+        dataset = ImageFolderDataset(data, setting="--data")
     if model.num_classes != len(dataset.classes):
         raise DataError(f"the model has {model.num_classes} classes but {data} has {len(dataset.classes)}; "
                         f"evaluate on data with the model's classes")

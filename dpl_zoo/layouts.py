@@ -243,7 +243,7 @@ register_layout(Layout(
     detect=lambda s: "_conv_stem.weight" in s and any(k.startswith("_blocks.") for k in s),
     filter=_efficientnet_pytorch_filter, check=_efficientnet_pytorch_check,
     data_config=_efficientnet_pytorch_preprocessing))
-def _is_pretrain_checkpoint(state: dict) -> bool:
+def is_pretrain_checkpoint(state: dict) -> bool:
     """A ``dpl-zoo pretrain`` checkpoint: the query encoder, ``backbone.*`` + the MLP ``head.{0,2}.*``."""
     return "head.0.weight" in state and "head.2.weight" in state and all(
         k.startswith(("backbone.", "head.")) for k in state)
@@ -257,7 +257,7 @@ def _pretrain_checkpoint_filter(state: dict, model: nn.Module) -> dict:
 
 register_layout(Layout(
     "dpl_zoo_pretrain", "a dpl-zoo pretrain checkpoint (backbone.*, head.*): refused, its export/ folder is the start",
-    detect=_is_pretrain_checkpoint, filter=_pretrain_checkpoint_filter))
+    detect=is_pretrain_checkpoint, filter=_pretrain_checkpoint_filter))
 register_layout(Layout(
     "timm", "plain timm / torchvision names (a module. prefix is dropped)",
     detect=lambda s: False, filter=_timm_filter))

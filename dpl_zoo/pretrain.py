@@ -63,11 +63,11 @@ def load_pretrain_data(cfg: PretrainConfig) -> PretrainData:
         train = UnlabeledFolder(d.root, d.verify_images, d.strict)
         if not (k.enabled and k.root):
             return PretrainData(train)
-        bank = ImageFolderDataset(k.root, d.verify_images, d.strict)
+        bank = ImageFolderDataset(k.root, d.verify_images, d.strict, setting="knn.root")
         val_root = k.val_root or _sibling_split(k.root)
         if val_root is None:
             raise DataError(f"no labeled test folder for the kNN monitor next to {k.root}: set knn.val_root")
-        test = ImageFolderDataset(val_root, d.verify_images, d.strict)
+        test = ImageFolderDataset(val_root, d.verify_images, d.strict, setting="knn.val_root")
         if test.classes != bank.classes:
             raise DataError(f"knn.val_root classes {test.classes[:5]}... differ from knn.root's {bank.classes[:5]}...")
         return PretrainData(train, bank, test)

@@ -19,12 +19,15 @@ import os
 import pickle
 import queue as queue_lib
 import signal
+import time
 import traceback
 from typing import Optional, Sequence
 
 from .progress import RemoteReporter, RunBoard
 
 STOP_GRACE_S = 30.0   # how long a stopped child may take to unwind before it is killed
+LIVENESS_S = 0.5      # how often the parent looks for a run whose process died
+DRAIN_S = 2.0         # how long it reads a dead run's queued messages for its result
 
 
 class RunProcessError(RuntimeError):
@@ -97,6 +100,12 @@ def _child(key: str, cfg, resume: Optional[str], threads: int, events) -> None:
         return
     except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
         signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the run is over: nothing left to unwind
+        from .errors import UserError, user_error_line
+        # a user error's line is made here, where its causes still are (pickling drops them)
+        line = user_error_line(e) if isinstance(e, Exception) else None
+        if line is not None:
+            _last_word(events, ("error", key, UserError(line), None))
+            return
         text = traceback.format_exc()
         try:
             pickle.loads(pickle.dumps(e))
@@ -147,13 +156,18 @@ def fit_side_by_side(runs: Sequence[tuple[str, object]], resume: Optional[str], 
                 procs[key].start()
         finally:
             _set_signal(signal.SIGINT, previous_int)
+        checked = time.monotonic()
         while len(results) < len(procs):
             try:
-                message = events.get(timeout=0.5)
+                message = events.get(timeout=LIVENESS_S)
             except queue_lib.Empty:
+                message = None
+            if message is not None:
+                _take(message, results, board)
+            # the live runs send at every step: a dead one is looked for on a clock, not only when all is quiet
+            if message is None or time.monotonic() - checked >= LIVENESS_S:
                 _check_alive(procs, results, events, board, resume_hint)
-                continue
-            _take(message, results, board)
+                checked = time.monotonic()
         for proc in procs.values():
             proc.join()
     finally:
@@ -181,8 +195,10 @@ def _take(message: tuple, results: dict, board: RunBoard) -> None:
         results[key] = message[2]
         board.done(key, message[2])
     elif kind == "error":
-        # the child's own exception: main() maps it to the same line and exit code as the
-        # sequential path; an unexpected one shows the child's traceback under the parent's
+        # a user error arrives as its line (main() shows it as the sequential path does); an
+        # unexpected one shows the child's traceback under the parent's
+        if message[3] is None:
+            raise message[2]
         raise message[2] from _ChildTraceback(f"in the {key} run's process:\n{message[3]}")
     else:
         board.handle(message)
@@ -194,9 +210,11 @@ def _check_alive(procs: dict, results: dict, events, board: RunBoard, resume_hin
     for key, proc in procs.items():
         if key in results or proc.exitcode is None:
             continue
-        while True:
+        # read what is queued (its own result may be there) for a bounded time: the live runs keep sending
+        deadline = time.monotonic() + DRAIN_S
+        while key not in results and time.monotonic() < deadline:
             try:
-                _take(events.get(timeout=1.0), results, board)
+                _take(events.get(timeout=max(0.05, deadline - time.monotonic())), results, board)
             except queue_lib.Empty:
                 break
         if key not in results:
@@ -209,7 +227,6 @@ def _stop(procs: dict) -> None:
     """Stop the children still running (SIGTERM: they unwind; their checkpoints stay as the last
     epoch end left them); kill those that do not end within ``STOP_GRACE_S``, or at once on a
     second Ctrl-C."""
-    import time
     running = [p for p in procs.values() if p.is_alive()]
     for proc in running:
         proc.terminate()

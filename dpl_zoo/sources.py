@@ -40,14 +40,26 @@ logger = logging.getLogger(__name__)
 
 
 def weights_file(entry: ZooEntry, force_download: bool = False, keep_release: bool = False) -> Path:
-    """The verified ``model.safetensors`` of ``entry`` on local disk, from its first source."""
+    """The verified ``model.safetensors`` of ``entry`` on local disk, from its first source. To
+    read it, use :func:`held_weights`: another process may replace a release's conversion."""
+    with held_weights(entry, force_download, keep_release) as path:
+        return path
+
+
+@contextlib.contextmanager
+def held_weights(entry: ZooEntry, force_download: bool = False, keep_release: bool = False):
+    """:func:`weights_file`, held until the block ends: a release's conversion folder stays locked
+    while the caller (timm) reads it, so another process's ``force_download`` waits instead of
+    deleting it under the reader. Hub files are replaced atomically by huggingface_hub."""
     if entry.hub is not None:
-        return hub_weights(entry, force_download)
-    if entry.release is not None:
-        return release_weights(entry, force_download, keep_release)
-    how = f" Reproduce it: {entry.reproduce}." if entry.reproduce else ""
-    raise ZooError(f"{entry.name} has no source that can deliver its weights (not on the Hub, no released "
-                   f"checkpoint).{how} Or load the architecture alone with pretrained=False.")
+        yield hub_weights(entry, force_download)
+    elif entry.release is not None:
+        with _entry_lock(entry):
+            yield _release_weights_locked(entry, force_download, keep_release)
+    else:
+        how = f" Reproduce it: {entry.reproduce}." if entry.reproduce else ""
+        raise ZooError(f"{entry.name} has no source that can deliver its weights (not on the Hub, no released "
+                       f"checkpoint).{how} Or load the architecture alone with pretrained=False.")
 
 
 # --- the Hub ------------------------------------------------------------------------------------
@@ -107,11 +119,15 @@ def release_weights(entry: ZooEntry, force_download: bool = False, keep_release:
     the record written at conversion (``source.json`` beside the weights)."""
     if entry.release is None:
         raise ZooError(f"{entry.name} has no released checkpoint")
-    folder = cache_dir("zoo", entry.name)
     with _entry_lock(entry):
-        if (folder / WEIGHTS_NAME).is_file() and not force_download:
-            return _checked_conversion(entry, folder)
-        return _download_and_convert(entry, folder, force_download, keep_release)
+        return _release_weights_locked(entry, force_download, keep_release)
+
+
+def _release_weights_locked(entry: ZooEntry, force_download: bool, keep_release: bool) -> Path:
+    folder = cache_dir("zoo", entry.name)
+    if (folder / WEIGHTS_NAME).is_file() and not force_download:
+        return _checked_conversion(entry, folder)
+    return _download_and_convert(entry, folder, force_download, keep_release)
 
 
 @contextlib.contextmanager

@@ -92,10 +92,11 @@ def _wrap_entrypoint(arch: str) -> None:
         entry = _TAGGED.get(f"{arch}.{tag}") if isinstance(tag, str) else None
         if pretrained and entry is not None:
             overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-            if not overlay.get("file"):  # dpl_zoo.load passes the file it has just verified
-                from .sources import weights_file
-                overlay["file"] = str(weights_file(entry))
-            kwargs["pretrained_cfg_overlay"] = overlay
+            if not overlay.get("file"):  # dpl_zoo.load passes the file it has verified (and holds)
+                from .sources import held_weights
+                with held_weights(entry) as path:   # held until timm has read it
+                    kwargs["pretrained_cfg_overlay"] = {**overlay, "file": str(path)}
+                    return original(pretrained=pretrained, **kwargs)
         return original(pretrained=pretrained, **kwargs)
 
     entrypoint._dpl_zoo_wrapped = True

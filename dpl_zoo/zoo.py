@@ -336,10 +336,10 @@ def load(name: str | os.PathLike, pretrained: bool = True, num_classes: Optional
         entry = model_info(str(ref))
         kwargs = {"num_classes": num_classes or entry.num_classes, **timm_kwargs}
         if pretrained:
-            from .sources import weights_file
-            path = weights_file(entry, force_download=force_download, keep_release=keep_release)
-            model = timm.create_model(entry.timm_name, pretrained=True,
-                                      pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+            from .sources import held_weights
+            with held_weights(entry, force_download=force_download, keep_release=keep_release) as path:
+                model = timm.create_model(entry.timm_name, pretrained=True,
+                                          pretrained_cfg_overlay={"file": str(path)}, **kwargs)
         else:
             if entry.input_size[-1] != 224 and "vit" in entry.architecture:
                 kwargs.setdefault("img_size", entry.input_size[-1])

@@ -65,6 +65,11 @@ def _prepare(case, image_data, tmp_path):
         return ["convert", str(tmp_path / "notes.pth.tar"), "--out", str(tmp_path / "o")], "could not be loaded"
     if case == "publish a folder without weights":
         return ["publish", str(tmp_path), "--repo", "me/x", "--dry-run"], "summary.json|model.safetensors"
+    if case == "freeze beyond the model's stages":
+        return ["train", *_sets(image_data, out), "--set", "freeze=9"], "freeze must be backbone or a number of stages"
+    if case == "dry run of cached stage outputs on a ViT":   # the real run refuses it: so must the dry run
+        return ["train", "--methods", "debiaspl", "--dry-run", "--set", "model=test_vit", "--set", "freeze=2",
+                "--set", "data.cached_views=2"], "cached stage outputs .* not VisionTransformer"
     if case == "unknown recipe":
         return ["train", "resnet50_dpl_2pct", "--dry-run"], "no shipped recipe of that name; did you mean"
     raise AssertionError(case)
@@ -74,7 +79,8 @@ CASES = ["unknown model", "typo in recipe key", "wrong type", "missing data dir"
          "corrupt image with --strict", "class left without usable images", "label budget larger than a class",
          "num_classes mismatch", "resume from another recipe", "resume from a missing checkpoint", "eval of a missing path", "NaN loss",
          "eval on data with other classes", "unknown zoo name", "convert a non-checkpoint",
-         "publish a folder without weights", "unknown recipe"]
+         "publish a folder without weights", "unknown recipe", "freeze beyond the model's stages",
+         "dry run of cached stage outputs on a ViT"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -87,8 +93,10 @@ def test_bad_input_fails_fast_with_a_clear_message(case, image_data, tmp_path, c
     capsys.readouterr()
     assert main(argv) == 2
     import re
-    text = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    text = out
     assert re.search(message, text), text
+    assert "Traceback" not in out + err
     for path, data in before.items():  # nothing written before is lost or changed
         assert path.read_bytes() == data, path
 

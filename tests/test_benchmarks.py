@@ -233,6 +233,31 @@ def test_gpu_check_runs_end_to_end_without_cuda(tmp_path, capsys):
     assert (tmp_path / "out" / "gpu_results.tar.gz").stat().st_size > 0
 
 
+def _rehearse(tmp_path, *args):
+    _run("gpu_check.py", "--rehearse", "--results", str(tmp_path / "results"), "--work", str(tmp_path / "work"),
+         "--out", str(tmp_path / "out"), "--minutes", "40", "--bundle", str(tmp_path / "no-bundle"), *args)
+    return json.loads((tmp_path / "out" / "gpu_check.json").read_text())["parts"]
+
+
+def test_gpu_check_rehearses_its_quick_parts_on_the_cpu(tmp_path):
+    """The rehearsal runs the parts' real commands and collectors (at toy size, on the CPU)."""
+    parts = _rehearse(tmp_path, "--only", "data,syncs")
+    assert parts["data"]["status"] == "ok" and set(parts["data"]["results"]) == {"workers", "device"}
+    assert parts["syncs"]["status"] == "skipped" and "no CPU counterpart" in parts["syncs"]["detail"]
+    assert {p["status"] for n, p in parts.items() if n not in ("data", "syncs")} == {"skipped"}
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
+    """Every part's wiring before GPU time is spent (about 7 minutes on 2 cores). USB's side needs
+    its wheels (``--prepare``, network): without them that part fails saying so."""
+    parts = _rehearse(tmp_path)
+    for name, part in parts.items():
+        if name == "usb" and "no semilearn wheel" in part["detail"]:
+            continue
+        assert part["status"] in ("ok", "over target", "skipped" if name == "syncs" else "ok"), (name, part)
+
+
 def _toy_part(name, phase, seconds, code, collect=None, **kw):
     """A check part that runs ``python -c code`` in its work folder (no CUDA needed)."""
     import sys as _sys
@@ -276,6 +301,10 @@ def test_gpu_check_stops_a_part_at_its_deadline_and_keeps_what_it_finished(tmp_p
     assert time.time() - t < 15
     assert report["slow"]["status"] == "partial" and report["slow"]["stopped_at_deadline"]
     assert 3 <= len(report["slow"]["rows"]) <= 12        # the rows written before the 2 s deadline
+    rows = tmp_path / "work" / "slow" / "rows.txt"
+    written = rows.read_text()
+    time.sleep(1.0)
+    assert rows.read_text() == written                  # stopped: nothing runs on after the check
 
 
 def test_gpu_check_runs_phase_two_side_by_side_on_their_own_cores(tmp_path):
@@ -296,7 +325,7 @@ def test_gpu_check_runs_phase_two_side_by_side_on_their_own_cores(tmp_path):
     assert (work / "first" / "cores.txt").read_text().split() == [str(c) for c in sorted(os.sched_getaffinity(0))]
 
 
-def test_gpu_check_results_accumulate_and_a_part_is_measured_again_only_when_asked(tmp_path, capsys):
+def test_gpu_check_results_accumulate_and_a_part_is_measured_again_only_when_asked(tmp_path, capsys, monkeypatch):
     count = "import sys, pathlib; w = pathlib.Path(sys.argv[1]); (w / 'done.txt').write_text('1')"
     parts = [_toy_part("p", 1, 10, count)]
     assert _check(parts, tmp_path)["p"]["this_run"] == "measured"
@@ -308,6 +337,18 @@ def test_gpu_check_results_accumulate_and_a_part_is_measured_again_only_when_ask
     assert _check(parts, tmp_path, redo={"p"})["p"]["this_run"] == "measured"
     other = [_toy_part("p", 1, 10, count, settings={"batch": 16})]   # other settings: another key
     assert _check(other, tmp_path)["p"]["this_run"] == "measured"
+    assert _check(other, tmp_path)["p"]["this_run"] == "skipped: measured before"
+    # another machine (GPU, torch or timm): another key
+    assert _check(other, tmp_path, machine={"gpu": "other", "torch": "t", "timm": "t"})["p"]["this_run"] == "measured"
+    # other code: a file the part depends on changed
+    gpu_check = _gpu_check()
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    (tmp_path / "dep.py").write_text("a = 1")
+    coded = [_toy_part("p", 1, 10, count, deps=("dep.py",))]
+    assert _check(coded, tmp_path)["p"]["this_run"] == "measured"
+    assert _check(coded, tmp_path)["p"]["this_run"] == "skipped: measured before"
+    (tmp_path / "dep.py").write_text("a = 2")
+    assert _check(coded, tmp_path)["p"]["this_run"] == "measured"
 
 
 def test_gpu_check_a_cut_off_part_continues_from_its_finished_runs(tmp_path):
@@ -328,6 +369,50 @@ def test_gpu_check_a_cut_off_part_continues_from_its_finished_runs(tmp_path):
     second = _check([longer], tmp_path)["ft"]
     assert second["status"] == "ok" and len(second["runs"]) == 12
     assert not (tmp_path / "results" / "finished" / "ft.tar.gz").exists()   # complete: nothing to continue
+
+
+def test_gpu_check_keeps_the_run_folders_a_cut_off_part_continues_from(image_data, tmp_path, monkeypatch):
+    """Real run folders, as the pretrain part leaves them when its deadline cuts it: a finished
+    pretraining (its export is the next arms' start) and a fine-tuning run stopped after its first
+    epoch. What the part keeps must let the next call reuse the one and resume the other."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _common import run_jobs
+    from dpl_zoo.config import load_config
+    from dpl_zoo.progress import Reporter
+    from dpl_zoo.train import fit
+    from conftest import tiny_overrides
+    from test_pretrain import RECIPE, tiny_pretrain
+    gpu_check = _gpu_check()
+    part = next(p for p in gpu_check.PARTS if p.name == "pretrain")
+    work, results = tmp_path / "work" / "pretrain", tmp_path / "results"
+    out = work / "pretrain" / "runs" / "pretrain-toy"      # where benchmarks/pretrain.py puts its runs
+    pre = {"name": "pretrain", "kind": "pretrain", "recipe": RECIPE, "output": str(out),
+           "overrides": tiny_pretrain(out, img_size=32, batch_size=6, **{"data.root": str(image_data / "train")})}
+    arm = {"name": "moco-debiaspl-s0", "recipe": None, "output": str(out), "after": ["pretrain"],
+           "overrides": tiny_overrides(image_data, out, epochs=3, initial_checkpoint=str(out / "pretrain" / "export"))}
+    run_jobs([pre], parallel=1)
+    cfg = load_config(None, [*arm["overrides"], f"output={out}", f"experiment={arm['name']}"])
+
+    class CutOff(Reporter):   # the part's deadline: the run stops after its first epoch's checkpoint
+        def start_epoch(self, epoch, steps):
+            if epoch == 1:
+                raise KeyboardInterrupt
+            super().start_epoch(epoch, steps)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, reporter=CutOff(quiet=True))
+    gpu_check._keep(part, work, results, "k")
+    import shutil
+    shutil.rmtree(work)                                   # the next call starts on a bare machine
+    work.mkdir(parents=True)
+    assert gpu_check._restore(part, work, results, "k") >= 8
+    assert gpu_check._restore(part, tmp_path / "elsewhere", results, "other key") == 0
+    kept = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"pretrain/config.yaml", "pretrain/summary.json", "pretrain/export/model.safetensors",
+            "pretrain/export/config.json", "moco-debiaspl-s0/config.yaml", "moco-debiaspl-s0/last.pth.tar"} <= kept
+    assert "pretrain/last.pth.tar" not in kept            # a finished run needs no checkpoint
+    done = run_jobs([pre, arm], parallel=1)
+    assert done[0]["reused"] and not done[1].get("reused")
+    assert done[1]["resumed"] and done[1]["steps"] == 6   # continued from epoch 1, on the kept export
 
 
 def test_gpu_check_core_slices_and_allocation():
@@ -455,3 +540,35 @@ def test_usb_peer_toy_with_usb_cuda_calls_on_the_cpu(tmp_path):
     again = time.time()                             # finished runs are read back, not trained again
     _run("usb_peer.py", "--toy", "--cpu-emulate", "--data", str(folder), "--out", str(tmp_path))
     assert time.time() - again < 60
+
+
+def _strict_json(text):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_result_files_are_strict_json_with_null_for_missing_numbers(tmp_path, monkeypatch):
+    files = sorted((BENCH / "results").rglob("*.json"))
+    assert len(files) > 5
+    for path in files:
+        _strict_json(path.read_text())   # NaN or Infinity anywhere: ValueError naming it
+    monkeypatch.syspath_prepend(str(BENCH))
+    from _common import json_text, write_report
+    # a supervised arm's pseudo-label accuracy is NaN: written as null, nested or not
+    path = write_report(tmp_path, "r.json", "toy", {"x": float("nan")}, time.perf_counter(),
+                        table=[{"pl_acc_mean": float("nan"), "top1": 50.0, "sd": (float("inf"), 1.0)}])
+    report = _strict_json(path.read_text())
+    assert report["settings"]["x"] is None and report["table"] == [{"pl_acc_mean": None, "top1": 50.0,
+                                                                    "sd": [None, 1.0]}]
+    assert _strict_json(json_text({"p": Path("a")}, indent=None)) == {"p": "a"}
+
+
+def test_every_result_file_is_a_current_study_s():
+    """A results file no study page names (an old study's, no longer produced) does not stay."""
+    report = runpy.run_path(str(BENCH / "report.py"))
+    named = {s.pattern for study in report["STUDIES"] for s in study.sources}
+    import fnmatch
+    files = [p.name for p in (BENCH / "results").glob("*.json")]
+    orphans = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in named)]
+    assert not orphans, f"results no study names: {orphans}"

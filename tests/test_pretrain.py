@@ -49,11 +49,20 @@ def test_pretrain_writes_everything_and_its_export_loads_with_timm(fashion, tmp_
     epochs = [r for r in rows if r["kind"] == "epoch"]
     assert len(epochs) == 2 and all(0 <= r["knn"]["knn_top1"] <= 100 and r["knn"]["bank"] == 40 for r in epochs)
     assert summary["images"] == 60 and summary["steps"] == 4 and summary["knn_top1"] == epochs[-1]["knn"]["knn_top1"]
+    # the classes differ in where a bright band lies: the monitor sees that far above chance (10 %)
+    assert all(r["knn"]["knn_top1"] >= 40 for r in epochs), [r["knn"] for r in epochs]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     # the export is the query encoder's backbone: plain timm loads it, with the pretraining's preprocessing
     model = timm.create_model(f"local-dir:{out / 'export'}").eval()
     assert model.pretrained_cfg["input_size"] == (3, 16, 16) and model.num_classes == 0
     state = torch.load(out / "last.pth.tar", weights_only=True)
+    # EMAN: the key encoder starts as the query encoder and follows it by momentum at every step
+    from dpl_zoo.pretrain import build_pretrain_run
+    start = build_pretrain_run(cfg).task.get_trainable_module(ema=True).module.state_dict()
+    key, query = state["state_dict_ema"], state["state_dict"]
+    moved = [k for k, v in start.items() if v.is_floating_point() and not torch.equal(key[k], v)]
+    assert len(moved) > 0.9 * sum(v.is_floating_point() for v in start.values())      # the keys moved...
+    assert any(not torch.equal(key[k], query[k]) for k in moved)                       # ...behind the query
     exported = load_file(out / "export" / "model.safetensors")
     assert set(exported) == {k[len("backbone."):] for k in state["state_dict"] if k.startswith("backbone.")}
     assert all(torch.equal(v, state["state_dict"]["backbone." + k]) for k, v in exported.items())
@@ -140,6 +149,15 @@ def test_pretrain_cli_on_an_unlabeled_folder(tmp_path, capsys):
     assert "did you mean 'queue_size'" in capsys.readouterr().out
     assert main(["pretrain", RECIPE, *sets, "--set", "experiment=other", "--set", "batch_size=50"]) == 2
     assert "fewer than one batch" in capsys.readouterr().out
+    # a kNN monitor folder that is not there names the setting to fix
+    assert main(["pretrain", RECIPE, *sets, "--set", "experiment=k", "--set", f"knn.root={tmp_path / 'nope'}"]) == 2
+    assert f"'{tmp_path / 'nope'}' does not exist; set knn.root to" in capsys.readouterr().out
+    # the pretraining checkpoint is not a classifier: eval says so in one line and points to the export
+    labeled = make_image_folder(tmp_path / "labeled", classes=("a", "b"), per_class=2)
+    assert main(["eval", str(tmp_path / "runs" / "moco" / "last.pth.tar"), "--data", str(labeled)]) == 2
+    out, err = capsys.readouterr()
+    assert "is a dpl-zoo pretrain checkpoint" in out and f"initial_checkpoint={tmp_path / 'runs' / 'moco' / 'export'}" \
+        in out.replace("\n", "") and "Traceback" not in out + err
 
 
 def test_pretrain_config_errors():

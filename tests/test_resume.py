@@ -21,14 +21,55 @@ def test_resume_with_more_epochs_continues_the_schedule_instead_of_training_at_l
     run = tmp_path / "runs" / "run"
     fit(tiny_config(epochs=2, sched="cosine"), quiet=True)
     (run / "summary.json").unlink()          # as if it had stopped after its last checkpoint
-    summary = fit(tiny_config(epochs=4, sched="cosine"), resume=str(run / "last.pth.tar"), quiet=True)
+    used = []   # the lr each optimiser step of the resumed run trains at (the log shows it after the update)
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: used.append(max(g["lr"] for g in opt.param_groups)))
+    try:
+        summary = fit(tiny_config(epochs=4, sched="cosine"), resume=str(run / "last.pth.tar"), quiet=True)
+    finally:
+        hook.remove()
     assert summary["steps"] == 8
+    # steps 5..8 only (none retrained from the start), each at the 4-epoch cosine's lr after step t - 1
+    assert used == pytest.approx([0.01 * (1 + torch.cos(torch.tensor(torch.pi * t / 8)).item()) / 2
+                                  for t in (4, 5, 6, 7)], rel=1e-5)
+    assert [r["step"] for r in _rows(run)] == list(range(1, 9))
     lrs = {r["step"]: r["lr"] for r in _rows(run)}
     # the cosine of 4 epochs (8 steps) continues from step 4: lr(t) = 0.01 * (1 + cos(pi t / 8)) / 2 after step t
     for step in (5, 6, 7):
         assert lrs[step] == pytest.approx(0.01 * (1 + torch.cos(torch.tensor(torch.pi * step / 8)).item()) / 2,
                                           rel=1e-5), step
     assert lrs[5] > 0 and lrs[6] > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_channels_last_run_cut_off_and_resumed_trains_on_from_its_checkpoint(tiny_config, tmp_path, augment_on,
+                                                                             device):
+    from dpl_zoo.progress import Reporter
+    sets = dict(channels_last=True, epochs=2, device=device, amp=device == "cuda", **{"data.augment_on": augment_on})
+    straight = fit(tiny_config(experiment="straight", **sets), quiet=True)
+
+    class CutOff(Reporter):   # the process dies after epoch 0's checkpoint
+        def start_epoch(self, epoch, steps):
+            if epoch == 1:
+                raise KeyboardInterrupt
+            super().start_epoch(epoch, steps)
+    cfg = tiny_config(experiment="cut", **sets)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, reporter=CutOff(quiet=True))
+    run = tmp_path / "runs" / "cut"
+    cut = torch.load(run / "last.pth.tar", weights_only=True)
+    assert cut["epoch"] == 0
+    resumed = fit(cfg, resume=str(run / "last.pth.tar"), quiet=True)
+    assert resumed["resumed"] and resumed["steps"] == straight["steps"] == 4
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]          # epoch 1 trained once, after the resume
+    end = torch.load(run / "last.pth.tar", weights_only=True)
+    assert end["epoch"] == 1 and not all(torch.equal(end["state_dict"][k], v) for k, v in cut["state_dict"].items())
+    if device == "cpu":   # deterministic here: the same weights as the run that was never cut off
+        same = torch.load(tmp_path / "runs" / "straight" / "last.pth.tar", weights_only=True)["state_dict"]
+        assert all(torch.equal(end["state_dict"][k], v) for k, v in same.items())
 
 
 def test_auto_resume_of_a_finished_run_with_more_epochs_trains_on(tiny_config, tmp_path):
@@ -54,6 +95,14 @@ def test_resume_after_a_labeled_csv_run_checks_the_data(tiny_config, image_data,
     shutil.rmtree(run)
     fit(tiny_config(epochs=1, **{"data.labels_per_class": None, "data.labeled_csv": str(split)}), quiet=True)
     (run / "summary.json").unlink()
+    # another labeled CSV on the same data: other images labeled, refused
+    from dpl_zoo.data import read_split_csv, write_split_csv
+    other = tmp_path / "other.csv"
+    write_split_csv(other, [i + 1 if (i + 1) % 10 else i - 1 for i in read_split_csv(split)])   # same classes
+    assert set(read_split_csv(other)) != set(read_split_csv(split))
+    with pytest.raises(CheckpointError, match="labeled split differs"):
+        fit(tiny_config(epochs=2, **{"data.labels_per_class": None, "data.labeled_csv": str(other)}),
+            resume=str(run / "last.pth.tar"), quiet=True)
     # an image added to the data folder shifts the positions the split file points at
     Image.new("RGB", (16, 16), "red").save(image_data / "train" / "cat" / "000a.png")
     with pytest.raises(CheckpointError, match="training data differ"):
@@ -97,6 +146,16 @@ CONFIG_CASES = [
     ({"data.cached_views": 2, "freeze": "backbone"}, False), ({"model_ema_warmup": True}, False),
     ({"epochs": 1}, False),   # ends before the epochs already trained
 ]
+
+
+def test_cached_views_alone_may_not_change_on_resume(tiny_config, tmp_path):
+    """On a frozen backbone, cached views on or off (or another K) train on other inputs (K fixed
+    views per image instead of fresh ones at every step): refused, with nothing else changed."""
+    from dpl_zoo import resume
+    for before, after in ((None, 2), (2, None), (2, 4)):
+        saved = _saved(tiny_config(epochs=3, freeze="backbone", **{"data.cached_views": before}))
+        with pytest.raises(CheckpointError, match=r"differs in: data\.cached_views\)"):
+            resume.check(saved, tiny_config(epochs=3, freeze="backbone", **{"data.cached_views": after}), tmp_path)
 
 
 @pytest.mark.parametrize("change,allowed", CONFIG_CASES, ids=[",".join(c) for c, _ in CONFIG_CASES])

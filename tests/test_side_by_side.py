@@ -137,3 +137,74 @@ def test_a_run_whose_process_died_is_one_error_line():
                                                   r"of memory\) before it finished; the other runs were stopped.*"
                                                   r"--resume auto$"):
         sbs._check_alive(procs, {}, events, RunBoard(list(procs), quiet=True), "; continue: --resume auto")
+
+
+def test_a_killed_run_stops_the_others_while_they_still_train(image_data, tmp_path, two_cores, monkeypatch, capfd):
+    # the fixmatch run's process is killed (as the kernel's out-of-memory killer does) after its first
+    # epoch; the debiaspl run keeps sending a message every step, with many epochs left
+    import os
+    import time
+    handle = RunBoard.handle
+    killed = {}
+
+    def kill_fixmatch(self, message):
+        handle(self, message)
+        if message[1] == "fixmatch" and message[0] == "say" and message[2].startswith("epoch 1 done") and not killed:
+            proc = next(p for p in multiprocessing.active_children() if p.name == "dpl-zoo-fixmatch")
+            os.kill(proc.pid, signal.SIGKILL)
+            killed["at"] = time.monotonic()
+
+    monkeypatch.setattr(RunBoard, "handle", kill_fixmatch)
+    rc = _train(image_data, tmp_path, "--methods", ",".join(METHODS), "--quiet", epochs=300)
+    stopped_after = time.monotonic() - killed["at"]
+    out, err = capfd.readouterr()
+    assert rc == 2 and "Traceback" not in out + err
+    assert [line for line in out.splitlines() if line.startswith("error:")] == [
+        "error: the fixmatch run's process was killed by SIGKILL (often: out of memory) before it finished; the "
+        "other runs were stopped, each keeps its last checkpoint (written at epoch ends); continue them: the same "
+        "command with --set experiment=run --resume auto"]
+    assert stopped_after < 15, stopped_after              # noticed within seconds, not when the others finish
+    assert not multiprocessing.active_children()
+    survivor = tmp_path / "runs" / "run-debiaspl"
+    assert not (survivor / "summary.json").exists()
+    assert torch.load(survivor / "last.pth.tar", weights_only=True)["epoch"] < 100
+
+
+def test_a_child_s_user_error_reaches_the_user_as_its_one_line(monkeypatch):
+    # a Hub download that fails: the line comes from the error's cause (the HTTP client's), which
+    # does not survive pickling; the child makes the line, the parent raises it as it is
+    import pickle
+    from requests.exceptions import ConnectionError as ConnectError
+    import dpl_zoo.train
+    from dpl_zoo.errors import UserError, user_error_line
+
+    def offline(cfg, **kw):
+        try:
+            raise ConnectError("[Errno -2] Name or service not known")
+        except ConnectError as e:
+            raise RuntimeError("An error happened while trying to locate the file on the Hub") from e
+
+    monkeypatch.setattr(dpl_zoo.train, "fit", offline)
+    sent = []
+    events = SimpleNamespace(put=lambda m: sent.append(pickle.loads(pickle.dumps(m))))   # as the queue carries it
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    threads = torch.get_num_threads()
+    try:
+        sbs._child("fixmatch", None, None, 1, events)
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+    with pytest.raises(UserError) as raised:
+        sbs._take(sent[-1], {}, RunBoard(["fixmatch"], quiet=True))
+    assert user_error_line(raised.value) == ("the Hub cannot be reached (ConnectionError: [Errno -2] Name or service "
+                                             "not known); check the network or HF_ENDPOINT")
+    assert raised.value.__cause__ is None
+
+
+def test_a_freeze_error_in_every_run_is_one_line(image_data, tmp_path, two_cores, capfd):
+    assert _train(image_data, tmp_path, "--methods", ",".join(METHODS), freeze=9) == 2
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: freeze must be backbone or a number of stages")

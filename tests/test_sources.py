@@ -222,6 +222,31 @@ def test_two_processes_loading_one_entry_at_once_do_not_break_each_other(release
     assert (cache / "zoo" / "tiny-dpl" / "model.safetensors").is_file()
 
 
+def test_the_conversion_stays_locked_until_timm_has_read_it(entry, mirror, release, cache, monkeypatch):
+    """Another process's force_download replaces the conversion folder under the entry's lock:
+    a load holds that lock until timm has read the weights, not only while checking them."""
+    import timm.models._builder as builder
+    from filelock import FileLock, Timeout
+    entry()
+    with pytest.warns(UserWarning, match="recorded"):
+        dpl_zoo.load("tiny-dpl")
+    real, seen = builder.load_state_dict, []
+
+    def reading(path, *args, **kwargs):
+        other = FileLock(cache / "zoo" / "tiny-dpl.lock")   # what a concurrent force_download takes
+        try:
+            other.acquire(timeout=0)
+        except Timeout:
+            seen.append("held")
+        else:
+            other.release()
+            seen.append("free")
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(builder, "load_state_dict", reading)
+    assert torch.equal(_out(dpl_zoo.load("tiny-dpl")), _out(release[1]))
+    assert seen == ["held"]
+
+
 def test_mirror_must_be_a_url(entry, cache, monkeypatch):
     entry()
     monkeypatch.setenv("DPL_ZOO_MIRROR", "/srv/releases")
