@@ -167,13 +167,30 @@ def our_jobs(size: dict, args, runs: Path, splits: dict, arms) -> list[dict]:
     return jobs
 
 
-def fill_cache(job: dict):
-    """Build one run (filling the view cache every run shares) in this process, on all cores."""
+def build(job: dict, labeled_csv=None, unlabeled_csv=None):
+    """Build ``job``'s run (FixMatch, the same views) in this process, on all cores; with the given
+    split files instead of the job's own."""
     from dpl_zoo.config import load_config
     from dpl_zoo.run import build_run
     over = [o for o in job["overrides"] if not o.startswith(("dpl.method=", "dpl.target_prior="))]
+    if labeled_csv:
+        over = [o for o in over if not o.startswith(("data.labeled_csv=", "data.unlabeled_csv="))]
+        over += [f"data.labeled_csv={labeled_csv}", f"data.unlabeled_csv={unlabeled_csv}"]
     return build_run(load_config(job["recipe"], [*over, "dpl.method=fixmatch", f"output={job['output']}",
                                                  "experiment=cache-fill"]), quiet=False)
+
+
+def fill_cache(job: dict, targets, classes: int, size: dict, runs: Path) -> float:
+    """Every candidate image's cached views, filled once here before the runs start side by side
+    (each run then reads its rows); returns the seconds it took."""
+    from dpl_zoo.data import write_split_csv
+    t0 = time.perf_counter()
+    lab, unl = candidates(targets, classes, size)
+    folder = runs / "splits"
+    write_split_csv(folder / "candidates-labeled.csv", sorted(i for c in lab for i in lab[c]))
+    write_split_csv(folder / "candidates-unlabeled.csv", sorted(i for c in unl for i in unl[c]))
+    build(job, folder / "candidates-labeled.csv", folder / "candidates-unlabeled.csv")
+    return time.perf_counter() - t0
 
 
 # --- USB's arms on the same cached features ---------------------------------------------------------
@@ -386,19 +403,15 @@ def main(argv=None) -> int:
     classes = len(set(train.targets))
     splits = write_splits(size, args, runs, train.targets, classes)
     jobs = our_jobs(size, args, runs, splits, arms)
-    fill_started = time.perf_counter()
-    run = fill_cache(jobs[0])
-    fill_seconds = time.perf_counter() - fill_started
+    fill_seconds = fill_cache(jobs[0], train.targets, classes, size, runs)
     feature_files = {}
     if algorithms:
         for (case, seed) in splits:
             npz = runs / "features" / f"{case}-s{seed}.npz"
             if not npz.is_file():
                 npz.parent.mkdir(parents=True, exist_ok=True)
-                job = next(j for j in jobs if j["case"] == case and j["seed"] == seed)
-                export_features(fill_cache(job) if (case, seed) != (jobs[0]["case"], jobs[0]["seed"]) else run, npz)
+                export_features(build(next(j for j in jobs if j["case"] == case and j["seed"] == seed)), npz)
             feature_files[(case, seed)] = npz
-    del run
     results = run_jobs(jobs, parallel=size["parallel"], console=console, rerun_changed=args.rerun_changed,
                        on_done=lambda r: console.print(f"{r['job']['name']}: top-1 {r['top1']:.2f} ({r['seconds']:.0f} s)"))
     if algorithms:
