@@ -68,6 +68,20 @@ def test_two_processes_match_one_process(image_data, tmp_path):
     assert len(rows) == 3 * 2 + 2  # one writer (rank 0): 6 step rows + 2 epoch rows
 
 
+def test_two_processes_estimate_the_prior_as_one_process(image_data, tmp_path):
+    """dpl.target_prior: estimated under torchrun: the probe's gradients and the EM and histogram
+    statistics are summed over ranks, so the estimate (and the model) equal one process's."""
+    recipe = _recipe(image_data, tmp_path / "runs", tmp_path / "r.yaml", experiment="ddp",
+                     **{"dpl.target_prior": "estimated", "dpl.estimate_warmup": 1, "dpl.estimate_min_accepted": 0,
+                        "dpl.threshold": 0.0})
+    ddp, single, a, b = _two_processes_then_one(recipe, tmp_path / "runs")
+    est_a, est_b = a["task_state"]["prior_estimate"], b["task_state"]["prior_estimate"]
+    assert int(est_a["steps"]) == int(est_b["steps"]) == 6
+    for k in est_b:
+        assert torch.allclose(est_a[k].float(), est_b[k].float(), atol=1e-5, rtol=1e-4), k
+    assert ddp["prior_estimate"] == pytest.approx(single["prior_estimate"], abs=1e-5)
+
+
 def test_cached_views_on_a_cold_cache_under_torchrun(image_data, tmp_path):
     """Rank 0 fills the empty view cache while rank 1, which opened the store before, waits; both
     then train on what rank 0 wrote, as one process does on the same cache."""
