@@ -105,6 +105,20 @@ def command(features, algorithm: str, seed: int, out, *, steps: int = SHARED["st
     return cmd + [str(e) for e in extra]
 
 
+def jobs_command(jobs_file, *, threads: int = 1, site=None, wheels=None, python: str | None = None) -> list[str]:
+    """The command line that runs several runs one after the other in one process (USB's import,
+    about 5-10 s, paid once). ``jobs_file`` is a JSON list of objects, one a run, whose keys are
+    :func:`command`'s argument names: ``features``, ``algorithm``, ``seed``, ``out`` and any of
+    the shared settings or other flags (dashes as underscores, e.g. ``daso_pretrain_iter``);
+    a run whose ``out`` already holds an ``ok`` result is not run again."""
+    cmd = [python or sys.executable, str(Path(__file__).resolve()), "--jobs", str(jobs_file), "--threads", str(threads)]
+    if site is not None:
+        cmd += ["--site", str(site)]
+    if wheels is not None:
+        cmd += ["--wheels", str(wheels)]
+    return cmd
+
+
 # --- the features file -----------------------------------------------------------------------------
 
 def load_features(path) -> dict:
@@ -234,6 +248,9 @@ def usb_settings(args, data: dict) -> dict:
 
 # --- USB's environment -------------------------------------------------------------------------------
 
+_ENVIRONMENT = None
+
+
 def usb_environment(site: Path, wheels: Path) -> None:
     """As usb_peer's worker: USB's wheels installed into ``site`` (once, under a lock), put first
     on the path, USB's unneeded imports stubbed and its CUDA calls run on the CPU."""
@@ -241,6 +258,12 @@ def usb_environment(site: Path, wheels: Path) -> None:
 
     import numpy as np
     import torch
+    global _ENVIRONMENT
+    if _ENVIRONMENT is not None:
+        if _ENVIRONMENT != (site, wheels):
+            raise RuntimeError(f"USB's environment is already {_ENVIRONMENT} in this process")
+        return
+    _ENVIRONMENT = (site, wheels)
     sys.path.insert(0, str(HERE))
     from usb_peer import emulate_cuda_on_cpu, install, install_stubs
     site.mkdir(parents=True, exist_ok=True)
@@ -340,6 +363,22 @@ def linear_head_builder(dim: int):
     return build
 
 
+class FastCosine:
+    """``nn.CosineSimilarity(dim=2)`` between (B, 1, D) features and (1, K, D) prototypes as one
+    matrix product of normalised rows (equal to 1e-7; PyTorch's broadcast version takes ~70 ms a
+    call on one CPU thread for B=224, K=10, D=1280); other shapes go to the original."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, a, b):
+        import torch.nn.functional as F
+        if a.dim() == 3 and b.dim() == 3 and a.shape[1] == 1 and b.shape[0] == 1 and self.original.dim == 2:
+            eps = max(self.original.eps, 1e-12)
+            return F.normalize(a[:, 0], dim=-1, eps=eps) @ F.normalize(b[0], dim=-1, eps=eps).T
+        return self.original(a, b)
+
+
 # --- one run -----------------------------------------------------------------------------------------
 
 def run(args) -> dict:
@@ -399,9 +438,14 @@ def run(args) -> dict:
         logger.addHandler(logging.StreamHandler(sys.stderr))
     net = linear_head_builder(data["test_x"].shape[1])
     build = get_imb_algorithm if cfg.imb_algorithm else get_algorithm
-    with contextlib.redirect_stdout(sys.stderr if args.verbose else open(os.devnull, "w")):
+    quiet = contextlib.ExitStack()
+    devnull = quiet.enter_context(open(os.devnull, "w"))
+    chatter = sys.stderr if args.verbose else devnull     # USB prints to stdout
+    with contextlib.redirect_stdout(chatter):
         alg = build(cfg, net, None, logger)
     alg.model, alg.ema_model = send_model(cfg, alg.model), send_model(cfg, alg.ema_model)   # as USB's train.py
+    if hasattr(alg, "similarity_fn"):   # DASO: the same cosine similarities, 10x faster on the CPU
+        alg.similarity_fn = FastCosine(alg.similarity_fn)
 
     real_set_optimizer = alg.set_optimizer
 
@@ -429,14 +473,14 @@ def run(args) -> dict:
     alg.evaluate = evaluate
 
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr if args.verbose else open(os.devnull, "w")):
+    with contextlib.redirect_stdout(chatter):
         alg.train()
     seconds = time.perf_counter() - t0
     train_seconds = seconds - aside[0]
 
     # final evaluation: USB's evaluate (the EMA weights; ABC: its auxiliary, balanced head)
     alg.loader_dict["pl"] = FeatureLoader(FeatureSet(data["unlabeled_weak"], data["unlabeled_y"]), 1024, rng, None)
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
+    with quiet, contextlib.redirect_stdout(devnull):
         test_logits = torch.from_numpy(real_evaluate("eval", return_logits=True)["eval/logits"])
         ulb_logits = torch.from_numpy(real_evaluate("pl", return_logits=True)["pl/logits"])
     C = data["num_classes"]
@@ -505,6 +549,7 @@ def main(argv=None) -> int:
     p.add_argument("--site", default=str(SITE), help="where USB's wheels are installed (made if absent)")
     p.add_argument("--wheels", default=None, help="USB's wheels (default: usb_peer.py's --prepare folder)")
     p.add_argument("--verbose", action="store_true", help="USB's own log on stderr")
+    p.add_argument("--jobs", help="a JSON list of runs to run one after the other (see jobs_command)")
     p.add_argument("--synthetic", metavar="NPZ", help="write a synthetic features file and exit")
     p.add_argument("--synthetic-shape", default="60,200,90,16,3,2",
                    help="n_l,n_u,n_t,D,classes,K for --synthetic")
@@ -513,12 +558,30 @@ def main(argv=None) -> int:
         n_l, n_u, n_t, dim, classes, views = map(int, args.synthetic_shape.split(","))
         synthetic_features(args.synthetic, n_l, n_u, n_t, dim, classes, views, seed=args.seed)
         return 0
-    if not (args.features and args.algorithm and args.out):
-        p.error("--features, --algorithm and --out are needed")
     if args.wheels is None:
         sys.path.insert(0, str(HERE))
         from usb_peer import WHEELS
         args.wheels = str(WHEELS)
+    if args.jobs:
+        failed = 0
+        for job in json.loads(Path(args.jobs).read_text()):
+            unknown = set(job) - set(vars(args))
+            if unknown:
+                raise SystemExit(f"{args.jobs}: unknown keys {sorted(unknown)}")
+            out = Path(job["out"])
+            if out.is_file() and json.loads(out.read_text()).get("status") == "ok":
+                continue
+            failed += one_run(argparse.Namespace(**{**vars(args), "jobs": None, **job}))
+        return 1 if failed else 0
+    if not (args.features and args.algorithm and args.out):
+        p.error("--features, --algorithm and --out are needed (or --jobs)")
+    return one_run(args)
+
+
+def one_run(args) -> int:
+    """One run, its result (or its failure) written to ``args.out``."""
+    if args.algorithm not in ALGORITHMS:
+        raise SystemExit(f"algorithm {args.algorithm!r}: one of {', '.join(ALGORITHMS)}")
     t = time.perf_counter()
     try:
         result = run(args)
