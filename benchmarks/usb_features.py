@@ -213,7 +213,7 @@ def usb_settings(args, data: dict) -> dict:
     crest = alg.startswith("crest")
     own = dict(DEFAULTS[alg])
     if crest:
-        gens = int(own["crest_num_gens"])
+        gens = int(args.crest_gens if getattr(args, "crest_gens", None) is not None else own["crest_num_gens"])
         iters = args.steps // gens               # the budget shared by the generations
         if iters < 1:
             raise ValueError(f"CReST: {args.steps} steps cannot feed {gens} generations")
