@@ -131,7 +131,7 @@ def test_prefetch_thread_leaves_the_process_thread_setting_alone(tiny_config):
 
 def _saved(cfg, **evidence):
     from dpl_zoo.resume import DATA_DIGEST_VERSION
-    base = {"data": "d", "labeled": "l", "teacher_predictions": None, "data_digest_version": DATA_DIGEST_VERSION}
+    base = {"data": "d", "labeled": "l", "teacher_predictions": None, "unlabeled": "u", "data_digest_version": DATA_DIGEST_VERSION}
     base.update(evidence)
     return {"config": json.loads(json.dumps(cfg.to_dict())), "epoch": 1, "evidence": base}
 
@@ -187,7 +187,8 @@ def test_a_checkpoint_with_the_older_data_record_is_refused_for_what_it_is(tiny_
 
 
 EVIDENCE_CASES = [("data", "other", "training data differ"), ("labeled", "other", "labeled split differs"),
-                  ("teacher_predictions", "abc", "started without data.teacher_predictions")]
+                  ("teacher_predictions", "abc", "started without data.teacher_predictions"),
+                  ("unlabeled", "other", "unlabeled images differ")]
 
 
 @pytest.mark.parametrize("key,value,message", EVIDENCE_CASES, ids=[k for k, _, _ in EVIDENCE_CASES])
@@ -201,6 +202,9 @@ def test_what_a_resume_compares(tiny_config, tmp_path, key, value, message):
     with pytest.raises(CheckpointError, match=message):
         resume.check(saved, cfg, tmp_path, now=now)
     assert set(resume.EVIDENCE) == {k for k, _, _ in EVIDENCE_CASES}   # every recorded item has a case
+    # a checkpoint from before data.unlabeled_csv recorded no unlabeled positions: not compared
+    older = {**saved, "evidence": {k: v for k, v in saved["evidence"].items() if k != "unlabeled"}}
+    resume.check(older, cfg, tmp_path, now={**saved["evidence"], "unlabeled": "other"})
     from dpl_zoo.config import PretrainConfig
     keys = set(flatten(cfg.to_dict())) | set(flatten(PretrainConfig().to_dict()))
     assert not set(resume.MAY_CHANGE) - keys   # every rule names a real key of a training or pretraining config
