@@ -249,7 +249,7 @@ def test_gpu_check_rehearses_its_quick_parts_on_the_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_rehearses_every_part_on_the_cpu(tmp_path):
-    """Every part's wiring before GPU time is spent (about 7 minutes on 2 cores). USB's side needs
+    """Every part's wiring before GPU time is spent (7 to 14 minutes on 2 busy cores). USB's side needs
     its wheels (``--prepare``, network): without them that part fails saying so."""
     parts = _rehearse(tmp_path)
     for name, part in parts.items():
