@@ -27,9 +27,10 @@ benchmarks report their finished runs.
 Results accumulate. Each part writes ``RESULTS/parts/<part>.json`` with a key: the sha256 of
 its settings, the machine (GPU, torch, timm) and the content of the files it depends on. A
 later run skips a part whose stored result has the same key and is complete (``ok`` or ``over
-target``), unless ``--redo PART``; the finished runs of a cut-off ``finetune-*`` or ``usb`` part
-are kept (``RESULTS/finished/<part>.tar.gz``, same key) and continue in the next run. So a
-second short window finishes what the first could not.
+target``), unless ``--redo PART``; the finished runs of a cut-off ``finetune-*``, ``pretrain`` or ``usb`` part
+are kept (``RESULTS/finished/<part>.tar.gz``, same key; for ``finetune-*`` and ``pretrain``
+whole run folders, :func:`_run_files`) and continue in the next run. So a second short window
+finishes what the first could not.
 
 The GPU machine is offline and bare. Prepare here once (data, weights, USB's wheels; 51 MB
 into the git-ignored ``.gpu/``)::
@@ -80,6 +81,7 @@ FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t1
 BUDGET_MINUTES = 8.0         # the parts' seconds below add up to this, overhead included
 COMPLETE = ("ok", "over target")   # a stored result in one of these states is not measured again
 OUT_FILES = ("gpu_check.json", "gpu_results.tar.gz")
+KEEP_CHECKPOINTS_MIB = 6.0   # of unfinished runs' checkpoints, per part (gpu_results.tar.gz must stay under 16 MiB)
 
 
 # --- preparation (here, with the data at hand) ------------------------------------------------------
@@ -525,10 +527,28 @@ def _run_files(folder: Path) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
+def _checkpoint_bytes(folder: Path) -> int:
+    """The size of the checkpoint :func:`_run_files` keeps of ``folder`` (0: none)."""
+    last = folder / "last.pth.tar"
+    return last.stat().st_size if last.is_file() and not (folder / "summary.json").is_file() else 0
+
+
 def _keep(part: Part, work: Path, results: Path, key: str) -> None:
-    """The part's finished runs, for the next run to continue from (one archive per part)."""
-    files = sorted({p for pattern in part.keep for p in work.glob(pattern) if p.is_file()} |
-                   {f for pattern in part.keep_runs for d in work.glob(pattern) if d.is_dir() for f in _run_files(d)})
+    """The part's finished runs, for the next run to continue from (one archive per part). The
+    archive travels back through the device tool (16 MiB a file): checkpoints are kept, smallest
+    first, up to ``KEEP_CHECKPOINTS_MIB``; a run whose checkpoint is left out starts over."""
+    files = {p for pattern in part.keep for p in work.glob(pattern) if p.is_file()}
+    budget = KEEP_CHECKPOINTS_MIB * 2**20
+    folders = {d for pattern in part.keep_runs for d in work.glob(pattern) if d.is_dir()}
+    for folder in sorted(folders, key=lambda d: (_checkpoint_bytes(d), str(d))):
+        size = _checkpoint_bytes(folder)
+        if size > budget:
+            console.print(f"{part.name}: {folder.name}'s checkpoint ({size / 2**20:.1f} MiB) is not kept, over the "
+                          f"{KEEP_CHECKPOINTS_MIB} MiB of checkpoints a part carries back: that run starts over")
+            continue
+        budget -= size
+        files.update(_run_files(folder))
+    files = sorted(files)
     if not files:
         return
     (results / "finished").mkdir(parents=True, exist_ok=True)
