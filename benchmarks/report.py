@@ -339,7 +339,7 @@ def mismatch(report: dict) -> str:
              "PL KL from the truth |", "|---|---|---|---|---|---|"]
     for r in report["table"]:
         lines.append(f"| {r['case']} | {r['arm']} | {_pm(r['top1'])} | {_pm(r['tail_recall'])} | "
-                     f"{_pm(r['estimate_tv'], '.3f') if r['estimate_tv'][0] == r['estimate_tv'][0] else '-'} | "
+                     f"{'-' if r['estimate_tv'][0] is None or r['estimate_tv'][0] != r['estimate_tv'][0] else _pm(r['estimate_tv'], '.3f')} | "
                      f"{_pm(r['pl_kl_truth'], '.3f')} |")
     paired = report.get("paired_vs_estimated") or {}
     if paired:
@@ -648,6 +648,15 @@ def decision_table(link: Callable[[str], str], results: Path = RESULTS) -> str:
     prior = (f"long-tailed Fashion-MNIST, ratio {ratio:g}: on a test set with the training profile `labeled` "
              f"{prof_l.debiaspl[0]:.1f} vs `uniform` {prof_l.fixmatch[0]:.1f}; on a balanced test set `uniform` "
              f"{bal_u.debiaspl[0]:.1f} vs `labeled` {bal_u.fixmatch[0]:.1f} ([imbalanced data]({page('imbalanced')}))")
+    if (results / "mismatch.json").is_file():
+        mm = load_report(results / "mismatch.json")
+        top = {(r["case"], r["arm"]): r["top1"][0] for r in mm["table"]}
+        cases = "; ".join(f"{case}: `estimated` {top[(case, 'debiaspl-estimated')]:.1f}, `labeled` "
+                          f"{top[(case, 'debiaspl-labeled')]:.1f}, `uniform` {top[(case, 'debiaspl-uniform')]:.1f}, "
+                          f"the true mix {top[(case, 'debiaspl-oracle')]:.1f}"
+                          for case in ("uniform", "reversed") if (case, "debiaspl-estimated") in top)
+        prior += (f". Long-tailed labels, unlabeled mix unlike them (balanced test): {cases} "
+                  f"([mismatch]({page('imbalanced')}), {mm['date']})")
     taus = ", ".join(f"tau {t:g} {statistics.fmean(_frozen(frozen, b, tau=t).debiaspl[0] for b in fs['budgets']):.1f}"
                      for t in fs["taus"])
     tau = (f"DebiasPL, frozen backbone, threshold 0.7, mean over {', '.join(map(str, fs['budgets']))} labels per "
@@ -664,8 +673,9 @@ def decision_table(link: Callable[[str], str], results: Path = RESULTS) -> str:
          "stages too; the whole network on a GPU", how_much),
         ("how many labels", "DebiasPL's gain over FixMatch is largest with the fewest labels; with many, FixMatch's "
          "pseudo-labels are less biased and there is less to gain", budget),
-        ("which target prior (`dpl.target_prior`)", "`labeled` (the recipe's) when the data you will predict has the "
-         "training set's class profile; `uniform` when balanced accuracy is what you report", prior),
+        ("which target prior (`dpl.target_prior`)", "`labeled` (the recipe's) when the labels were drawn at random "
+         "and the data you will predict has the training set's class profile; `uniform` when balanced accuracy is "
+         "what you report; `estimated` when the unlabeled images' class mix is unknown or unlike the labels'", prior),
         ("how strongly to debias (`dpl.tau`)", "the recipe's 2 on new data; the paper's 0.4 leaves part of the bias",
          tau),
         ("CPU or GPU", "a CPU trains a head on cached frozen features well; fine-tuning the whole network wants a GPU",
