@@ -10,6 +10,11 @@ class UserError(RuntimeError):
     """A user error already turned into its line (e.g. in another process); shown as it is."""
 
 
+class RunProcessError(RuntimeError):
+    """A side-by-side run's process ended without a result (killed, e.g. out of memory); the
+    message says which."""
+
+
 def user_error_types() -> tuple[type, ...]:
     """Errors whose message says what to do (imported here, late: the CLI starts fast)."""
     from .cache import DownloadError
@@ -20,7 +25,6 @@ def user_error_types() -> tuple[type, ...]:
     from .integrity import IntegrityError
     from .layouts import ConversionError
     from .registry import ZooError
-    from .side_by_side import RunProcessError
     from .train import TrainingDiverged
     return (ConfigError, DataError, CheckpointError, ConversionError, DownloadError, ZooError, TrainingDiverged,
             FreezeError, IntegrityError, FileExistsError, RunProcessError, UserError)

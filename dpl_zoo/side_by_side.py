@@ -23,15 +23,12 @@ import time
 import traceback
 from typing import Optional, Sequence
 
+from .errors import RunProcessError
 from .progress import RemoteReporter, RunBoard
 
 STOP_GRACE_S = 30.0   # how long a stopped child may take to unwind before it is killed
 LIVENESS_S = 0.5      # how often the parent looks for a run whose process died
 DRAIN_S = 2.0         # how long it reads a dead run's queued messages for its result
-
-
-class RunProcessError(RuntimeError):
-    """A run's process ended without a result (killed, e.g. out of memory); the message says which."""
 
 
 class _Stopped(BaseException):
