@@ -482,8 +482,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     splits = write_splits(size, args.data, work)
     jobs = jobs_for(size, splits, usb, ours)
-    key = hashlib.sha256(json.dumps([size, SHARED, args.device, args.cpu_emulate], sort_keys=True).encode()) \
-        .hexdigest()[:16]
+    # what a finished run depends on (not the number of seeds: more seeds add runs, they change none)
+    key = hashlib.sha256(json.dumps([{k: v for k, v in size.items() if k != "seeds"}, SHARED, args.device,
+                                     args.cpu_emulate], sort_keys=True).encode()).hexdigest()[:16]
     runs = work / "runs"
     for f in runs.glob("*.json") if runs.is_dir() else []:   # finished under other settings: run again
         if json.loads(f.read_text()).get("settings_key") != key:
