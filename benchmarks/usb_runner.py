@@ -100,6 +100,7 @@ class USBNet:
             def __init__(self, m):
                 super().__init__()
                 self.m = m
+                self.num_features = m.num_features   # ABC and DASO size their extra heads by it
 
             def forward(self, x, only_fc=False, only_feat=False, **kw):
                 if only_fc:
@@ -123,6 +124,27 @@ def transforms_for(img_size: int, mean, std, crop_ratio: float = 0.875, hflip: b
                                                                                         padding_mode="reflect"), *flip]
     return (transforms.Compose([*base, *norm]), transforms.Compose([*base, RandAugment(3, 5), *norm]),
             transforms.Compose([transforms.Lambda(_to_rgb), transforms.Resize(s), *norm]))
+
+
+def _replace_in_semilearn(name: str, value) -> None:
+    """``name`` as every loaded semilearn module sees it (each imported it into its own namespace)."""
+    for module in [m for k, m in list(sys.modules.items()) if k.startswith("semilearn") and m is not None]:
+        if hasattr(module, name):
+            setattr(module, name, value)
+
+
+def _serve_datasets(sets: dict) -> None:
+    """USB's ``get_dataset`` returns a fresh copy of ``sets``: the algorithm then builds its loaders
+    (and CReST its later generations) as it does with its own datasets, from ours."""
+    import copy
+    _replace_in_semilearn("get_dataset", lambda *a, **k: copy.deepcopy(sets))
+
+
+def _send_model_cpu(args, model, clip_batch=True):
+    """USB's ``send_model_cuda`` for one process without CUDA: its single-device branches, on the CPU
+    (``gpu`` None: wrapped in DataParallel, a pass-through without devices, as ABC expects)."""
+    import torch
+    return model if args.gpu is not None else torch.nn.DataParallel(model)
 
 
 def _logits(model, images, view, batch: int = 256):
@@ -165,10 +187,13 @@ def train_usb(config: dict, build: Callable[[int], object], images, targets: Seq
     if not cpu_emulate and not torch.cuda.is_available():
         raise RuntimeError("USB: 'ONLY GPU TRAINING IS SUPPORTED' (no CUDA device; cpu_emulate runs it on the CPU)")
     install_stubs()
+    if not hasattr(np, "math"):   # CReST calls np.math.ceil, gone in NumPy 2
+        import math
+        np.math = math
     if cpu_emulate:
         emulate_cuda_on_cpu()
     from semilearn.algorithms import get_algorithm
-    from semilearn.core.utils import get_data_loader
+    import semilearn.imb_algorithms.crest.crest  # noqa: F401 - CReST's own get_dataset is served too
     from semilearn.datasets.cv_datasets.datasetbase import BasicDataset
     from semilearn.imb_algorithms import get_imb_algorithm
     from semilearn.lighting.config import get_config
@@ -189,21 +214,16 @@ def train_usb(config: dict, build: Callable[[int], object], images, targets: Seq
     cfg.ulb_dest_len, cfg.lb_dest_len = len(unlabeled), len(labeled)
     weak, strong, plain = transforms_for(img_size, mean, std, cfg.crop_ratio, hflip)
     name = cfg.algorithm
-    sets = {"train_lb": BasicDataset(name, images[labeled], y[labeled].tolist(), n, weak, False, None),
-            "train_ulb": BasicDataset(name, images[unlabeled], y[unlabeled].tolist(), n, weak, True, strong),
-            "eval": BasicDataset(name, test_images, list(test_targets), n, plain, False, None)}
-    cfg.lb_class_dist = (np.bincount(y[labeled], minlength=n) / len(labeled)).tolist()
+    # targets as arrays, as USB's own datasets hold them (CReST indexes them with arrays of positions)
+    sets = {"train_lb": BasicDataset(name, images[labeled], y[labeled], n, weak, False, None),
+            "train_ulb": BasicDataset(name, images[unlabeled], y[unlabeled], n, weak, True, strong),
+            "eval": BasicDataset(name, test_images, np.asarray(test_targets), n, plain, False, None), "test": None}
+    _serve_datasets(sets)
+    if cpu_emulate:
+        _replace_in_semilearn("send_model_cuda", _send_model_cpu)
+    from semilearn.core.utils import send_model_cuda
     alg = (get_imb_algorithm if cfg.imb_algorithm else get_algorithm)(cfg, USBNet(build), None, None)
-    alg.loader_dict = {
-        "train_lb": get_data_loader(cfg, sets["train_lb"], cfg.batch_size, data_sampler=cfg.train_sampler,
-                                    num_iters=cfg.num_train_iter, num_epochs=cfg.epoch, num_workers=cfg.num_workers),
-        "train_ulb": get_data_loader(cfg, sets["train_ulb"], cfg.batch_size * cfg.uratio,
-                                     data_sampler=cfg.train_sampler, num_iters=cfg.num_train_iter,
-                                     num_epochs=cfg.epoch, num_workers=2 * cfg.num_workers),
-        "eval": get_data_loader(cfg, sets["eval"], cfg.eval_batch_size, data_sampler=None,
-                                num_workers=cfg.num_workers, drop_last=False)}
-    alg.dataset_dict = sets
-    alg.model, alg.ema_model = alg.model.cuda(cfg.gpu), alg.ema_model.cuda(cfg.gpu)   # as USB's train.py
+    alg.model, alg.ema_model = send_model_cuda(cfg, alg.model), send_model_cuda(cfg, alg.ema_model)   # as train.py
     # evaluation and checkpoint writing are timed apart, so images/s counts training only
     aside, evals = [0.0], []
     real_eval, real_save = alg.evaluate, alg.save_model
@@ -244,7 +264,8 @@ def train_usb(config: dict, build: Callable[[int], object], images, targets: Seq
                           pl_acc_all=100.0 * float((pl == torch.as_tensor(y[diag])).double().mean()))
     finally:
         alg.ema.restore()
-    result.update(usb_top1=100.0 * evals[-1]["eval/top-1-acc"] if evals else None, seconds=seconds,
+    own = [e["eval/top-1-acc"] for e in evals if isinstance(e, dict) and "eval/top-1-acc" in e]   # CReST also
+    result.update(usb_top1=100.0 * own[-1] if own else None, seconds=seconds,   # evaluates its unlabeled set
                   train_seconds=seconds - aside[0], img_per_s=images_seen / max(seconds - aside[0], 1e-9),
                   steps=cfg.num_train_iter)
     if hasattr(alg, "p_hat"):   # USB DebiasPL's class prior after training: its shape and values
