@@ -317,16 +317,37 @@ def gpu_check(report: dict) -> str:
 
 
 def usb_peer(report: dict) -> str:
+    """USB beside dpl-zoo: each arm's top-1, pseudo-label balance and speed per task; our DebiasPL
+    against each USB arm paired by seed; our images/s over USB's for the same algorithm."""
     s = report["settings"]
-    lines = [f"Fashion-MNIST, {s['labels_per_class']} labels per class, EfficientNet-Lite0 (ImageNet) at "
-             f"{s['img_size']} px, {s['steps']} steps of {s['batch']} + {s['mu']} x {s['batch']}, {s['seeds']} seeds, "
-             f"{s['device']}:", "",
-             "| library | algorithm | seeds | test top-1, EMA weights | training img/s | s / run | not ok |",
-             "|---|---|---|---|---|---|---|"]
+    tasks = s.get("tasks") or [{"task": "fashion-lite0", "dataset": "fashion_mnist", "model": "tf_efficientnet_lite0",
+                                "start": "imagenet", **{k: s[k] for k in ("img_size", "labels_per_class", "steps")}}]
+    lines = [f"- `{t['task']}`: {t['dataset']}, {t['labels_per_class']} labels per class, `{t['model']}` "
+             f"({'from scratch' if t['start'] == 'scratch' else 'from ImageNet weights'}) at {t['img_size']} px, "
+             f"{t['steps']} steps" for t in tasks]
+    lines += ["", f"Both libraries: labeled batch {s['batch']} + {s['mu']} x {s['batch']} unlabeled, threshold "
+                  f"{s['shared_threshold']}, EMA {s['shared_ema']}, weight decay {s['shared_weight_decay']}, "
+                  f"{s['seeds']} seeds, {s['device']}" + (" (USB's CUDA calls run on the CPU)" if s.get("cpu_emulate")
+                                                          else "") + ".", "",
+              "| task | library | arm | seeds | test top-1, EMA weights | per seed | pseudo-label KL from target | "
+              "training img/s | not ok |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["table"]:
-        lines.append(f"| {r['lib']} | {r['algorithm']} | {r['seeds']} | {_pm((r['top1_mean'], r['top1_sd']))} | "
-                     f"{_f(r['img_per_s_mean'], '.0f')} | {_f(r['seconds_mean'], '.0f')} | "
-                     f"{'; '.join(r['not_ok']) or '-'} |")
+        lines.append(f"| {r.get('task', tasks[0]['task'])} | {r['lib']} | {r['algorithm']} | {r['seeds']} | "
+                     f"{_pm((r['top1_mean'], r['top1_sd']))} | "
+                     f"{', '.join(_f(v, '.1f') for v in r.get('top1_per_seed', []))} | "
+                     f"{_f(r.get('pl_kl_target_mean'), '.3f')} | {_f(r['img_per_s_mean'], '.0f')} | "
+                     f"{'; '.join(r['not_ok']).replace('|', '/') or '-'} |")
+    if report.get("paired"):
+        lines += ["", "Our DebiasPL minus each USB arm, paired by seed (top-1 points):", "",
+                  "| task | ours | USB arm | ours - USB (mean ± sd) | per seed | seeds won |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['task']} | {p['ours']} | {p['usb']} | {_pm((p['mean'], p['sd']), signed=True)} | "
+                  f"{', '.join(_f(d, '+.1f') for d in p['diffs'])} | {p['won']}/{len(p['seeds'])} |"
+                  for p in report["paired"]]
+    if report.get("speed"):
+        lines += ["", "Training images/s of the same algorithm, paired by seed:", "",
+                  "| task | algorithm | ours | USB | ours / USB |", "|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['algorithm']} | {_f(r['ours_img_per_s'], '.0f')} | "
+                  f"{_f(r['usb_img_per_s'], '.0f')} | {_pm((r['ratio_mean'], r['ratio_sd']))} |" for r in report["speed"]]
     return "\n".join(lines)
 
 
@@ -445,9 +466,10 @@ STUDIES: tuple = (
            Source("gpu/gpu_check_h200_rerun.json", "python benchmarks/gpu_check.py", "The failed parts, after the fixes"),
            Source("gpu/gpu_check.json", "python benchmarks/gpu_check.py", "The latest run"))),
     Study("usb-peer", "The peer: USB",
-          "USB's FixMatch, FreeMatch, SoftMatch and DebiasPL beside this library on the same split, backbone and "
-          "budget.",
-          (Source("usb_peer*.json", "python benchmarks/usb_peer.py --full"),)),
+          "USB's FixMatch, FlexMatch, FreeMatch, SoftMatch and DebiasPL beside this library on the same split, "
+          "network, initialisation and budget.",
+          (Source("usb_peer_cpu.json", "python benchmarks/usb_peer.py --size cpu --cpu-emulate", "On 2 CPU cores"),
+           Source("usb_peer.json", "python benchmarks/usb_peer.py --full", "On one GPU"))),
 )
 
 

