@@ -405,8 +405,8 @@ def print_tables(comparison: dict, title: str) -> None:
     for col in ("task", "library", "arm", "seeds", "top-1, EMA (mean ± sd)", "PL KL(target)", "train img/s", "note"):
         table.add_column(col)
     for r in comparison["rows"]:
-        table.add_row(r["task"], r["lib"], r["algorithm"], str(r["seeds"]), f"{r['top1_mean']:.2f} ± {r['top1_sd']:.2f}",
-                      f"{r['pl_kl_target_mean']:.3f}", f"{r['img_per_s_mean']:.0f}", "; ".join(r["not_ok"])[:60])
+        table.add_row(r["task"], r["lib"], r["algorithm"], str(r["seeds"]),
+                      f"{r['top1_mean']:.2f} ± {r['top1_sd']:.2f}", f"{r['pl_kl_target_mean']:.3f}", f"{r['img_per_s_mean']:.0f}", "; ".join(r["not_ok"])[:60])
     console.print(table)
     paired = Table(title="ours DebiasPL - USB arm, paired by seed (top-1 points)")
     for col in ("task", "ours", "USB arm", "mean ± sd", "seeds won"):
