@@ -277,7 +277,8 @@ def usb_environment(site: Path, wheels: Path) -> None:
         return
     _ENVIRONMENT = (site, wheels)
     sys.path.insert(0, str(HERE))
-    from usb_peer import emulate_cuda_on_cpu, install, install_stubs
+    from usb_peer import install
+    from usb_runner import emulate_cuda_on_cpu, install_stubs
     site.mkdir(parents=True, exist_ok=True)
     with open(site.parent / f".{site.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

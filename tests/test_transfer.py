@@ -293,7 +293,7 @@ def test_mlp_head_run_exports_and_evaluates(tiny_config, image_data, tmp_path):
     summary = fit(cached_config(tiny_config, head_hidden_size=16), quiet=True)
     out = tmp_path / "runs" / "run"
     config = json.loads((out / "export" / "config.json").read_text())
-    assert config["dpl_zoo"] == {"head_hidden_size": 16}
+    assert config["dpl_zoo"]["head_hidden_size"] == 16 and config["dpl_zoo"]["training"]["method"] == "debiaspl"
     assert summary["trainable_params"] == 96 * 16 + 16 + 16 * 3 + 3
     model = dpl_zoo.load(f"local-dir:{out / 'export'}")       # plain timm cannot build the MLP head; dpl_zoo can
     assert isinstance(model.fc, torch.nn.Sequential)
