@@ -163,7 +163,9 @@ def test_a_killed_run_stops_the_others_while_they_still_train(image_data, tmp_pa
         "error: the fixmatch run's process was killed by SIGKILL (often: out of memory) before it finished; the "
         "other runs were stopped, each keeps its last checkpoint (written at epoch ends); continue them: the same "
         "command with --set experiment=run --resume auto"]
-    assert stopped_after < 15, stopped_after              # noticed within seconds, not when the others finish
+    # noticed while the survivor still trains (it had 300 epochs to go), not when it finishes; a
+    # generous bound, as the cores may be shared (seconds on a quiet machine, 81 s before the fix)
+    assert stopped_after < 60, stopped_after
     assert not multiprocessing.active_children()
     survivor = tmp_path / "runs" / "run-debiaspl"
     assert not (survivor / "summary.json").exists()
