@@ -410,9 +410,14 @@ def main(argv=None) -> int:
     if algorithms:
         for (case, seed) in splits:
             npz = runs / "features" / f"{case}-s{seed}.npz"
-            if not npz.is_file():
+            job = next(j for j in jobs if j["case"] == case and j["seed"] == seed)
+            made_by = npz.with_suffix(".json")   # the settings and splits the file was exported with
+            record = {"overrides": common_overrides(size, args), "splits": [
+                Path(splits[(case, seed)][k]).read_text() for k in ("labeled", "unlabeled")]}
+            if not npz.is_file() or not made_by.is_file() or json.loads(made_by.read_text()) != record:
                 npz.parent.mkdir(parents=True, exist_ok=True)
-                export_features(build(next(j for j in jobs if j["case"] == case and j["seed"] == seed)), npz)
+                export_features(build(job), npz)
+                made_by.write_text(json.dumps(record))
             feature_files[(case, seed)] = npz
     results = run_jobs(jobs, parallel=size["parallel"], console=console, rerun_changed=args.rerun_changed,
                        on_done=lambda r: console.print(f"{r['job']['name']}: top-1 {r['top1']:.2f} ({r['seconds']:.0f} s)"))

@@ -110,7 +110,8 @@ def jobs_command(jobs_file, *, threads: int = 1, site=None, wheels=None, python:
     about 5-10 s, paid once). ``jobs_file`` is a JSON list of objects, one a run, whose keys are
     :func:`command`'s argument names: ``features``, ``algorithm``, ``seed``, ``out`` and any of
     the shared settings or other flags (dashes as underscores, e.g. ``daso_pretrain_iter``);
-    a run whose ``out`` already holds an ``ok`` result is not run again."""
+    a run whose ``out`` already holds an ``ok`` result made with the same settings and features file
+    (:func:`request`) is not run again."""
     cmd = [python or sys.executable, str(Path(__file__).resolve()), "--jobs", str(jobs_file), "--threads", str(threads)]
     if site is not None:
         cmd += ["--site", str(site)]
@@ -586,13 +587,30 @@ def main(argv=None) -> int:
             if unknown:
                 raise SystemExit(f"{args.jobs}: unknown keys {sorted(unknown)}")
             out = Path(job["out"])
-            if out.is_file() and json.loads(out.read_text()).get("status") == "ok":
-                continue
-            failed += one_run(argparse.Namespace(**{**vars(args), "jobs": None, **job}))
+            run_args = argparse.Namespace(**{**vars(args), "jobs": None, **job})
+            if out.is_file():
+                saved = json.loads(out.read_text())
+                if saved.get("status") == "ok" and saved.get("request") == request(run_args):
+                    continue   # the same settings and features: reused; anything else runs again
+            failed += one_run(run_args)
         return 1 if failed else 0
     if not (args.features and args.algorithm and args.out):
         p.error("--features, --algorithm and --out are needed (or --jobs)")
     return one_run(args)
+
+
+# what decides a run's result: a saved result is reused only when all of these match
+REQUEST_KEYS = ("algorithm", "seed", "steps", "batch", "mu", "lr", "weight_decay", "momentum", "ema", "threshold",
+                "schedule", "abc_p_cutoff", "daso_pretrain_iter", "daso_pl_dist_iter", "darp_warmup_epochs",
+                "crest_gens")
+
+
+def request(args) -> dict:
+    """The run's settings and its features file's identity (path, size, modification time)."""
+    features = Path(args.features)
+    st = features.stat()
+    return {**{k: getattr(args, k, None) for k in REQUEST_KEYS}, "features": str(features),
+            "features_size": st.st_size, "features_mtime_ns": st.st_mtime_ns}
 
 
 def one_run(args) -> int:
@@ -608,6 +626,7 @@ def one_run(args) -> int:
         result = {"algorithm": args.algorithm, "library": "usb", "seed": args.seed, "status": "failed",
                   "detail": f"{type(e).__name__}: {e}"[:400]}
     result["wall_seconds"] = time.perf_counter() - t
+    result["request"] = request(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

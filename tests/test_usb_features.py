@@ -80,3 +80,20 @@ def test_every_usb_algorithm_trains_on_features(tmp_path, wheels):
     assert subprocess.run(single, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("abc.json", "abc-single.json"))
     assert a["pl_hist"] == b["pl_hist"] and a["top1"] == b["top1"]
+
+
+def test_a_saved_result_is_reused_only_for_the_same_settings_and_features(tmp_path, monkeypatch):
+    import argparse
+    import os
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import usb_features
+    npz = tmp_path / "f.npz"
+    npz.write_bytes(b"features")
+    args = argparse.Namespace(features=str(npz), algorithm="abc", seed=0, steps=1000, batch=32, mu=7, lr=0.03,
+                              weight_decay=0.05, momentum=0.9, ema=0.99, threshold=0.7, schedule="usb")
+    saved = usb_features.request(args)
+    assert usb_features.request(args) == saved
+    assert usb_features.request(argparse.Namespace(**{**vars(args), "steps": 500})) != saved
+    st = npz.stat()
+    os.utime(npz, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))     # the features exported again
+    assert usb_features.request(args) != saved
