@@ -110,6 +110,21 @@ def mean_sd(values) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def paired_difference(a: dict, b: dict) -> dict:
+    """Per seed (the seeds both ``{seed: value}`` have): ``a - b``, its mean and sd, and the seeds
+    ``a`` won."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    m, sd = mean_sd(diffs)
+    return {"seeds": seeds, "diffs": diffs, "mean": m, "sd": sd, "won": sum(d > 0 for d in diffs)}
+
+
+def kl_from(hist, reference) -> float:
+    """KL(pseudo-label histogram || reference): every arm measured against the same reference."""
+    total = float(sum(hist))
+    return sum(h / total * math.log(h / total / r) for h, r in zip(hist, reference) if h > 0)
+
+
 def core_slices(n: int, cores=None) -> list[list[int]]:
     """``n`` slices of ``cores`` (default: those this process may run on), as even as they come;
     more slices than cores share them round robin."""

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_rerun_argument, mean_sd, run_jobs, write_report  # noqa: E402
+from _common import add_rerun_argument, kl_from, mean_sd, run_jobs, write_report  # noqa: E402
 
 console = Console()
 ARMS = {"fixmatch": ["dpl.method=fixmatch"],
@@ -39,13 +39,6 @@ ARMS = {"fixmatch": ["dpl.method=fixmatch"],
 def profile(ratio: float, classes: int = 10) -> list[float]:
     w = [ratio ** (-c / (classes - 1)) for c in range(classes)]
     return [x / sum(w) for x in w]
-
-
-def kl_from(hist, reference) -> float:
-    """KL(pseudo-label histogram || reference): every arm measured against the same reference."""
-    import math
-    total = float(sum(hist))
-    return sum(h / total * math.log(h / total / r) for h, r in zip(hist, reference) if h > 0)
 
 
 def scores(summary: dict, ratio: float) -> dict:

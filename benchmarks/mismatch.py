@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_rerun_argument, mean_sd, run_jobs, write_report  # noqa: E402
+from _common import add_rerun_argument, kl_from, mean_sd, paired_difference, run_jobs, write_report  # noqa: E402
 from finetune import FROZEN_COMMON, HEAD_WEIGHT_DECAY, _data, _start  # noqa: E402
 
 console = Console()
@@ -105,17 +104,10 @@ def tv(a, b) -> float:
     return 0.5 * sum(abs(x - y) for x, y in zip(a, b))
 
 
-def kl_from(hist, reference) -> float:
-    total = float(sum(hist))
-    return sum(h / total * math.log(h / total / r) for h, r in zip(hist, reference) if h > 0)
-
-
 def paired(a: dict, b: dict) -> dict:
-    """Per-seed differences ``a - b`` over the seeds both have: mean, sd, seeds won."""
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds]
-    mean, sd = mean_sd(diffs)
-    return {"mean": mean, "sd": sd, "won": sum(d > 0 for d in diffs), "seeds": len(seeds)}
+    """Per-seed differences ``a - b`` over the seeds both have: mean, sd, seeds won, seed count."""
+    p = paired_difference(a, b)
+    return {"mean": p["mean"], "sd": p["sd"], "won": p["won"], "seeds": len(p["seeds"])}
 
 
 # --- our arms --------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import core_slices, mean_sd, write_report  # noqa: E402
+from _common import core_slices, mean_sd, paired_difference, write_report  # noqa: E402
 from usb_runner import STUBBED  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -319,14 +319,6 @@ def _stop(procs: list) -> None:
 
 # --- the comparison --------------------------------------------------------------------------------
 
-def _paired(ours: dict, theirs: dict) -> dict:
-    """Per seed (the seeds both have): ours - theirs, its mean and sd, and the seeds ours won."""
-    seeds = sorted(set(ours) & set(theirs))
-    diffs = [ours[s] - theirs[s] for s in seeds]
-    m, sd = mean_sd(diffs)
-    return {"seeds": seeds, "diffs": diffs, "mean": m, "sd": sd, "won": sum(d > 0 for d in diffs)}
-
-
 def compare(results: list[dict], usb, ours) -> dict:
     """Per task: each arm's top-1 mean +- sd, pseudo-label KL from the target and images/s; the paired
     difference of each of our DebiasPL arms against each USB arm; our images/s over USB's for the
@@ -349,7 +341,7 @@ def compare(results: list[dict], usb, ours) -> dict:
                                 "seconds_mean": mean_sd([r["seconds"] for r in rs])[0], "not_ok": why})
         for mine in [a for a in ours if a.startswith("debiaspl")]:
             for theirs in usb:
-                pair = _paired({s: r["top1"] for s, r in ok[("dpl-zoo", mine)].items()},
+                pair = paired_difference({s: r["top1"] for s, r in ok[("dpl-zoo", mine)].items()},
                                {s: r["top1"] for s, r in ok[("usb", theirs)].items()})
                 if pair["seeds"]:   # arms run on other seeds only are not compared
                     out["paired"].append({"task": task, "ours": mine, "usb": theirs, **pair})
