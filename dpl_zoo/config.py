@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .threshold import THRESHOLD_MODES
+
 METHODS = ("debiaspl", "fixmatch", "supervised")
 AUGMENT_ON = ("workers", "device")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -36,7 +38,11 @@ class DPLConfig:
     tau_margin: Optional[float] = None  # adaptive margin; defaults to tau
     debias: bool = True                # ablation switch for the counterfactual pseudo-labels
     margin: bool = True                # ablation switch for the adaptive margin
-    threshold: float = 0.95            # confidence a pseudo-label needs to be used
+    threshold: float = 0.95            # confidence a pseudo-label needs to be used (threshold_mode fixed)
+    # fixed (threshold, the paper) | self_adaptive (FreeMatch's per-class thresholds that follow the
+    # debiased pseudo-labels' confidence: dpl_zoo.threshold; threshold is then unused)
+    threshold_mode: str = "fixed"
+    threshold_momentum: float = 0.999  # threshold_mode self_adaptive: EMA momentum of the thresholds (FreeMatch's)
     mu: int = 5                        # unlabeled batch = mu x labeled batch
     lambda_u: float = 1.0              # weight of the unlabeled loss
     qhat_momentum: float = 0.999       # EMA momentum of the class prior qhat (short runs: 0.99)
@@ -319,7 +325,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"dpl.method must be one of {', '.join(METHODS)}, got {d.method!r}{_closest(d.method, list(METHODS))}")
     checks = [
         ("dpl.tau", d.tau >= 0), ("dpl.threshold", 0 <= d.threshold <= 1), ("dpl.mu", d.mu >= 1),
-        ("dpl.qhat_momentum", 0 <= d.qhat_momentum < 1), ("dpl.lambda_u", d.lambda_u >= 0),
+        ("dpl.qhat_momentum", 0 <= d.qhat_momentum < 1), ("dpl.threshold_momentum", 0 <= d.threshold_momentum < 1), ("dpl.lambda_u", d.lambda_u >= 0),
         ("dpl.lambda_cld", d.lambda_cld >= 0), ("dpl.clip_threshold", 0 <= d.clip_threshold <= 1),
         ("batch_size", cfg.batch_size >= 1), ("epochs", cfg.epochs >= 1), ("lr", cfg.lr > 0),
         ("model_ema_decay", 0 <= cfg.model_ema_decay < 1), ("workers", cfg.workers >= 0),
@@ -337,6 +343,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _validate_start(cfg)
     _validate_transfer(cfg)
     _validate_target_prior(d.target_prior)
+    if d.threshold_mode not in THRESHOLD_MODES:
+        raise ConfigError(f"dpl.threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got "
+                          f"{d.threshold_mode!r}{_closest(d.threshold_mode, list(THRESHOLD_MODES))}")
     if d.estimate_start not in ("uniform", "labeled"):
         raise ConfigError(f"dpl.estimate_start must be uniform or labeled, got {d.estimate_start!r}")
     if not 0.0 <= d.estimate_momentum < 1.0:

@@ -57,7 +57,7 @@ def accuracy_report(logits: torch.Tensor, targets: torch.Tensor, num_classes: in
 
 
 def pseudo_label_counts(logits: torch.Tensor, targets: torch.Tensor, log_ratio: torch.Tensor,
-                        tau: float, threshold: float) -> torch.Tensor:
+                        tau: float, threshold: float | torch.Tensor) -> torch.Tensor:
     """``[accepted, accepted correct, correct, total, histogram...]`` of the pseudo-labels the
     method would make now (debiased with the current prior, ``log qhat - log p*``), summable over shards."""
     _, pl, mask = debiased_pseudo_labels(logits, log_ratio.cpu(), tau, threshold)

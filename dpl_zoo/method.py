@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .threshold import THRESHOLD_MODES, SelfAdaptiveThreshold
+
 Views = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 CLD_TEMPERATURE = 0.07
@@ -149,8 +151,17 @@ class ClassPrior(nn.Module):
                 f"target={'uniform' if self.uniform_target else self.target.flatten().tolist()}")
 
 
+def debiased_probs(weak_logits: torch.Tensor, log_prior: torch.Tensor, tau: float) -> torch.Tensor:
+    """The counterfactual pseudo-label distribution ``softmax(lw - tau * log qhat)``, float32, detached."""
+    _check_range("tau", tau, 0.0, math.inf)
+    logits = weak_logits.detach().float()
+    if tau != 0:
+        logits = logits - tau * log_prior
+    return torch.softmax(logits, dim=-1)
+
+
 def debiased_pseudo_labels(
-        weak_logits: torch.Tensor, log_prior: torch.Tensor, tau: float, threshold: float,
+        weak_logits: torch.Tensor, log_prior: torch.Tensor, tau: float, threshold: Union[float, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Counterfactual pseudo-labels: ``p = softmax(lw - tau * log qhat)``.
 
@@ -160,19 +171,23 @@ def debiased_pseudo_labels(
         weak_logits: N x C.
         log_prior: 1 x C, ``log qhat`` (or ``log qhat - log p*``).
         tau: debiasing strength; 0 gives FixMatch's pseudo-labels.
-        threshold: confidence a pseudo-label needs to be used.
+        threshold: confidence a pseudo-label needs to be used: one number, or one per class
+            (a C or 1 x C tensor, e.g. :class:`dpl_zoo.threshold.SelfAdaptiveThreshold`'s), applied
+            to the pseudo-label's class.
 
     Returns:
         ``(probs, targets, mask)``: N x C probabilities, N class indices, and a float mask (1 where
         ``max p >= threshold``).
     """
-    _check_range("tau", tau, 0.0, math.inf)
-    _check_range("threshold", threshold, 0.0, 1.0)
-    logits = weak_logits.detach().float()
-    if tau != 0:
-        logits = logits - tau * log_prior
-    probs = torch.softmax(logits, dim=-1)
+    if not isinstance(threshold, torch.Tensor):
+        _check_range("threshold", threshold, 0.0, 1.0)
+    probs = debiased_probs(weak_logits, log_prior, tau)
     max_probs, targets = probs.max(dim=-1)
+    if isinstance(threshold, torch.Tensor):
+        per_class = threshold.detach().flatten().to(probs)
+        if per_class.numel() != probs.shape[1]:
+            raise ValueError(f"threshold holds {per_class.numel()} values for {probs.shape[1]} classes")
+        threshold = per_class[targets]
     mask = max_probs.ge(threshold).float()
     return probs, targets, mask
 
@@ -286,6 +301,10 @@ class DebiasPLLoss(nn.Module):
         sync_qhat: all-reduce the prior's batch statistics under ``torch.distributed``.
         target_prior: C positive numbers to debias towards instead of uniform
             (``log qhat - log p*`` replaces ``log qhat`` in both adjustments).
+        threshold_mode: ``fixed`` (``threshold``, the paper) or ``self_adaptive`` (FreeMatch's
+            per-class thresholds on the debiased pseudo-labels, :mod:`dpl_zoo.threshold`;
+            ``threshold`` is then unused).
+        threshold_momentum: EMA momentum of the self-adaptive thresholds (FreeMatch: 0.999).
 
     Raises:
         ValueError: a setting out of range (negative tau, a threshold outside [0, 1], ...).
@@ -314,6 +333,8 @@ class DebiasPLLoss(nn.Module):
             clip_threshold: float = 0.4,
             sync_qhat: bool = True,
             target_prior: Optional[Sequence[float] | torch.Tensor] = None,
+            threshold_mode: str = "fixed",
+            threshold_momentum: float = 0.999,
     ):
         super().__init__()
         _check_range("tau", tau, 0.0, math.inf)
@@ -324,8 +345,13 @@ class DebiasPLLoss(nn.Module):
         _check_range("clip_threshold", clip_threshold, 0.0, 1.0)
         _check_range("lambda_u", lambda_u, 0.0, math.inf)
         _check_range("lambda_cld", lambda_cld, 0.0, math.inf)
+        if threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got {threshold_mode!r}")
         self.prior = ClassPrior(num_classes, momentum=qhat_momentum, masked=masked_qhat, sync=sync_qhat,
                                 target=target_prior)
+        self.adaptive: Optional[SelfAdaptiveThreshold] = (
+            SelfAdaptiveThreshold(num_classes, threshold_momentum, sync=sync_qhat)
+            if threshold_mode == "self_adaptive" else None)
         self.tau_pl = (tau if tau_pl is None else tau_pl) if debias else 0.0
         self.tau_margin = (tau if tau_margin is None else tau_margin) if margin else 0.0
         self.threshold = threshold
@@ -336,6 +362,11 @@ class DebiasPLLoss(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.prior.num_classes
+
+    def current_threshold(self) -> Union[float, torch.Tensor]:
+        """The threshold the next pseudo-labels face: the fixed number, or the self-adaptive
+        per-class thresholds (1 x C) as they stand, for diagnostics outside the step."""
+        return self.threshold if self.adaptive is None else self.adaptive.thresholds().detach()
 
     def forward(
             self,
@@ -387,11 +418,15 @@ class DebiasPLLoss(nn.Module):
 
         # 1. pseudo-labels with the prior from before this step's update
         log_prior = self.prior.log_ratio()
-        _, targets, mask = debiased_pseudo_labels(weak_mean, log_prior, self.tau_pl, self.threshold)
+        threshold: Union[float, torch.Tensor] = self.threshold
+        if self.adaptive is not None:
+            # FreeMatch's order: the thresholds take this batch's statistics, then gate it
+            threshold = self.adaptive.update(debiased_probs(weak_mean, log_prior, self.tau_pl))
+        _, targets, mask = debiased_pseudo_labels(weak_mean, log_prior, self.tau_pl, threshold)
         target_sets = [(targets, mask)]
         if multiview:
             for w in weak:
-                _, t, m = debiased_pseudo_labels(w, log_prior, self.tau_pl, self.threshold)
+                _, t, m = debiased_pseudo_labels(w, log_prior, self.tau_pl, threshold)
                 target_sets.append((t, m))
 
         # 2. prior update from the raw (not debiased) weak distribution
@@ -440,5 +475,6 @@ class DebiasPLLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (f"tau_pl={self.tau_pl}, tau_margin={self.tau_margin}, threshold={self.threshold}, "
+        threshold = "self_adaptive" if self.adaptive is not None else self.threshold
+        return (f"tau_pl={self.tau_pl}, tau_margin={self.tau_margin}, threshold={threshold}, "
                 f"lambda_u={self.lambda_u}, lambda_cld={self.lambda_cld}")

@@ -142,7 +142,8 @@ def build_criterion(cfg: TrainConfig, num_classes: int, prior: Optional[list[flo
     return DebiasPLLoss(
         num_classes, tau=d.tau, threshold=d.threshold, qhat_momentum=d.qhat_momentum, lambda_u=d.lambda_u,
         lambda_cld=d.lambda_cld, masked_qhat=d.masked_qhat, tau_pl=d.tau_pl, tau_margin=d.tau_margin,
-        debias=d.debias, margin=d.margin, clip_threshold=d.clip_threshold, target_prior=prior)
+        debias=d.debias, margin=d.margin, clip_threshold=d.clip_threshold, target_prior=prior,
+        threshold_mode=d.threshold_mode, threshold_momentum=d.threshold_momentum)
 
 
 def _split(cfg: TrainConfig, data: RunData, num_classes: int) -> Split:

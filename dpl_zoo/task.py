@@ -196,6 +196,8 @@ class DebiasPLTask(TrainingTask):
         state = {"qhat": prior.qhat.detach().cpu().clone(), "target_prior": prior.target.detach().cpu().clone()}
         if self.prior_estimator is not None:
             state["prior_estimate"] = {k: v.detach().cpu().clone() for k, v in self.prior_estimator.state_dict().items()}
+        if self.criterion.adaptive is not None:
+            state["threshold"] = {k: v.detach().cpu().clone() for k, v in self.criterion.adaptive.state_dict().items()}
         return state
 
     def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True,
@@ -217,6 +219,11 @@ class DebiasPLTask(TrainingTask):
                                  "this run estimates it; resume with the run's own target_prior")
             self.prior_estimator.load_state_dict(state["prior_estimate"])
             self.criterion.prior.follow(self.prior_estimator.target())
+        if self.criterion.adaptive is not None:
+            if "threshold" not in state:
+                raise ValueError("checkpoint has no self-adaptive threshold: it was trained with dpl.threshold_mode "
+                                 "fixed; resume with the run's own threshold_mode")
+            self.criterion.adaptive.load_state_dict(state["threshold"])
 
 
 def _ema_slots(ema_module: nn.Module, student: nn.Module) -> list[tuple[nn.Module, nn.Module, str, str]]:

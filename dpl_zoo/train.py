@@ -67,6 +67,15 @@ def estimate_fields(run: Run) -> dict:
             "estimate_steps": int(est.steps)}
 
 
+def threshold_fields(run: Run) -> dict:
+    """The self-adaptive thresholds as they stand (``dpl.threshold_mode: self_adaptive``), per
+    class, for logs and the summary; empty with a fixed threshold."""
+    adaptive = run.task.criterion.adaptive
+    if adaptive is None:
+        return {}
+    return {"thresholds": [round(v, 6) for v in adaptive.thresholds().flatten().tolist()]}
+
+
 def _diverged(run: Run, step: int, epoch: int, loss: float) -> TrainingDiverged:
     return TrainingDiverged(
         f"loss is {loss} at step {step} (epoch {epoch}); training stopped. The last good checkpoint is kept in "
@@ -99,7 +108,8 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter, metrics_log) -> di
         if (step + 1) % cfg.log_interval == 0:
             metrics_log({"kind": "train", "epoch": epoch, "step": step + 1,
                          **{k: row[k] for k in ("loss", "loss_x", "loss_u", "mask_rate")},
-                         "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": img_s, **estimate_fields(run)})
+                         "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": img_s, **estimate_fields(run),
+                         **threshold_fields(run)})
     reporter.end_epoch()
     elapsed = time.perf_counter() - start
     # sums over ranks: losses and rates averaged over every process, counts and histograms global
@@ -132,7 +142,7 @@ def evaluate(run: Run) -> dict:
         crit = run.task.criterion
         report["pseudo_labels"] = pseudo_label_from_counts(counts(
             run.task.teacher(), run.diag,
-            lambda l, t: pseudo_label_counts(l, t, prior.log_ratio(), crit.tau_pl, crit.threshold)),
+            lambda l, t: pseudo_label_counts(l, t, prior.log_ratio(), crit.tau_pl, crit.current_threshold())),
             target=prior.target.flatten().tolist())
     return report
 
@@ -240,6 +250,8 @@ def _fit(cfg: TrainConfig, out_dir: Path, saved: Optional[dict], quiet: bool, re
         if run.ssl:
             dist_utils.check_same_across_ranks(run.task.criterion.prior.qhat, "qhat")
             dist_utils.check_same_across_ranks(run.task.criterion.prior.target, "the target prior")
+            if run.task.criterion.adaptive is not None:
+                dist_utils.check_same_across_ranks(run.task.criterion.adaptive.thresholds(), "the thresholds")
         estimate = estimate_fields(run)
         if estimate:
             est = run.task.prior_estimator
@@ -290,6 +302,8 @@ def training_record(run: Run) -> dict:
         record["target_prior"] = mode if mode in ("uniform", "labeled", "estimated") else "given"
         record["target_prior_values"] = [round(v, 6) for v in run.task.criterion.prior.target.flatten().tolist()]
         record.update(estimate_fields(run))
+        record["threshold_mode"] = run.cfg.dpl.threshold_mode
+        record.update(threshold_fields(run))
     return record
 
 
@@ -343,6 +357,7 @@ def _summary(run: Run, final: dict, best: dict, elapsed: float, resumed: bool) -
                               cfg.dpl.target_prior in ("uniform", "labeled", "estimated") else "given")
         if run.ssl else None,
         **estimate_fields(run),
+        "threshold_mode": cfg.dpl.threshold_mode if run.ssl else None, **threshold_fields(run),
         "per_class_top1": final["student"]["per_class_top1"], "seconds": elapsed, "resumed": resumed,
         "output": str(run.out_dir) if run.out_dir else None,
     }
