@@ -330,12 +330,13 @@ def usb_peer(report: dict) -> str:
                   f"{s['seeds']} seeds, {s['device']}" + (" (USB's CUDA calls run on the CPU)" if s.get("cpu_emulate")
                                                           else "") + ".", "",
               "| task | library | arm | seeds | test top-1, EMA weights | per seed | pseudo-label KL from target | "
-              "training img/s | not ok |", "|---|---|---|---|---|---|---|---|---|"]
+              "unlabeled images used | training img/s | not ok |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["table"]:
         lines.append(f"| {r.get('task', tasks[0]['task'])} | {r['lib']} | {r['algorithm']} | {r['seeds']} | "
                      f"{_pm((r['top1_mean'], r['top1_sd']))} | "
                      f"{', '.join(_f(v, '.1f') for v in r.get('top1_per_seed', []))} | "
-                     f"{_f(r.get('pl_kl_target_mean'), '.3f')} | {_f(r['img_per_s_mean'], '.0f')} | "
+                     f"{_f(r.get('pl_kl_target_mean'), '.3f')} | {_f(r.get('mask_rate_mean'), '.2f')} | "
+                     f"{_f(r['img_per_s_mean'], '.0f')} | "
                      f"{'; '.join(r['not_ok']).replace('|', '/') or '-'} |")
     if report.get("paired"):
         lines += ["", "Our DebiasPL minus each USB arm, paired by seed (top-1 points):", "",

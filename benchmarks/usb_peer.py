@@ -51,9 +51,11 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 WHEELS = ROOT / ".gpu" / "usb" / "wheels"
 PINS = ("semilearn==0.3.2", "progress==1.6.1", "ruamel.yaml==0.19.1")
 USB_ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch", "debiaspl")
-# our arms: the shared settings unless named here; debiaspl-recipe is the finetune recipe's tau and threshold
+# our arms: the shared settings unless named here; debiaspl-recipe is the finetune recipe's tau and threshold;
+# debiaspl-sat composes the debiasing with FreeMatch's self-adaptive threshold (its momentum 0.999, FreeMatch's)
 OUR_ARMS = {"fixmatch": {"method": "fixmatch"}, "debiaspl": {"method": "debiaspl"},
             "debiaspl-recipe": {"method": "debiaspl", "tau": 2.0, "threshold": 0.7},
+            "debiaspl-sat": {"method": "debiaspl", "threshold_mode": "self_adaptive"},
             "supervised": {"method": "supervised"}}
 LITE0_MEAN, LITE0_STD = (0.498, 0.498, 0.498), (0.502, 0.502, 0.502)   # the weights' (x - 127) / 128
 HALF = (0.5, 0.5, 0.5)
@@ -67,6 +69,7 @@ DIGITS = dict(task="digits", dataset="mnist", model="test_resnet", start="scratc
               steps=500, test=2000, lr=0.03, mean=HALF, std=HALF, hflip=False, scale=(0.7, 1.0))
 FASHION = dict(task="fashion", dataset="fashion_mnist", model="test_resnet", start="scratch", img_size=32,
                labels_per_class=4, steps=300, test=2000, lr=0.03, mean=HALF, std=HALF, hflip=True, scale=(0.7, 1.0))
+LOG_EVERY = 50   # steps between logged means (both libraries): the mask-rate curves' resolution
 TOY = dict(img_size=32, steps=2, labels_per_class=2, test=20)
 SIZES = {  # labeled batch, mu, seeds, runs side by side, loader workers, the tasks, the arms
     "full": dict(batch=16, mu=3, seeds=3, parallel=6, workers=1, tasks=[FASHION_LITE0],
@@ -166,7 +169,7 @@ def usb_config(job: dict, size: dict, device: str, out: Path) -> dict:
         "net": task["model"], "use_pretrain": False, "dataset": f"dpl_zoo_{task['task']}", "num_classes": 10,
         "num_labels": task["labels_per_class"] * 10, "img_size": task["img_size"], "crop_ratio": 0.875,
         "batch_size": size["batch"], "uratio": size["mu"], "eval_batch_size": 256,
-        "epoch": 1, "num_train_iter": task["steps"], "num_eval_iter": task["steps"], "num_log_iter": 50,
+        "epoch": 1, "num_train_iter": task["steps"], "num_eval_iter": task["steps"], "num_log_iter": LOG_EVERY,
         "num_warmup_iter": 0, "optim": "SGD", "lr": task["lr"], "momentum": SHARED["momentum"],
         "weight_decay": SHARED["weight_decay"], "layer_decay": 1.0, "ema_m": SHARED["ema"],
         "ulb_loss_ratio": 1.0, "p_cutoff": SHARED["threshold"], "hard_label": True,
@@ -183,7 +186,8 @@ def ours_overrides(job: dict, size: dict, args, out: Path) -> list[str]:
     """The same run through dpl-zoo's ``finetune`` recipe (as benchmarks/finetune.py builds it); a
     network from scratch trains every layer at the full lr, in NHWC (the embedded default's choice)."""
     task = task_of(size, job)
-    arm = {"tau": SHARED["tau"], "threshold": SHARED["threshold"], **OUR_ARMS[job["algorithm"]]}
+    arm = {"tau": SHARED["tau"], "threshold": SHARED["threshold"], "threshold_mode": "fixed",
+           **OUR_ARMS[job["algorithm"]]}
     scratch = task["start"] == "scratch"
     start = ["initial_checkpoint=null", "backbone_lr_scale=1.0", "channels_last=true"] if scratch else \
         [f"initial_checkpoint={args.weights}"]
@@ -201,9 +205,10 @@ def ours_overrides(job: dict, size: dict, args, out: Path) -> list[str]:
         "eval_interval=1", "warmup_epochs=0", f"lr={task['lr']}", f"momentum={SHARED['momentum']}",
         f"weight_decay={SHARED['weight_decay']}", f"model_ema_decay={SHARED['ema']}",
         f"dpl.qhat_momentum={SHARED['prior_momentum']}", f"dpl.tau={arm['tau']}",
-        f"dpl.threshold={arm['threshold']}", f"dpl.method={arm['method']}", f"seed={job['seed']}",
+        f"dpl.threshold={arm['threshold']}", f"dpl.threshold_mode={arm['threshold_mode']}",
+        f"dpl.method={arm['method']}", f"seed={job['seed']}",
         f"data.split_seed={job['seed']}", f"workers={size['workers']}", f"device={args.device}",
-        "amp=" + ("true" if args.device == "cuda" else "false"), "log_interval=50",
+        "amp=" + ("true" if args.device == "cuda" else "false"), f"log_interval={LOG_EVERY}",
         f"output={out / 'dpl-zoo-runs'}", f"experiment={job['name']}",
     ]
 
@@ -252,11 +257,13 @@ def run_ours_job(job: dict, size: dict, args, out: Path) -> dict:
     epoch = [r for r in rows if r["kind"] == "epoch"][-1]
     teacher = epoch["eval"].get("teacher", epoch["eval"]["student"])
     pl = epoch["eval"].get("pseudo_labels", {})
+    curve = [r["mask_rate"] for r in rows if r["kind"] == "train"]   # LOG_EVERY-step means, as usb_runner bins USB's
     return {**job, "status": "ok", "top1": summary["teacher_top1"], "evaluated": "EMA weights (the EMAN teacher)",
             "per_class_top1": teacher["per_class_top1"], "student_top1": summary["top1"],
             "pl_hist": pl.get("pl_hist"), "pl_kl_target": pl.get("pl_kl_target"),
             "pl_kl_uniform": pl.get("pl_kl_uniform"), "pl_acc_all": pl.get("pl_acc_all"),
-            "seconds": summary["seconds"], "img_per_s": epoch["img_per_s"], "steps": summary["steps"]}
+            "seconds": summary["seconds"], "img_per_s": epoch["img_per_s"], "steps": summary["steps"],
+            "mask_rate_mean": epoch["mask_rate"], "mask_curve": curve}   # one epoch: its mean is the run's
 
 
 def worker(jobs_file: Path, name: str) -> int:
@@ -335,10 +342,15 @@ def compare(results: list[dict], usb, ours) -> dict:
                           and r["algorithm"] == a and r["status"] != "ok"})
             top1, ips = mean_sd([r["top1"] for r in rs]), mean_sd([r["img_per_s"] for r in rs])
             kl = mean_sd([r.get("pl_kl_target") for r in rs])
+            curves = [r["mask_curve"] for r in rs if r.get("mask_curve")]
             out["rows"].append({"task": task, "lib": lib, "algorithm": a, "seeds": len(rs), "top1_mean": top1[0],
                                 "top1_sd": top1[1], "top1_per_seed": [r["top1"] for r in rs],
                                 "pl_kl_target_mean": kl[0], "pl_kl_target_sd": kl[1], "img_per_s_mean": ips[0],
-                                "seconds_mean": mean_sd([r["seconds"] for r in rs])[0], "not_ok": why})
+                                "seconds_mean": mean_sd([r["seconds"] for r in rs])[0],
+                                # the share of unlabeled images the unlabeled loss used, over training
+                                "mask_rate_mean": mean_sd([r.get("mask_rate_mean") for r in rs])[0],
+                                "mask_curve": [sum(c) / len(c) for c in zip(*curves)] if curves else [],
+                                "not_ok": why})
         for mine in [a for a in ours if a.startswith("debiaspl")]:
             for theirs in usb:
                 pair = paired_difference({s: r["top1"] for s, r in ok[("dpl-zoo", mine)].items()},
@@ -394,11 +406,14 @@ def verdicts(comparison: dict, min_seeds: int = 2) -> dict:
 
 def print_tables(comparison: dict, title: str) -> None:
     table = Table(title=title)
-    for col in ("task", "library", "arm", "seeds", "top-1, EMA (mean ± sd)", "PL KL(target)", "train img/s", "note"):
+    for col in ("task", "library", "arm", "seeds", "top-1, EMA (mean ± sd)", "PL KL(target)", "PL used",
+                "train img/s", "note"):
         table.add_column(col)
     for r in comparison["rows"]:
         table.add_row(r["task"], r["lib"], r["algorithm"], str(r["seeds"]),
-                      f"{r['top1_mean']:.2f} ± {r['top1_sd']:.2f}", f"{r['pl_kl_target_mean']:.3f}", f"{r['img_per_s_mean']:.0f}", "; ".join(r["not_ok"])[:60])
+                      f"{r['top1_mean']:.2f} ± {r['top1_sd']:.2f}", f"{r['pl_kl_target_mean']:.3f}",
+                      "-" if r.get("mask_rate_mean") is None else f"{r['mask_rate_mean']:.2f}",
+                      f"{r['img_per_s_mean']:.0f}", "; ".join(r["not_ok"])[:60])
     console.print(table)
     paired = Table(title="ours DebiasPL - USB arm, paired by seed (top-1 points)")
     for col in ("task", "ours", "USB arm", "mean ± sd", "seeds won"):
@@ -413,7 +428,8 @@ def print_tables(comparison: dict, title: str) -> None:
 
 
 def figure(comparison: dict, path: Path) -> Path | None:
-    """Top-1 per arm and task (mean, sd bars, the seeds as dots), USB's arms beside ours."""
+    """Top-1 per arm and task (mean, sd bars, the seeds as dots), USB's arms beside ours; below, the
+    share of unlabeled images each arm's unlabeled loss used over training."""
     try:
         import matplotlib
     except ImportError:
@@ -421,7 +437,7 @@ def figure(comparison: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tasks = list(dict.fromkeys(r["task"] for r in comparison["rows"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in comparison["rows"] if r["task"] == task]
         xs = range(len(rows))
@@ -433,6 +449,13 @@ def figure(comparison: dict, path: Path) -> Path | None:
                       rotation=60, fontsize=7)
         ax.set_title(task)
         ax.set_ylabel("test top-1 (%), EMA weights")
+    for ax, task in zip(axes[1], tasks):
+        for r in (r for r in comparison["rows"] if r["task"] == task and r.get("mask_curve")):
+            ax.plot([LOG_EVERY * (i + 1) for i in range(len(r["mask_curve"]))], r["mask_curve"],
+                    "--" if r["lib"] == "usb" else "-", label=f"{'USB' if r['lib'] == 'usb' else 'ours'} {r['algorithm']}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"unlabeled images used (mask rate, {LOG_EVERY}-step means)")
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

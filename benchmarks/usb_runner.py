@@ -14,6 +14,7 @@ imports at start but none of the algorithms run here use are stubs that fail if 
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -159,6 +160,16 @@ def _logits(model, images, view, batch: int = 256):
     return torch.cat(out)
 
 
+def mask_rates(per_step: Sequence[float], interval: int) -> dict:
+    """``mask_rate_mean`` over training and ``mask_curve``, the mean of each whole ``interval`` of steps
+    (as dpl-zoo's metrics.jsonl logs them), for the pseudo-label use of two libraries side by side."""
+    per_step = list(per_step)
+    if not per_step:
+        return {"mask_rate_mean": None, "mask_curve": []}
+    chunks = [per_step[i:i + interval] for i in range(0, len(per_step) - interval + 1, interval)]
+    return {"mask_rate_mean": sum(per_step) / len(per_step), "mask_curve": [sum(c) / len(c) for c in chunks]}
+
+
 def train_usb(config: dict, build: Callable[[int], object], images, targets: Sequence[int],
               labeled: Sequence[int], unlabeled: Sequence[int], test_images, test_targets: Sequence[int],
               diag: Sequence[int] = (), target_prior: Optional[Sequence[float]] = None,
@@ -177,7 +188,7 @@ def train_usb(config: dict, build: Callable[[int], object], images, targets: Seq
     algorithm would make on ``images[diag]``, before its threshold), ``pl_kl_target`` (its KL
     divergence from ``target_prior``, default uniform) and ``pl_acc_all``; ``img_per_s`` (labeled
     + weak + strong images per second of training, evaluation and checkpoints excluded),
-    ``seconds`` and ``train_seconds``; ``usb_top1`` (USB's own evaluation of the same weights).
+    ``seconds`` and ``train_seconds``; ``mask_rate_mean`` and ``mask_curve`` (:func:`mask_rates`); ``usb_top1`` (USB's own evaluation of the same weights).
     """
     import random
 
@@ -240,6 +251,16 @@ def train_usb(config: dict, build: Callable[[int], object], images, targets: Seq
         real_save(*a, **k)
         aside[0] += time.perf_counter() - t
     alg.evaluate, alg.save_model = timed_eval, timed_save
+    # the share of unlabeled images each step's loss used (USB's util_ratio: its mask's mean; SoftMatch's
+    # mask is a weight); functools.wraps keeps the signature USB reads to choose train_step's arguments
+    used, real_step = [], alg.train_step
+
+    @functools.wraps(real_step)
+    def logged_step(*a, **k):
+        out, log = real_step(*a, **k)
+        used.append(float(log["train/util_ratio"]))
+        return out, log
+    alg.train_step = logged_step
     t0 = time.perf_counter()
     alg.train()
     if torch.cuda.is_available():
@@ -267,7 +288,7 @@ def train_usb(config: dict, build: Callable[[int], object], images, targets: Seq
     own = [e["eval/top-1-acc"] for e in evals if isinstance(e, dict) and "eval/top-1-acc" in e]   # CReST also
     result.update(usb_top1=100.0 * own[-1] if own else None, seconds=seconds,   # evaluates its unlabeled set
                   train_seconds=seconds - aside[0], img_per_s=images_seen / max(seconds - aside[0], 1e-9),
-                  steps=cfg.num_train_iter)
+                  steps=cfg.num_train_iter, **mask_rates(used, cfg.num_log_iter))
     if hasattr(alg, "p_hat"):   # USB DebiasPL's class prior after training: its shape and values
         result["usb_p_hat"] = torch.as_tensor(alg.p_hat).detach().float().cpu().flatten().tolist()
     return result

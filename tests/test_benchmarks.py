@@ -537,6 +537,10 @@ def test_usb_peer_shares_the_split_and_the_settings(tmp_path, monkeypatch):
     recipe = load_config("finetune", usb_peer.ours_overrides(job, size, args, tmp_path))
     shared = load_config("finetune", usb_peer.ours_overrides({**job, "algorithm": "debiaspl"}, size, args, tmp_path))
     assert (recipe.dpl.tau, recipe.dpl.threshold, shared.dpl.tau, shared.dpl.threshold) == (2.0, 0.7, 0.5, 0.95)
+    # the composition arm differs from the shared settings in the threshold's mode alone
+    sat = load_config("finetune", usb_peer.ours_overrides({**job, "algorithm": "debiaspl-sat"}, size, args, tmp_path))
+    differ = {k for k, v in sat.to_dict()["dpl"].items() if shared.to_dict()["dpl"][k] != v}
+    assert differ == {"threshold_mode"} and sat.dpl.threshold_mode == "self_adaptive"
 
 
 def test_usb_peer_paired_differences_and_speed_ratios_from_hand_values(monkeypatch):
@@ -547,7 +551,8 @@ def test_usb_peer_paired_differences_and_speed_ratios_from_hand_values(monkeypat
 
     def run(lib, alg, seed, top1, ips, status="ok"):
         return {"task": "t", "lib": lib, "algorithm": alg, "seed": seed, "status": status, "top1": top1,
-                "img_per_s": ips, "seconds": 10.0, "pl_kl_target": 0.1 * (seed + 1)}
+                "img_per_s": ips, "seconds": 10.0, "pl_kl_target": 0.1 * (seed + 1),
+                "mask_rate_mean": 0.1 * seed, "mask_curve": [0.1 * seed, 0.2 * seed]}
     results = [run("usb", "fixmatch", s, t, i) for s, t, i in ((0, 50.0, 100.0), (1, 60.0, 100.0), (2, 70.0, 200.0))]
     results += [run("dpl-zoo", "fixmatch", s, t, i) for s, t, i in ((0, 52.0, 200.0), (1, 58.0, 250.0),
                                                                    (2, 69.0, 300.0))]
@@ -567,6 +572,12 @@ def test_usb_peer_paired_differences_and_speed_ratios_from_hand_values(monkeypat
     assert rows["usb", "fixmatch"]["not_ok"] == ["boom"] and rows["usb", "fixmatch"]["seeds"] == 3
     assert rows["dpl-zoo", "debiaspl"]["seeds"] == 4
     assert rows["dpl-zoo", "fixmatch"]["pl_kl_target_mean"] == pytest.approx(0.2)
+    # unlabeled images used: the mean over seeds, and the curve averaged step by step over seeds
+    assert rows["dpl-zoo", "fixmatch"]["mask_rate_mean"] == pytest.approx(0.1)
+    assert rows["dpl-zoo", "fixmatch"]["mask_curve"] == pytest.approx([0.1, 0.2])
+    assert usb_peer.compare([{**run("usb", "fixmatch", 0, 1.0, 1.0), "mask_curve": [0.2, 0.4]},
+                             {**run("usb", "fixmatch", 1, 1.0, 1.0), "mask_curve": [0.6, 0.0]}],
+                            ["fixmatch"], [])["rows"][0]["mask_curve"] == pytest.approx([0.4, 0.2])
     v = usb_peer.verdicts(comparison)
     assert v["t: FixMatch ours - USB -0.33 within the seed spread (10.00)"] is True
     assert v["ours debiaspl never behind a judged USB arm by more than the paired sd"] is True
@@ -580,6 +591,15 @@ def test_usb_peer_paired_differences_and_speed_ratios_from_hand_values(monkeypat
     text = runpy.run_path(str(BENCH / "report.py"))["RENDER"]["usb_peer"](report)
     assert "| t | debiaspl | fixmatch | +4.33 ± 6.03 | +5.0, -2.0, +10.0 | 2/3 |" in text
     assert "| t | fixmatch | 250 | 133 | 2.00 ± 0.50 |" in text
+    assert "| t | dpl-zoo | fixmatch | 3 | 59.67 ± 8.62 | 52.0, 58.0, 69.0 | 0.200 | 0.10 | 250 | - |" in text
+
+
+def test_usb_runner_bins_usbs_mask_rates_as_our_logs_do(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from usb_runner import mask_rates
+    assert mask_rates([1.0, 0.0, 0.5, 0.5, 0.25], 2) == {"mask_rate_mean": pytest.approx(0.45),
+                                                          "mask_curve": [0.5, 0.5]}   # whole intervals only
+    assert mask_rates([], 50) == {"mask_rate_mean": None, "mask_curve": []}
 
 
 def _usb_wheels(tmp_path) -> Path:
@@ -614,16 +634,17 @@ def test_usb_peer_toy_with_usb_cuda_calls_on_the_cpu(tmp_path):
     _run(*cmd)
     report = json.loads((tmp_path / "usb_peer_toy.json").read_text())
     arms = [("usb", a) for a in ("fixmatch", "flexmatch", "freematch", "softmatch", "debiaspl")] + [
-        ("dpl-zoo", a) for a in ("fixmatch", "debiaspl", "debiaspl-recipe", "supervised")]
+        ("dpl-zoo", a) for a in ("fixmatch", "debiaspl", "debiaspl-recipe", "debiaspl-sat", "supervised")]
     assert [(r["task"], r["lib"], r["algorithm"]) for r in report["table"]] == [
         (t, lib, a) for t in ("fashion-lite0", "digits") for lib, a in arms]
     assert all(r["seeds"] == 1 and 0 <= r["top1_mean"] <= 100 and r["img_per_s_mean"] > 0 for r in report["table"])
-    assert len(report["paired"]) == 2 * 2 * 5 and {s["algorithm"] for s in report["speed"]} == {"fixmatch",
+    assert len(report["paired"]) == 2 * 3 * 5 and {s["algorithm"] for s in report["speed"]} == {"fixmatch",
                                                                                                "debiaspl"}
     for r in report["runs"]:
         assert r["status"] == "ok" and len(r["per_class_top1"]) == 10, r
         if r["algorithm"] != "supervised":
             assert len(r["pl_hist"]) == 10 and r["pl_kl_target"] >= 0
+            assert r["mask_curve"] == [] and 0 <= r["mask_rate_mean"] <= 1, r   # 2 steps: no whole 50-step mean
     usb_dpl = next(r for r in report["runs"] if r["name"] == "digits-usb-debiaspl-s0")
     assert len(usb_dpl["usb_p_hat"]) == 10          # USB 0.3.2's class prior: one number per class
     assert sum(usb_dpl["pl_hist"]) == sum(next(r for r in report["runs"] if r["name"] ==
