@@ -144,6 +144,9 @@ class TrainConfig:
     min_lr: float = 0.0                # lr the schedule ends at
     model_ema_decay: float = 0.999     # EMA (EMAN) teacher decay
     model_ema_warmup: bool = False     # timm's EMA warm-up: the decay ramps up to model_ema_decay (short runs)
+    # with dpl.ema_teacher false: keep the EMA all the same, evaluated beside the student while the student
+    # makes the pseudo-labels (FixMatch's and USB's way)
+    model_ema_eval: bool = False
     clip_grad: Optional[float] = None  # clip the gradient norm to this value (default: no clipping)
     amp: bool = False                  # mixed precision autocast (amp_dtype)
     amp_dtype: str = "float16"         # on CUDA: float16 (with a gradient scaler) or bfloat16; CPU uses bfloat16

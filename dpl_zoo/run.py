@@ -350,7 +350,9 @@ def build_run(cfg: TrainConfig, out_dir: Optional[Path] = None, data: Optional[R
     prior = target_prior(cfg, labeled_targets, num_classes) if ssl else None
     criterion = build_criterion(cfg, num_classes, prior).to(device)
     task = DebiasPLTask(views.student, criterion, method=d.method,
-                        ema_decay=cfg.model_ema_decay if (d.ema_teacher or d.method == "supervised") else None,
+                        ema_decay=cfg.model_ema_decay if (d.ema_teacher or d.method == "supervised"
+                                                          or cfg.model_ema_eval) else None,
+                        ema_pseudo_labels=d.ema_teacher,
                         ema_warmup=cfg.model_ema_warmup, multiviews=d.multiviews, device=device,
                         prior_estimator=prior_estimator(cfg, labeled_targets, num_classes, views.student))
     if cfg.compile:

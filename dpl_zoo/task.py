@@ -38,8 +38,9 @@ class DebiasPLTask(TrainingTask):
     ``method="supervised"`` uses only the labeled batch; ``fixmatch`` is the same
     code with ``tau = 0`` in the criterion. With ``ema_decay`` set, an EMAN teacher
     (timm ``ModelEmaV3``: parameters and BatchNorm statistics averaged) makes the
-    pseudo-labels and stays in eval mode; otherwise the student's own weak-view
-    logits, detached, do. ``qhat`` and the target prior are task state
+    pseudo-labels and stays in eval mode; otherwise (or with ``ema_pseudo_labels=False``,
+    which keeps the average for evaluation only, as FixMatch and USB do) the student's own
+    weak-view logits, detached, do. ``qhat`` and the target prior are task state
     (``get_task_state`` / ``load_task_state``), so timm-style checkpoints carry them.
 
     Args:
@@ -47,6 +48,8 @@ class DebiasPLTask(TrainingTask):
         criterion: the `DebiasPLLoss` (moved to ``device``).
         method: ``debiaspl``, ``fixmatch`` or ``supervised``.
         ema_decay: the EMAN teacher's decay; None: no teacher.
+        ema_pseudo_labels: False: the student makes the pseudo-labels and the EMA model (with
+            ``ema_decay``) is only evaluated.
         multiviews: two weak and two strong views per unlabeled image.
         device: where the criterion's buffers go (the logits' device).
         ema_warmup: ramp the EMA decay up, as timm's ``--model-ema-warmup`` does (short runs).
@@ -65,12 +68,13 @@ class DebiasPLTask(TrainingTask):
     def __init__(self, model: nn.Module, criterion: DebiasPLLoss, method: str = "debiaspl",
                  ema_decay: Optional[float] = 0.999, multiviews: bool = False,
                  device: Optional[torch.device] = None, ema_warmup: bool = False,
-                 prior_estimator: Optional[PriorEstimator] = None):
+                 prior_estimator: Optional[PriorEstimator] = None, ema_pseudo_labels: bool = True):
         super().__init__(device=device, verbose=False)
         self.trainable_module = model
         # the criterion's buffers (qhat, the target prior) must sit where the logits are
         self.criterion = criterion.to(device) if device is not None else criterion
         self.method = method
+        self.ema_pseudo_labels = ema_pseudo_labels
         self.weak_views = 2 if multiviews else 1
         self._ema_slots, self._ema_slots_key = [], None
         if ema_decay is not None:
@@ -151,7 +155,14 @@ class DebiasPLTask(TrainingTask):
 
     def teacher(self) -> nn.Module:
         """The model that makes pseudo-labels: the EMA teacher, else the student."""
-        return self.get_trainable_module(ema=True).module if self.has_ema() else unwrap_model(self.trainable_module)
+        return self.averaged() if self._ema_teaches() else unwrap_model(self.trainable_module)
+
+    def averaged(self) -> Optional[nn.Module]:
+        """The EMA of the student (evaluated beside it), or None without one."""
+        return self.get_trainable_module(ema=True).module if self.has_ema() else None
+
+    def _ema_teaches(self) -> bool:
+        return self.has_ema() and self.ema_pseudo_labels
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, unlabeled: Sequence[torch.Tensor] = (),
                 clip_targets: Optional[torch.Tensor] = None,
@@ -166,7 +177,7 @@ class DebiasPLTask(TrainingTask):
         weak, strong = list(unlabeled[:self.weak_views]), list(unlabeled[self.weak_views:])
         n, nu = x.shape[0], weak[0].shape[0]
         estimating = self.prior_estimator is not None
-        if self.has_ema():
+        if self._ema_teaches():
             logits = student(torch.cat([x, *strong]))
             with torch.no_grad():
                 self._capture = estimating

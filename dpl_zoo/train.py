@@ -136,7 +136,7 @@ def evaluate(run: Run) -> dict:
     report = {"student": accuracy_from_counts(counts(run.student, run.val, lambda l, t: accuracy_counts(l, t, n)), n)}
     if run.task.has_ema():
         report["teacher"] = accuracy_from_counts(
-            counts(run.task.teacher(), run.val, lambda l, t: accuracy_counts(l, t, n)), n)
+            counts(run.task.averaged(), run.val, lambda l, t: accuracy_counts(l, t, n)), n)
     if run.diag is not None:
         prior = run.task.criterion.prior
         crit = run.task.criterion

@@ -41,6 +41,26 @@ def test_without_eman_the_student_makes_pseudo_labels():
     assert out["result"].targets.shape == (4,)
 
 
+def test_an_ema_kept_for_evaluation_only_leaves_the_pseudo_labels_to_the_student(tiny_config):
+    """ema_pseudo_labels=False (FixMatch's and USB's way): the step is the no-EMA step bit for bit, and
+    the average is still there to evaluate; through a run, model_ema_eval reports its top-1."""
+    from dpl_zoo.train import fit
+    torch.manual_seed(0)
+    plain = _task(ema=None).train()
+    kept = _task(ema=0.5, ema_pseudo_labels=False).train()
+    kept.trainable_module.load_state_dict(plain.trainable_module.state_dict())
+    kept.averaged().load_state_dict({k: torch.zeros_like(v) if v.is_floating_point() else v
+                                     for k, v in plain.trainable_module.state_dict().items()})   # a useless average
+    x, y, views = torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    a, b = plain(x, y, views), kept(x, y, views)
+    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["result"].targets, b["result"].targets)
+    assert kept.teacher() is kept.trainable_module and kept.averaged() is not None and plain.averaged() is None
+    student = fit(tiny_config(experiment="s", **{"dpl.ema_teacher": False}), quiet=True)
+    averaged = fit(tiny_config(experiment="a", **{"dpl.ema_teacher": False, "model_ema_eval": True}), quiet=True)
+    assert student["teacher_top1"] is None and averaged["teacher_top1"] is not None
+    assert averaged["top1"] == student["top1"]    # the same training: the average only watches
+
+
 def test_task_state_holds_qhat_and_checks_class_count():
     task = _task()
     task.criterion.prior.qhat.copy_(torch.tensor([[0.5, 0.3, 0.2]]))
