@@ -174,6 +174,7 @@ def results_nav() -> str:
 
 BLOCKS: dict[str, Callable] = {
     "headline": report.headline, "decisions": report.decision_table, "results-index": report.results_index,
+    "peer": report.peer,
     "zoo": zoo_table, "recipes": recipes_table, "cli": cli_reference, "gpu-parts": gpu_parts,
     "recipe-keys/train": lambda link: recipe_keys("train"), "recipe-keys/pretrain": lambda link: recipe_keys("pretrain"),
 }

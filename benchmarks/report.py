@@ -470,6 +470,8 @@ STUDIES: tuple = (
           "USB's FixMatch, FlexMatch, FreeMatch, SoftMatch and DebiasPL beside this library on the same split, "
           "network, initialisation and budget.",
           (Source("usb_peer_cpu.json", "python benchmarks/usb_peer.py --size cpu --cpu-emulate", "On 2 CPU cores"),
+           Source("usb_peer_cpu_ablation.json", "python benchmarks/usb_peer.py --size cpu --cpu-emulate --name "
+                  "usb_peer_cpu_ablation", "Ablations: who makes the pseudo-labels, and FreeMatch's threshold"),
            Source("usb_peer.json", "python benchmarks/usb_peer.py --full", "On one GPU"))),
 )
 
@@ -684,6 +686,25 @@ def decision_table(link: Callable[[str], str], results: Path = RESULTS) -> str:
                      for t in fs["taus"])
     tau = (f"DebiasPL, frozen backbone, threshold 0.7, mean over {', '.join(map(str, fs['budgets']))} labels per "
            f"class: {taus} ([fine-tuning]({page('finetune')}))")
+    peer_report = load_report(results / "usb_peer_cpu.json")
+    peer_rows = {(r["task"], r["lib"], r["algorithm"]): r for r in peer_report["table"]}
+    ablation = results / "usb_peer_cpu_ablation.json"
+    if ablation.is_file():
+        peer_rows.update({(r["task"], r["lib"], r["algorithm"]): r for r in load_report(ablation)["table"]})
+
+    def used(task, lib, arm):
+        r = peer_rows[(task, lib, arm)]
+        return f"{r['top1_mean']:.1f} ({100 * r['mask_rate_mean']:.0f}% used)"
+    def threshold_row(t):
+        arms = [("0.95", "debiaspl"), ("`self_adaptive`", "debiaspl-sat"),
+                ("`self_adaptive` with the student making the pseudo-labels", "debiaspl-sat-student"),
+                ("0.7 with tau 2", "debiaspl-recipe")]
+        cells = [f"{label} {used(t['task'], 'dpl-zoo', arm)}" for label, arm in arms
+                 if (t["task"], "dpl-zoo", arm) in peer_rows]
+        return (f"{t['dataset']}, {t['labels_per_class']} labels per class, from scratch: " + ", ".join(cells) +
+                f", USB's FreeMatch {used(t['task'], 'usb', 'freematch')}")
+    threshold = ("; ".join(threshold_row(t) for t in peer_report["settings"]["tasks"]) +
+                 f" ([the peer: USB]({page('usb-peer')}), {peer_report['date']})")
     rn_cpu = next(m for m in speed_cpu["models"] if m["model"] == "resnet50")
     rn_gpu = next(m for m in speed_gpu["models"] if m["model"] == "resnet50")
     hardware = (f"a ResNet-50 DebiasPL step: {rn_cpu['img_per_s']:.0f} images/s at {rn_cpu['img_size']} px on "
@@ -701,11 +722,58 @@ def decision_table(link: Callable[[str], str], results: Path = RESULTS) -> str:
          "what you report; `estimated` when the unlabeled images' class mix is unknown or unlike the labels'", prior),
         ("how strongly to debias (`dpl.tau`)", "the recipe's 2 on new data; the paper's 0.4 leaves part of the bias",
          tau),
+        ("which confidence threshold (`dpl.threshold`, `dpl.threshold_mode`)", "the recipe's 0.7 from a pretrained "
+         "start; FixMatch's 0.95 leaves most unlabeled images unused in a short run from few labels. From scratch "
+         "with few labels, `self_adaptive` (FreeMatch's thresholds on the debiased pseudo-labels, which use nearly "
+         "every image from the first step) with the student making the pseudo-labels (`dpl.ema_teacher: false`, "
+         "`model_ema_eval: true`); with the EMA teacher it gains little over 0.95", threshold),
         ("CPU or GPU", "a CPU trains a head on cached frozen features well; fine-tuning the whole network wants a GPU",
          hardware),
     ]
     lines = ["| decision | choose | measured |", "|---|---|---|"]
     lines += [f"| {d} | {c} | {m} |" for d, c, m in rows]
+    return "\n".join(lines)
+
+
+_PEER_ARMS = {("usb", "fixmatch"): "USB FixMatch", ("usb", "flexmatch"): "USB FlexMatch",
+              ("usb", "freematch"): "USB FreeMatch", ("usb", "softmatch"): "USB SoftMatch",
+              ("usb", "debiaspl"): "USB DebiasPL (as shipped)", ("dpl-zoo", "fixmatch"): "dpl-zoo FixMatch",
+              ("dpl-zoo", "debiaspl"): "dpl-zoo DebiasPL, shared settings (tau 0.5, threshold 0.95)",
+              ("dpl-zoo", "debiaspl-sat"): "dpl-zoo DebiasPL, FreeMatch's self-adaptive threshold (tau 0.5)",
+              ("dpl-zoo", "debiaspl-recipe"): "dpl-zoo DebiasPL, the recipe's settings (tau 2, threshold 0.7)",
+              ("dpl-zoo", "fixmatch-sat"): "dpl-zoo FixMatch with FreeMatch's self-adaptive threshold (ablation)",
+              ("dpl-zoo", "debiaspl-sat-student"): "dpl-zoo DebiasPL, self-adaptive threshold, the student makes the "
+                                                   "pseudo-labels (ablation)",
+              ("dpl-zoo", "supervised"): "labeled images only"}
+
+
+def peer(link: Callable[[str], str], results: Path = RESULTS) -> str:
+    """The README's peer table: each arm of the CPU peer benchmark per task, with the share of
+    unlabeled images its loss used."""
+    report = load_report(results / "usb_peer_cpu.json")
+    tasks = {t["task"]: t for t in report["settings"]["tasks"]}
+    cell = {(r["task"], r["lib"], r["algorithm"]): r for r in report["table"]}
+    if (results / "usb_peer_cpu_ablation.json").is_file():   # its arms the table has not
+        cell = {**{(r["task"], r["lib"], r["algorithm"]): r
+                   for r in load_report(results / "usb_peer_cpu_ablation.json")["table"]}, **cell}
+    head = " | ".join(f"{t['dataset']}, {t['labels_per_class']} labels per class" for t in tasks.values())
+    lines = [f"| arm | {head} |", "|---|" + "---|" * len(tasks)]
+    for key, label in _PEER_ARMS.items():
+        rows = [cell.get((t, *key)) for t in tasks]
+        if not any(rows):
+            continue
+        lines.append(f"| {label} | " + " | ".join(
+            "-" if r is None else f"{_pm((r['top1_mean'], r['top1_sd']))}" +
+            ("" if r.get("mask_rate_mean") is None or key[1] == "supervised" else f" ({100 * r['mask_rate_mean']:.0f}% used)")
+            for r in rows) + " |")
+    trained, minutes = report["settings"].get("runs_trained_here"), report["seconds"] / 60
+    when = (f"the whole table in one call of {minutes:.0f} min" if trained == report["settings"]["runs_done"] else
+            f"the call that wrote it took {minutes:.0f} min" if trained is None else
+            f"made in several calls, the last of {minutes:.0f} min")
+    lines += ["", f"Test top-1 of the EMA weights, mean ± sd over {report['settings']['seeds']} seeds; in brackets the "
+                  f"share of unlabeled images the unlabeled loss used over training; the ablations are a second "
+                  f"call's. {report['date']}, "
+                  f"{_short_machine(report)}, {when} ([the peer: USB]({link('results/usb-peer.md')}))."]
     return "\n".join(lines)
 
 

@@ -56,7 +56,14 @@ USB_ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch", "debiaspl")
 OUR_ARMS = {"fixmatch": {"method": "fixmatch"}, "debiaspl": {"method": "debiaspl"},
             "debiaspl-recipe": {"method": "debiaspl", "tau": 2.0, "threshold": 0.7},
             "debiaspl-sat": {"method": "debiaspl", "threshold_mode": "self_adaptive"},
-            "supervised": {"method": "supervised"}}
+            "supervised": {"method": "supervised"},
+            # ablations (--ours): the student makes the pseudo-labels and the EMA is only evaluated, as in USB;
+            # FreeMatch's threshold on our FixMatch (without FreeMatch's fairness term)
+            "fixmatch-student": {"method": "fixmatch", "ema_teacher": False, "model_ema_eval": True},
+            "fixmatch-sat": {"method": "fixmatch", "threshold_mode": "self_adaptive"},
+            "debiaspl-sat-student": {"method": "debiaspl", "threshold_mode": "self_adaptive", "ema_teacher": False,
+                                     "model_ema_eval": True}}
+TABLE_ARMS = ["fixmatch", "debiaspl", "debiaspl-recipe", "debiaspl-sat", "supervised"]   # the sizes' own
 LITE0_MEAN, LITE0_STD = (0.498, 0.498, 0.498), (0.502, 0.502, 0.502)   # the weights' (x - 127) / 128
 HALF = (0.5, 0.5, 0.5)
 # a task: the data, the network and its start, and what depends on them
@@ -75,9 +82,9 @@ SIZES = {  # labeled batch, mu, seeds, runs side by side, loader workers, the ta
     "full": dict(batch=16, mu=3, seeds=3, parallel=6, workers=1, tasks=[FASHION_LITE0],
                  usb=["fixmatch", "freematch", "softmatch", "debiaspl"], ours=["fixmatch", "debiaspl"]),
     "cpu": dict(batch=16, mu=3, seeds=3, parallel=2, workers=0, tasks=[DIGITS, FASHION],
-                usb=list(USB_ALGORITHMS), ours=list(OUR_ARMS)),
+                usb=list(USB_ALGORITHMS), ours=TABLE_ARMS),
     "toy": dict(batch=2, mu=2, seeds=1, parallel=2, workers=0, tasks=[{**FASHION_LITE0, **TOY}, {**DIGITS, **TOY}],
-                usb=list(USB_ALGORITHMS), ours=list(OUR_ARMS)),
+                usb=list(USB_ALGORITHMS), ours=TABLE_ARMS),
 }
 # what both libraries are given alike, besides each task's lr (each library's algorithm-specific settings keep
 # their defaults)
@@ -186,8 +193,8 @@ def ours_overrides(job: dict, size: dict, args, out: Path) -> list[str]:
     """The same run through dpl-zoo's ``finetune`` recipe (as benchmarks/finetune.py builds it); a
     network from scratch trains every layer at the full lr, in NHWC (the embedded default's choice)."""
     task = task_of(size, job)
-    arm = {"tau": SHARED["tau"], "threshold": SHARED["threshold"], "threshold_mode": "fixed",
-           **OUR_ARMS[job["algorithm"]]}
+    arm = {"tau": SHARED["tau"], "threshold": SHARED["threshold"], "threshold_mode": "fixed", "ema_teacher": True,
+           "model_ema_eval": False, **OUR_ARMS[job["algorithm"]]}
     scratch = task["start"] == "scratch"
     start = ["initial_checkpoint=null", "backbone_lr_scale=1.0", "channels_last=true"] if scratch else \
         [f"initial_checkpoint={args.weights}"]
@@ -206,7 +213,8 @@ def ours_overrides(job: dict, size: dict, args, out: Path) -> list[str]:
         f"weight_decay={SHARED['weight_decay']}", f"model_ema_decay={SHARED['ema']}",
         f"dpl.qhat_momentum={SHARED['prior_momentum']}", f"dpl.tau={arm['tau']}",
         f"dpl.threshold={arm['threshold']}", f"dpl.threshold_mode={arm['threshold_mode']}",
-        f"dpl.method={arm['method']}", f"seed={job['seed']}",
+        f"dpl.method={arm['method']}", f"dpl.ema_teacher={str(arm['ema_teacher']).lower()}",
+        f"model_ema_eval={str(arm['model_ema_eval']).lower()}", f"seed={job['seed']}",
         f"data.split_seed={job['seed']}", f"workers={size['workers']}", f"device={args.device}",
         "amp=" + ("true" if args.device == "cuda" else "false"), f"log_interval={LOG_EVERY}",
         f"output={out / 'dpl-zoo-runs'}", f"experiment={job['name']}",
@@ -258,7 +266,8 @@ def run_ours_job(job: dict, size: dict, args, out: Path) -> dict:
     teacher = epoch["eval"].get("teacher", epoch["eval"]["student"])
     pl = epoch["eval"].get("pseudo_labels", {})
     curve = [r["mask_rate"] for r in rows if r["kind"] == "train"]   # LOG_EVERY-step means, as usb_runner bins USB's
-    return {**job, "status": "ok", "top1": summary["teacher_top1"], "evaluated": "EMA weights (the EMAN teacher)",
+    return {**job, "status": "ok", "top1": summary["teacher_top1"],
+            "evaluated": "EMA weights" + (" (the EMAN teacher)" if cfg.dpl.ema_teacher else ", evaluated only"),
             "per_class_top1": teacher["per_class_top1"], "student_top1": summary["top1"],
             "pl_hist": pl.get("pl_hist"), "pl_kl_target": pl.get("pl_kl_target"),
             "pl_kl_uniform": pl.get("pl_kl_uniform"), "pl_acc_all": pl.get("pl_acc_all"),
@@ -483,6 +492,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-minutes", type=float, help="stop the runs still going after this; report the finished")
     p.add_argument("--report-only", action="store_true", help="report the finished runs, train none")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", help="the report's file name without .json (default: usb_peer_SIZE; an ablation "
+                                  "over other arms gets its own, so the size's table stays)")
     p.add_argument("--worker", nargs=2, metavar=("JOBS", "NAME"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -533,12 +544,14 @@ def main(argv=None) -> int:
                       f"({t['start']}) at {t['img_size']} px, {t['steps']} steps" for t in size["tasks"])
     print_tables(comparison, f"USB vs dpl-zoo ({tasks}; batch {size['batch']} + {size['mu']} x {size['batch']}, "
                              f"{size['seeds']} seeds, {args.device})")
-    name = "usb_peer.json" if kind == "full" else f"usb_peer_{kind}.json"
+    name = f"{args.name}.json" if args.name else "usb_peer.json" if kind == "full" else f"usb_peer_{kind}.json"
     fig = figure(comparison, out / name.replace(".json", ".png"))
     write_report(Path(args.out), name, "usb_peer",
                  {"size": kind, **size, **{f"shared_{k}": v for k, v in SHARED.items()}, "device": args.device,
-                  "cpu_emulate": args.cpu_emulate, "usb_pins": list(PINS), "stubbed_modules": list(STUBBED),
-                  "runs_planned": len(jobs), "runs_done": sum(r["status"] == "ok" for r in results)}, t0, console,
+                  "cpu_emulate": args.cpu_emulate, "arms_run": {"usb": usb, "ours": ours}, "usb_pins": list(PINS), "stubbed_modules": list(STUBBED),
+                  "runs_planned": len(jobs), "runs_done": sum(r["status"] == "ok" for r in results),
+                  # runs this call trained (the others were finished runs read back): its seconds are theirs
+                  "runs_trained_here": 0 if args.report_only else len(pending)}, t0, console,
                  table=comparison["rows"], paired=comparison["paired"], speed=comparison["speed"],
                  verdicts=verdicts(comparison), figure=fig.name if fig else None, runs=results)
     return 0

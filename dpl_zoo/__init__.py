@@ -10,6 +10,7 @@ from .method import (
     ClassPrior, DebiasPLLoss, DebiasPLOutput, adaptive_margin, cld_loss, clip_assisted_loss,
     debiased_pseudo_labels, masked_cross_entropy,
 )
+from .threshold import SelfAdaptiveThreshold
 
 __version__ = "0.1.0"
 
@@ -19,7 +20,7 @@ _ZOO_NAMES = ("HubWeights", "Release", "ZooEntry", "ZooError", "list_models", "l
 
 __all__ = [
     "ClassPrior", "DebiasPLLoss", "DebiasPLOutput", "adaptive_margin", "cld_loss", "clip_assisted_loss",
-    "debiased_pseudo_labels", "masked_cross_entropy", *_ZOO_NAMES, "__version__",
+    "debiased_pseudo_labels", "masked_cross_entropy", "SelfAdaptiveThreshold", *_ZOO_NAMES, "__version__",
 ]
 
 

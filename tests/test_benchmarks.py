@@ -541,6 +541,17 @@ def test_usb_peer_shares_the_split_and_the_settings(tmp_path, monkeypatch):
     sat = load_config("finetune", usb_peer.ours_overrides({**job, "algorithm": "debiaspl-sat"}, size, args, tmp_path))
     differ = {k for k, v in sat.to_dict()["dpl"].items() if shared.to_dict()["dpl"][k] != v}
     assert differ == {"threshold_mode"} and sat.dpl.threshold_mode == "self_adaptive"
+    # the ablations: the student makes the pseudo-labels and the EMA is only evaluated (USB's way), or
+    # FreeMatch's threshold on our FixMatch; each differs from its base arm in exactly that
+    def changed(arm, base):
+        a = load_config("finetune", usb_peer.ours_overrides({**job, "algorithm": arm}, size, args, tmp_path)).to_dict()
+        b = load_config("finetune", usb_peer.ours_overrides({**job, "algorithm": base}, size, args, tmp_path)).to_dict()
+        return {f"dpl.{k}" for k in a["dpl"] if a["dpl"][k] != b["dpl"][k]} | {
+            k for k in a if k not in ("dpl", "experiment") and a[k] != b[k]}
+    assert changed("fixmatch-student", "fixmatch") == {"dpl.ema_teacher", "model_ema_eval"}
+    assert changed("debiaspl-sat-student", "debiaspl-sat") == {"dpl.ema_teacher", "model_ema_eval"}
+    assert changed("fixmatch-sat", "fixmatch") == {"dpl.threshold_mode"}
+    assert usb_peer.SIZES["cpu"]["ours"] == usb_peer.TABLE_ARMS and "fixmatch-student" not in usb_peer.TABLE_ARMS
 
 
 def test_usb_peer_paired_differences_and_speed_ratios_from_hand_values(monkeypatch):
