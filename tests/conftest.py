@@ -71,6 +71,28 @@ def tiny_config(image_data, tmp_path):
     return make
 
 
+def straight_and_resumed(tiny_config, runs, at=2, epochs=3, **extra):
+    """The same tiny run twice: straight through ("straight"), and stopped as Ctrl-C stops it at the
+    start of epoch ``at`` then resumed from its checkpoint ("broken"). Returns both summaries and
+    both last checkpoints."""
+    import torch
+    from dpl_zoo.progress import Reporter
+    from dpl_zoo.train import fit
+
+    class Interrupt(Reporter):
+        def start_epoch(self, epoch, steps):
+            if epoch == at:
+                raise KeyboardInterrupt
+            super().start_epoch(epoch, steps)
+    straight = fit(tiny_config(experiment="straight", epochs=epochs, **extra), quiet=True)
+    cfg = tiny_config(experiment="broken", epochs=epochs, **extra)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, reporter=Interrupt(quiet=True))
+    resumed = fit(cfg, resume=str(runs / "broken" / "last.pth.tar"), quiet=True)
+    return straight, resumed, *(torch.load(runs / name / "last.pth.tar", weights_only=True)
+                                for name in ("straight", "broken"))
+
+
 TOKEN = "hf_dplzoo_secret_test_token_0123456789"
 
 

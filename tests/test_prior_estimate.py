@@ -179,21 +179,10 @@ def test_a_run_estimates_logs_saves_exports_and_cards_the_prior(tiny_config, tmp
 
 
 def test_a_resumed_estimating_run_equals_an_uninterrupted_one(tiny_config, tmp_path):
-    from dpl_zoo.progress import Reporter
-    straight = fit(tiny_config(experiment="straight", epochs=3, **ESTIMATED), quiet=True)
-
-    class Interrupt(Reporter):
-        def start_epoch(self, epoch, steps):
-            if epoch == 2:
-                raise KeyboardInterrupt
-            super().start_epoch(epoch, steps)
-    cfg = tiny_config(experiment="broken", epochs=3, **ESTIMATED)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, reporter=Interrupt(quiet=True))
-    resumed = fit(cfg, resume=str(tmp_path / "runs" / "broken" / "last.pth.tar"), quiet=True)
+    from conftest import straight_and_resumed
+    straight, resumed, a, b = straight_and_resumed(tiny_config, tmp_path / "runs", **ESTIMATED)
     assert resumed["resumed"] and resumed["prior_estimate"] == straight["prior_estimate"]
-    a = torch.load(tmp_path / "runs" / "straight" / "last.pth.tar", weights_only=True)["task_state"]
-    b = torch.load(tmp_path / "runs" / "broken" / "last.pth.tar", weights_only=True)["task_state"]
+    a, b = a["task_state"], b["task_state"]
     assert all(torch.equal(a["prior_estimate"][k], b["prior_estimate"][k]) for k in a["prior_estimate"])
 
 

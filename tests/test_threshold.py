@@ -152,21 +152,10 @@ SAT = {"dpl.threshold_mode": "self_adaptive", "dpl.threshold_momentum": 0.9}
 
 
 def test_a_resumed_self_adaptive_run_equals_an_uninterrupted_one(tiny_config, tmp_path):
-    from dpl_zoo.progress import Reporter
-    straight = fit(tiny_config(experiment="straight", epochs=3, **SAT), quiet=True)
-
-    class Interrupt(Reporter):
-        def start_epoch(self, epoch, steps):
-            if epoch == 2:
-                raise KeyboardInterrupt
-            super().start_epoch(epoch, steps)
-    cfg = tiny_config(experiment="broken", epochs=3, **SAT)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, reporter=Interrupt(quiet=True))
-    resumed = fit(cfg, resume=str(tmp_path / "runs" / "broken" / "last.pth.tar"), quiet=True)
+    from conftest import straight_and_resumed
+    straight, resumed, a, b = straight_and_resumed(tiny_config, tmp_path / "runs", **SAT)
+    a, b = a["task_state"], b["task_state"]
     assert resumed["resumed"]
-    a = torch.load(tmp_path / "runs" / "straight" / "last.pth.tar", weights_only=True)["task_state"]
-    b = torch.load(tmp_path / "runs" / "broken" / "last.pth.tar", weights_only=True)["task_state"]
     assert set(a["threshold"]) == {"global_confidence", "class_confidence"}
     assert all(torch.equal(a["threshold"][k], b["threshold"][k]) for k in a["threshold"])
     assert float(a["threshold"]["global_confidence"]) != pytest.approx(1 / 3), "the thresholds never moved"
