@@ -741,6 +741,7 @@ _PEER_ARMS = {("usb", "fixmatch"): "USB FixMatch", ("usb", "flexmatch"): "USB Fl
               ("dpl-zoo", "debiaspl"): "dpl-zoo DebiasPL, shared settings (tau 0.5, threshold 0.95)",
               ("dpl-zoo", "debiaspl-sat"): "dpl-zoo DebiasPL, FreeMatch's self-adaptive threshold (tau 0.5)",
               ("dpl-zoo", "debiaspl-recipe"): "dpl-zoo DebiasPL, the recipe's settings (tau 2, threshold 0.7)",
+              ("dpl-zoo", "fixmatch-usb-like"): "dpl-zoo FixMatch with USB's optimiser and augmentation (ablation)",
               ("dpl-zoo", "fixmatch-sat"): "dpl-zoo FixMatch with FreeMatch's self-adaptive threshold (ablation)",
               ("dpl-zoo", "debiaspl-sat-student"): "dpl-zoo DebiasPL, self-adaptive threshold, the student makes the "
                                                    "pseudo-labels (ablation)",
@@ -771,8 +772,8 @@ def peer(link: Callable[[str], str], results: Path = RESULTS) -> str:
             f"the call that wrote it took {minutes:.0f} min" if trained is None else
             f"made in several calls, the last of {minutes:.0f} min")
     lines += ["", f"Test top-1 of the EMA weights, mean ± sd over {report['settings']['seeds']} seeds; in brackets the "
-                  f"share of unlabeled images the unlabeled loss used over training; the ablations are a second "
-                  f"call's. {report['date']}, "
+                  f"share of unlabeled images the unlabeled loss used over training; the ablations come from further "
+                  f"calls. {report['date']}, "
                   f"{_short_machine(report)}, {when} ([the peer: USB]({link('results/usb-peer.md')}))."]
     return "\n".join(lines)
 

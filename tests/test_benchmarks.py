@@ -543,12 +543,14 @@ def test_usb_peer_shares_the_split_and_the_settings(tmp_path, monkeypatch):
     assert differ == {"threshold_mode"} and sat.dpl.threshold_mode == "self_adaptive"
     # the ablations: the student makes the pseudo-labels and the EMA is only evaluated (USB's way), or
     # FreeMatch's threshold on our FixMatch; each differs from its base arm in exactly that
+    from dpl_zoo.config import flatten
+
     def changed(arm, base):
-        a = load_config("finetune", usb_peer.ours_overrides({**job, "algorithm": arm}, size, args, tmp_path)).to_dict()
-        b = load_config("finetune", usb_peer.ours_overrides({**job, "algorithm": base}, size, args, tmp_path)).to_dict()
-        return {f"dpl.{k}" for k in a["dpl"] if a["dpl"][k] != b["dpl"][k]} | {
-            k for k in a if k not in ("dpl", "experiment") and a[k] != b[k]}
+        a, b = (flatten(load_config("finetune", usb_peer.ours_overrides({**job, "algorithm": x}, size, args,
+                                                                        tmp_path)).to_dict()) for x in (arm, base))
+        return {k for k in a if a[k] != b[k]}
     assert changed("fixmatch-student", "fixmatch") == {"dpl.ema_teacher", "model_ema_eval"}
+    assert changed("fixmatch-usb-like", "fixmatch") == {"opt", "min_lr", "data.strong_aa"}
     assert changed("debiaspl-sat-student", "debiaspl-sat") == {"dpl.ema_teacher", "model_ema_eval"}
     assert changed("fixmatch-sat", "fixmatch") == {"dpl.threshold_mode"}
     assert usb_peer.SIZES["cpu"]["ours"] == usb_peer.TABLE_ARMS and "fixmatch-student" not in usb_peer.TABLE_ARMS
