@@ -281,6 +281,13 @@ def run_ours_job(job: dict, size: dict, args, out: Path) -> dict:
             "mask_rate_mean": epoch["mask_rate"], "mask_curve": curve}   # one epoch: its mean is the run's
 
 
+def run_key(key: str, job: dict) -> str:
+    """What one finished run depends on: the call's settings ``key`` and, for our arms, the arm's own
+    settings, so a run is made again when its arm's definition changes."""
+    arm = OUR_ARMS.get(job["algorithm"]) if job["lib"] == "dpl-zoo" else None
+    return key if arm is None else hashlib.sha256(json.dumps([key, arm], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def worker(jobs_file: Path, name: str) -> int:
     """Run one job in this process and write its result (a failed run is reported; the others still run)."""
     spec = json.loads(jobs_file.read_text())
@@ -295,7 +302,7 @@ def worker(jobs_file: Path, name: str) -> int:
         traceback.print_exc()
         result = {**job, "status": "failed", "detail": f"{type(e).__name__}: {e}"[:400]}
     result["wall_seconds"] = time.perf_counter() - t
-    result["settings_key"] = spec["key"]
+    result["settings_key"] = run_key(spec["key"], job)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     console.print(f"{name}: {result['status']} "
@@ -530,7 +537,8 @@ def main(argv=None) -> int:
                                      args.cpu_emulate], sort_keys=True).encode()).hexdigest()[:16]
     runs = work / "runs"
     for f in runs.glob("*.json") if runs.is_dir() else []:   # finished under other settings: run again
-        if json.loads(f.read_text()).get("settings_key") != key:
+        saved = json.loads(f.read_text())
+        if saved.get("settings_key") != run_key(key, saved):
             f.unlink()
     pending = [j for j in jobs if not (runs / f"{j['name']}.json").is_file()]
     if pending and not args.report_only:

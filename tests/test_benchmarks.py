@@ -607,6 +607,16 @@ def test_usb_peer_paired_differences_and_speed_ratios_from_hand_values(monkeypat
     assert "| t | dpl-zoo | fixmatch | 3 | 59.67 ± 8.62 | 52.0, 58.0, 69.0 | 0.200 | 0.10 | 250 | - |" in text
 
 
+def test_a_finished_run_of_ours_is_reused_only_while_its_arm_is_unchanged(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import usb_peer
+    ours, usb = {"lib": "dpl-zoo", "algorithm": "debiaspl-sat"}, {"lib": "usb", "algorithm": "freematch"}
+    before = usb_peer.run_key("k", ours), usb_peer.run_key("k", usb)
+    monkeypatch.setitem(usb_peer.OUR_ARMS, "debiaspl-sat", {"method": "debiaspl", "threshold_mode": "fixed"})
+    assert usb_peer.run_key("k", ours) != before[0] and usb_peer.run_key("k", usb) == before[1] == "k"
+    assert usb_peer.run_key("other", ours) != usb_peer.run_key("k", ours)
+
+
 def test_usb_runner_bins_usbs_mask_rates_as_our_logs_do(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     from usb_runner import mask_rates
