@@ -328,7 +328,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"dpl.method must be one of {', '.join(METHODS)}, got {d.method!r}{_closest(d.method, list(METHODS))}")
     checks = [
         ("dpl.tau", d.tau >= 0), ("dpl.threshold", 0 <= d.threshold <= 1), ("dpl.mu", d.mu >= 1),
-        ("dpl.qhat_momentum", 0 <= d.qhat_momentum < 1), ("dpl.threshold_momentum", 0 <= d.threshold_momentum < 1), ("dpl.lambda_u", d.lambda_u >= 0),
+        ("dpl.qhat_momentum", 0 <= d.qhat_momentum < 1), ("dpl.lambda_u", d.lambda_u >= 0),
+        ("dpl.threshold_momentum", 0 <= d.threshold_momentum < 1),
         ("dpl.lambda_cld", d.lambda_cld >= 0), ("dpl.clip_threshold", 0 <= d.clip_threshold <= 1),
         ("batch_size", cfg.batch_size >= 1), ("epochs", cfg.epochs >= 1), ("lr", cfg.lr > 0),
         ("model_ema_decay", 0 <= cfg.model_ema_decay < 1), ("workers", cfg.workers >= 0),

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .distributed import is_distributed
 from .threshold import THRESHOLD_MODES, SelfAdaptiveThreshold
 
 Views = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -56,10 +57,6 @@ def _as_views(name: str, views: Views) -> list[torch.Tensor]:
     if any(v.shape != out[0].shape for v in out):
         raise ValueError(f"{name}: all views must have the same shape, got {[tuple(v.shape) for v in out]}")
     return out
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class ClassPrior(nn.Module):
@@ -137,7 +134,7 @@ class ClassPrior(nn.Module):
             weights = torch.ones_like(probs[:, :1])
         # One vector [sum of probs..., count] so a single all-reduce serves both.
         stats = torch.cat([(probs * weights).sum(0), weights.sum(0)])
-        if self.sync and _distributed():
+        if self.sync and is_distributed():
             dist.all_reduce(stats)
         count = stats[-1]
         # no host sync: an empty (masked) batch keeps the old prior through torch.where
@@ -179,17 +176,22 @@ def debiased_pseudo_labels(
         ``(probs, targets, mask)``: N x C probabilities, N class indices, and a float mask (1 where
         ``max p >= threshold``).
     """
+    probs = debiased_probs(weak_logits, log_prior, tau)
+    return (probs, *accepted(probs, threshold))
+
+
+def accepted(probs: torch.Tensor, threshold: Union[float, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(targets, mask)`` of pseudo-label distributions ``probs`` (N x C): the argmax, and 1 where its
+    probability reaches ``threshold`` (one number, or one per class applied to the argmax's class)."""
     if not isinstance(threshold, torch.Tensor):
         _check_range("threshold", threshold, 0.0, 1.0)
-    probs = debiased_probs(weak_logits, log_prior, tau)
     max_probs, targets = probs.max(dim=-1)
     if isinstance(threshold, torch.Tensor):
         per_class = threshold.detach().flatten().to(probs)
         if per_class.numel() != probs.shape[1]:
             raise ValueError(f"threshold holds {per_class.numel()} values for {probs.shape[1]} classes")
         threshold = per_class[targets]
-    mask = max_probs.ge(threshold).float()
-    return probs, targets, mask
+    return targets, max_probs.ge(threshold).float()
 
 
 def adaptive_margin(strong_logits: torch.Tensor, log_prior: torch.Tensor, tau: float) -> torch.Tensor:
@@ -419,10 +421,13 @@ class DebiasPLLoss(nn.Module):
         # 1. pseudo-labels with the prior from before this step's update
         log_prior = self.prior.log_ratio()
         threshold: Union[float, torch.Tensor] = self.threshold
-        if self.adaptive is not None:
+        if self.adaptive is None:
+            _, targets, mask = debiased_pseudo_labels(weak_mean, log_prior, self.tau_pl, threshold)
+        else:
             # FreeMatch's order: the thresholds take this batch's statistics, then gate it
-            threshold = self.adaptive.update(debiased_probs(weak_mean, log_prior, self.tau_pl))
-        _, targets, mask = debiased_pseudo_labels(weak_mean, log_prior, self.tau_pl, threshold)
+            probs = debiased_probs(weak_mean, log_prior, self.tau_pl)
+            threshold = self.adaptive.update(probs)
+            targets, mask = accepted(probs, threshold)
         target_sets = [(targets, mask)]
         if multiview:
             for w in weak:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .method import _distributed
+from .distributed import is_distributed
 
 STARTS = ("uniform", "labeled")
 
@@ -138,7 +138,7 @@ class PriorEstimator(nn.Module):
         em = torch.softmax(self.probe(fu) + self.prior.log(), -1).sum(0)
         stats = torch.cat([grad_w.flatten(), grad_b.flatten(), batch_hist, em,
                            torch.stack([n_l, n_u]).to(fl)])
-        if self.sync and _distributed():
+        if self.sync and is_distributed():
             dist.all_reduce(stats)
         c, d = self.num_classes, self.feature_dim
         grad_w, rest = stats[:2 * c * d].view(2, c, d), stats[2 * c * d:]
